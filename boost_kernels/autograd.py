@@ -1,0 +1,195 @@
+"""Autograd Functions for the per-token LM-head loss, with forward-mode and double-backward rules.
+
+``TokenLosses``      (hidden, weight, bias, labels) -> (loss [T], lse [T])
+``TokenLossGrads``   (hidden, weight, bias, labels, coef) -> (d_hidden, d_weight, d_bias)
+                     the gradient of Σ_t coef_t·loss_t; it is what ``TokenLosses.backward`` returns.
+
+Differentiating the gradient is a Hessian-vector product (the Hessian is symmetric), plus, for
+``coef``, the per-token directional derivative. Both are fused primitives, so:
+
+* reverse over reverse (``create_graph=True`` then grad again) is exact: ``TokenLossGrads.backward``;
+* forward mode (``torch.func.jvp``, ``torch.autograd.forward_ad``) is exact: ``TokenLosses.jvp``;
+* forward over reverse (``jvp(grad(f))``, ``torch.func.hessian``'s inner step) is exact:
+  ``TokenLossGrads.jvp``;
+* a third derivative raises (``once_differentiable``) instead of returning a wrong value;
+* ``torch.func.vmap`` runs the primitives once per batch entry (a loop, correct and explicit).
+
+None of these builds a [T, V] tensor: every rule calls the chunked PyTorch or Triton primitives.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+def _cast(x: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | None:
+    if x is None or like is None:
+        return None
+    return x.to(like.dtype)
+
+
+def _looped_vmap(fn, info, in_dims, *args):
+    """vmap rule: call ``fn`` on each batch entry and stack the outputs along dim 0."""
+    outputs = []
+    for i in range(info.batch_size):
+        sliced = [
+            a.select(d, i) if d is not None and isinstance(a, torch.Tensor) else a
+            for a, d in zip(args, in_dims)
+        ]
+        outputs.append(fn(*sliced))
+    stacked, out_dims = [], []
+    for k in range(len(outputs[0])):
+        if outputs[0][k] is None:
+            stacked.append(None)
+            out_dims.append(None)
+        else:
+            stacked.append(torch.stack([o[k] for o in outputs]))
+            out_dims.append(0)
+    return tuple(stacked), tuple(out_dims)
+
+
+class TokenLosses(torch.autograd.Function):
+    """Per-token cross-entropy of the LM head; labels are in [0, V) or -1 (loss 0)."""
+
+    @staticmethod
+    def forward(hidden, weight, bias, labels, softcap: float | None, impl: types.ModuleType):
+        loss, lse, _, _ = impl.token_losses(hidden, weight, bias, labels, softcap)
+        return loss, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, labels, softcap, impl = inputs
+        _, lse = output
+        ctx.mark_non_differentiable(lse)
+        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.save_for_forward(hidden, weight, bias, labels)
+        ctx.softcap, ctx.impl = softcap, impl
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse):
+        hidden, weight, bias, labels, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_loss is None or not (need_h or need_w or need_b):
+            return None, None, None, None, None, None
+        d_h, d_w, d_b = TokenLossGrads.apply(
+            hidden, weight, bias, labels, grad_loss, lse, ctx.softcap, ctx.impl, need_h, need_w, need_b
+        )
+        return d_h, d_w, d_b, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_hidden, t_weight, t_bias, _t_labels, _t_softcap, _t_impl):
+        hidden, weight, bias, labels = ctx.saved_tensors
+        if t_hidden is None and t_weight is None and t_bias is None:
+            return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device), None
+        _, _, d_loss, _ = ctx.impl.token_losses(
+            hidden, weight, bias, labels, ctx.softcap, t_weight, t_hidden, t_bias
+        )
+        return d_loss, None
+
+    @staticmethod
+    def vmap(info, in_dims, hidden, weight, bias, labels, softcap, impl):
+        return _looped_vmap(TokenLosses.apply, info, in_dims, hidden, weight, bias, labels, softcap, impl)
+
+
+class TokenLossGrads(torch.autograd.Function):
+    """Gradient of Σ_t coef_t · loss_t w.r.t. (hidden, weight, bias), in their dtypes."""
+
+    @staticmethod
+    def forward(hidden, weight, bias, labels, coef, lse, softcap, impl, need_h, need_w, need_b):
+        d_h, d_w, d_b = impl.token_loss_grads(
+            hidden, weight, bias, labels, softcap, coef, lse, need_h, need_w, need_b and bias is not None
+        )
+        return _cast(d_h, hidden), _cast(d_w, weight), _cast(d_b, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        hidden, weight, bias, labels, coef, lse, softcap, impl, need_h, need_w, need_b = inputs
+        ctx.save_for_backward(hidden, weight, bias, labels, coef)
+        ctx.save_for_forward(hidden, weight, bias, labels, coef, lse)
+        ctx.softcap, ctx.impl = softcap, impl
+        ctx.need = (need_h, need_w, need_b and bias is not None)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, r_hidden, r_weight, r_bias):
+        # d<R, grad>/dθ = H R (H symmetric);  d<R, grad>/dcoef_t = <∇loss_t, R> (a JVP along R).
+        hidden, weight, bias, labels, coef = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_coef = ctx.needs_input_grad[4]
+        if r_hidden is None and r_weight is None and r_bias is None:
+            return (None,) * 11
+        d_h = d_w = d_b = d_coef = None
+        if need_h or need_w or need_b:
+            d_h, d_w, d_b = ctx.impl.token_loss_hvp(
+                hidden, weight, bias, labels, ctx.softcap, coef, r_weight, r_hidden, r_bias,
+                need_h, need_w, need_b and bias is not None,
+            )  # fmt: skip
+        if need_coef:
+            _, _, d_coef, _ = ctx.impl.token_losses(
+                hidden, weight, bias, labels, ctx.softcap, r_weight, r_hidden, r_bias
+            )
+            d_coef = d_coef.to(coef.dtype)
+        return (
+            _cast(d_h, hidden),
+            _cast(d_w, weight),
+            _cast(d_b, bias),
+            None,
+            d_coef,
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+    @staticmethod
+    def jvp(ctx, t_hidden, t_weight, t_bias, _t_labels, t_coef, *_rest):
+        hidden, weight, bias, labels, coef, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.need
+        totals = [None, None, None]
+
+        def accumulate(parts):
+            for k, part in enumerate(parts):
+                if part is not None:
+                    totals[k] = part if totals[k] is None else totals[k] + part
+
+        if t_hidden is not None or t_weight is not None or t_bias is not None:
+            accumulate(
+                ctx.impl.token_loss_hvp(
+                    hidden,
+                    weight,
+                    bias,
+                    labels,
+                    ctx.softcap,
+                    coef,
+                    t_weight,
+                    t_hidden,
+                    t_bias,
+                    need_h,
+                    need_w,
+                    need_b,
+                )
+            )
+        if t_coef is not None:
+            accumulate(
+                ctx.impl.token_loss_grads(
+                    hidden, weight, bias, labels, ctx.softcap, t_coef, lse, need_h, need_w, need_b
+                )
+            )
+        outs = []
+        for total, like, need in zip(totals, (hidden, weight, bias), (need_h, need_w, need_b)):
+            if not need:
+                outs.append(None)
+            elif total is None:
+                outs.append(torch.zeros_like(like))
+            else:
+                outs.append(total.to(like.dtype))
+        return tuple(outs)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        return _looped_vmap(TokenLossGrads.apply, info, in_dims, *args)

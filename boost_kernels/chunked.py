@@ -1,0 +1,233 @@
+"""Chunked PyTorch implementation of the fused LM-head primitives.
+
+This is the CPU path, the readable specification of what the Triton kernels compute, and what
+``torch.compile`` users get. It never builds the ``[T, V]`` logits: tokens are processed in chunks
+of ``rows_per_chunk(V)`` rows, so the working memory is one ``[chunk, V]`` float32 block plus
+``O(T)`` statistics.
+
+Notation (see DESIGN.md): for token t with hidden state ``h_t`` (row of ``hidden [T, D]``) and
+label ``y_t`` (``-1``: not counted),
+
+    z_raw = W h_t + b,   z = c·tanh(z_raw / c) (softcap c) or z_raw,   p = softmax(z),
+    loss_t = logsumexp(z) - z[y_t]   (0 when y_t < 0).
+
+All three primitives take ``labels`` already sanitised to ``[0, V)`` or ``-1`` and return float32
+(float64 for float64 inputs, so that ``gradcheck`` can run on this path).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Upper bound on the elements of one [chunk, V] float32 block (16 MiB).
+CHUNK_ELEMENTS = 1 << 22
+
+
+def rows_per_chunk(vocab_size: int, chunk_elements: int = CHUNK_ELEMENTS) -> int:
+    return max(1, chunk_elements // max(vocab_size, 1))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 inputs are computed in float64 (for gradcheck); everything else in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _up(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if x is None else x.to(dtype)
+
+
+def _logits(h, weight, bias, softcap):
+    """Return (z, sp) for a chunk: z [n, V] float32 after softcap; sp = dz/dz_raw (None without softcap)."""
+    z = h @ weight.T
+    if bias is not None:
+        z += bias
+    if softcap is None:
+        return z, None
+    t = torch.tanh(z / softcap)
+    return t * softcap, 1.0 - t * t
+
+
+def _tangent_logits(h, weight, tangent_weight, tangent_hidden, tangent_bias, sp, n, vocab, dtype, device):
+    """dz_raw = U h + W dh + beta for a chunk, then chained through the softcap (times sp)."""
+    dz = torch.zeros(n, vocab, dtype=dtype, device=device)
+    if tangent_weight is not None:
+        dz += h @ tangent_weight.T
+    if tangent_hidden is not None:
+        dz += tangent_hidden @ weight.T
+    if tangent_bias is not None:
+        dz += tangent_bias
+    if sp is not None:
+        dz *= sp
+    return dz
+
+
+def _onehot_rows(labels: torch.Tensor):
+    """Rows with a counted label and their labels, for in-place updates of a [n, V] block."""
+    rows = torch.nonzero(labels >= 0).squeeze(1)
+    return rows, labels[rows]
+
+
+def token_losses(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    softcap: float | None,
+    tangent_weight: torch.Tensor | None = None,
+    tangent_hidden: torch.Tensor | None = None,
+    tangent_bias: torch.Tensor | None = None,
+):
+    """Per-token losses and, with tangents, their directional derivatives.
+
+    Args:
+        hidden [T, D], weight [V, D], bias [V] or None: any float dtype (computed in float32).
+        labels [T] int64 in [0, V) or -1 (not counted).
+        tangent_*: tangents shaped like weight / hidden / bias, or None (zero).
+    Returns:
+        (loss [T], lse [T], dloss [T] or None, pdz [T] or None), all float32. ``lse`` is the
+        log-sum-exp of the (softcapped) logits; ``pdz`` = <p_t, dz_t>.
+    """
+    T, V = hidden.shape[0], weight.shape[0]
+    acc = compute_dtype(hidden.dtype)
+    w32, b32 = weight.to(acc), _up(bias, acc)
+    u32, db32 = _up(tangent_weight, acc), _up(tangent_bias, acc)
+    with_tangent = any(x is not None for x in (tangent_weight, tangent_hidden, tangent_bias))
+    loss = torch.zeros(T, dtype=acc, device=hidden.device)
+    lse = torch.empty_like(loss)
+    dloss = torch.zeros_like(loss) if with_tangent else None
+    pdz_all = torch.zeros_like(loss) if with_tangent else None
+    step = rows_per_chunk(V)
+    for start in range(0, T, step):
+        sl = slice(start, min(start + step, T))
+        h = hidden[sl].to(acc)
+        y = labels[sl]
+        z, sp = _logits(h, w32, b32, softcap)
+        lse_c = torch.logsumexp(z, dim=1)
+        lse[sl] = lse_c
+        rows, cols = _onehot_rows(y)
+        loss[sl][rows] = lse_c[rows] - z[rows, cols]
+        if with_tangent:
+            dh = _up(tangent_hidden[sl], acc) if tangent_hidden is not None else None
+            dz = _tangent_logits(h, w32, u32, dh, db32, sp, h.shape[0], V, acc, h.device)
+            z.sub_(lse_c[:, None]).exp_()  # z now holds p
+            pdz = (z * dz).sum(1)
+            pdz_all[sl] = pdz
+            dloss[sl][rows] = pdz[rows] - dz[rows, cols]
+    return loss, lse, dloss, pdz_all
+
+
+def token_loss_grads(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    softcap: float | None,
+    coef: torch.Tensor,
+    lse: torch.Tensor | None = None,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+):
+    """Gradients of sum_t coef_t · loss_t with respect to hidden, weight and bias.
+
+    Args:
+        coef [T] float32: upstream gradient of each token's loss (0 for tokens that do not count).
+        lse [T] float32 or None: log-sum-exp from the forward pass (recomputed when None).
+    Returns:
+        (d_hidden [T, D], d_weight [V, D], d_bias [V]) in float32; None where not needed.
+    """
+    T, V = hidden.shape[0], weight.shape[0]
+    acc = compute_dtype(hidden.dtype)
+    w32, b32 = weight.to(acc), _up(bias, acc)
+    d_hidden = torch.zeros(T, hidden.shape[1], dtype=acc, device=hidden.device) if need_hidden else None
+    d_weight = torch.zeros_like(w32) if need_weight else None
+    d_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_bias else None
+    step = rows_per_chunk(V)
+    for start in range(0, T, step):
+        sl = slice(start, min(start + step, T))
+        c = coef[sl].to(acc)
+        if not bool((c != 0).any()):
+            continue
+        h = hidden[sl].to(acc)
+        z, sp = _logits(h, w32, b32, softcap)
+        lse_c = torch.logsumexp(z, dim=1) if lse is None else lse[sl]
+        g = z.sub_(lse_c[:, None]).exp_()  # p, in place
+        rows, cols = _onehot_rows(labels[sl])
+        g[rows, cols] -= 1.0
+        if sp is not None:
+            g *= sp
+        g *= c[:, None]
+        if need_hidden:
+            d_hidden[sl] = g @ w32
+        if need_weight:
+            d_weight.addmm_(g.T, h)
+        if need_bias:
+            d_bias += g.sum(0)
+    return d_hidden, d_weight, d_bias
+
+
+def token_loss_hvp(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    labels: torch.Tensor,
+    softcap: float | None,
+    coef: torch.Tensor,
+    tangent_weight: torch.Tensor | None,
+    tangent_hidden: torch.Tensor | None,
+    tangent_bias: torch.Tensor | None,
+    need_hidden: bool = True,
+    need_weight: bool = True,
+    need_bias: bool = True,
+):
+    """Tangent of the gradients of sum_t coef_t · loss_t along (U, dh, beta): a Hessian-vector product.
+
+    With s_t = p_t ⊙ (dz_t − <p_t, dz_t>) and g_t = p_t − e_{y_t} (both w.r.t. the softcapped
+    logits; chained through the softcap including its curvature):
+
+        d(dL/dh_t) = coef_t (Wᵀ s_t + Uᵀ g_t),   d(dL/dW) = Σ_t coef_t (s_t h_tᵀ + g_t dh_tᵀ).
+
+    Returns (dd_hidden [T, D], dd_weight [V, D], dd_bias [V]) in float32, None where not needed.
+    """
+    T, V = hidden.shape[0], weight.shape[0]
+    acc = compute_dtype(hidden.dtype)
+    w32, b32 = weight.to(acc), _up(bias, acc)
+    u32, beta32 = _up(tangent_weight, acc), _up(tangent_bias, acc)
+    dd_hidden = torch.zeros(T, hidden.shape[1], dtype=acc, device=hidden.device) if need_hidden else None
+    dd_weight = torch.zeros_like(w32) if need_weight else None
+    dd_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_bias else None
+    step = rows_per_chunk(V)
+    for start in range(0, T, step):
+        sl = slice(start, min(start + step, T))
+        c = coef[sl].to(acc)
+        if not bool((c != 0).any()):
+            continue
+        h = hidden[sl].to(acc)
+        dh = _up(tangent_hidden[sl], acc) if tangent_hidden is not None else None
+        z, sp = _logits(h, w32, b32, softcap)
+        dz = _tangent_logits(h, w32, u32, dh, beta32, sp, h.shape[0], V, acc, h.device)
+        capped = z if softcap is not None else None
+        p = torch.softmax(z, dim=1)
+        pdz = (p * dz).sum(1, keepdim=True)
+        s = p * (dz - pdz)  # tangent of p
+        g = p
+        rows, cols = _onehot_rows(labels[sl])
+        g[rows, cols] -= 1.0
+        if sp is not None:
+            # d(g ⊙ sp) = s ⊙ sp + g ⊙ d(sp),  d(sp) = -2 (z/c) (dz/c)
+            s = s * sp - (2.0 / (softcap * softcap)) * g * capped * dz
+            g = g * sp
+        s *= c[:, None]
+        g *= c[:, None]
+        if need_hidden:
+            out = s @ w32
+            if u32 is not None:
+                out.addmm_(g, u32)
+            dd_hidden[sl] = out
+        if need_weight:
+            dd_weight.addmm_(s.T, h)
+            if dh is not None:
+                dd_weight.addmm_(g.T, dh)
+        if need_bias:
+            dd_bias += s.sum(0)
+    return dd_hidden, dd_weight, dd_bias

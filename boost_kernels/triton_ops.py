@@ -1,0 +1,197 @@
+"""Host-side launchers for the Triton kernels: the same three primitives as ``chunked.py``.
+
+Block sizes come from an explicit table (no ``@triton.autotune``: it fails without a GPU and its
+benchmarking runs would be charged to the first training step). Under the Triton interpreter
+(``TRITON_INTERPRET=1``) the operands are upcast to float32 before ``tl.dot``, because the
+interpreter's bf16 dot is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from boost_kernels.triton_kernels import token_grads_kernel, token_stats_kernel
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    block_t: int
+    block_v: int
+    block_d: int
+    num_warps: int
+    num_stages: int
+
+
+# (kernel, mode) -> blocks on a GPU. Chosen so that sm_80/sm_90 compile without spills
+# (tests/test_aot_compile.py checks this and prints registers and shared memory).
+GPU_CONFIGS = {
+    ("stats", False): BlockConfig(128, 128, 64, 8, 3),
+    ("stats", True): BlockConfig(64, 128, 64, 8, 3),
+    ("grads", False): BlockConfig(128, 128, 64, 8, 3),
+    ("grads", True): BlockConfig(64, 128, 64, 8, 2),
+}
+# The interpreter runs each program in numpy: larger blocks mean fewer, faster programs.
+INTERPRETER_CONFIG = BlockConfig(32, 64, 32, 4, 1)
+
+
+def block_config(kernel: str, tangent: bool) -> BlockConfig:
+    return INTERPRETER_CONFIG if interpreting() else GPU_CONFIGS[(kernel, tangent)]
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # float32 inputs must not silently drop to tf32: the op promises float32 accuracy.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def _vec(x: torch.Tensor | None) -> torch.Tensor | None:
+    """1-D operands are read with unit stride by the kernels."""
+    return None if x is None else x.contiguous()
+
+
+def _strides(x: torch.Tensor | None) -> tuple[int, int]:
+    return (0, 0) if x is None else (x.stride(0), x.stride(1))
+
+
+def token_losses(
+    hidden, weight, bias, labels, softcap, tangent_weight=None, tangent_hidden=None, tangent_bias=None
+):
+    """Triton version of :func:`boost_kernels.chunked.token_losses` (same arguments and returns)."""
+    bias, labels, tangent_bias = _vec(bias), _vec(labels), _vec(tangent_bias)
+    T, D = hidden.shape
+    V = weight.shape[0]
+    with_tangent = any(x is not None for x in (tangent_weight, tangent_hidden, tangent_bias))
+    cfg = block_config("stats", with_tangent)
+    t_blocks = triton.cdiv(T, cfg.block_t)
+    v_blocks = triton.cdiv(V, cfg.block_v)
+    # Enough programs to fill the card about four times over, never an empty vocabulary split.
+    wanted = max(1, triton.cdiv(4 * _num_sms(hidden.device), t_blocks))
+    blocks_per_split = triton.cdiv(v_blocks, min(wanted, v_blocks))
+    v_per_split = blocks_per_split * cfg.block_v
+    num_splits = triton.cdiv(V, v_per_split)
+
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    m_part = torch.empty(num_splits, T, **f32)
+    s_part = torch.empty(num_splits, T, **f32)
+    zy_part = torch.empty(num_splits, T, **f32)
+    q_part = torch.empty(num_splits, T, **f32) if with_tangent else m_part
+    dzy_part = torch.empty(num_splits, T, **f32) if with_tangent else m_part
+    dummy = hidden  # never read: the matching HAS_* flag is False
+    token_stats_kernel[(t_blocks, num_splits)](
+        hidden, weight, bias if bias is not None else dummy, labels,
+        tangent_weight if tangent_weight is not None else dummy,
+        tangent_hidden if tangent_hidden is not None else dummy,
+        tangent_bias if tangent_bias is not None else dummy,
+        m_part, s_part, zy_part, q_part, dzy_part,
+        T, V, D, v_per_split,
+        *_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None,
+        HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
+        HAS_BETA=tangent_bias is not None, WITH_TANGENT=with_tangent,
+        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    m = m_part.max(0).values
+    scale = torch.exp(m_part - m)
+    s = (s_part * scale).sum(0)
+    lse = m + torch.log(s)
+    counted = labels >= 0
+    loss = torch.where(counted, lse - zy_part.sum(0), 0.0)
+    if not with_tangent:
+        return loss, lse, None, None
+    pdz = (q_part * scale).sum(0) / s
+    dloss = torch.where(counted, pdz - dzy_part.sum(0), 0.0)
+    return loss, lse, dloss, pdz
+
+
+def _launch_grads(
+    hidden, weight, bias, labels, softcap, coef, lse, pdz, tangents, need_hidden, need_weight, need_bias
+):
+    T, D = hidden.shape
+    V = weight.shape[0]
+    bias, labels = _vec(bias), _vec(labels)
+    hvp = tangents is not None
+    tangent_weight, tangent_hidden, tangent_bias = tangents if hvp else (None, None, None)
+    tangent_bias = _vec(tangent_bias)
+    cfg = block_config("grads", hvp)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    d_hidden = torch.zeros(T, D, **f32) if need_hidden else None
+    d_weight = torch.zeros(V, D, **f32) if need_weight else None
+    d_bias = torch.zeros(V, **f32) if need_bias else None
+    dummy = coef
+    grid = (triton.cdiv(T, cfg.block_t), triton.cdiv(V, cfg.block_v))
+    token_grads_kernel[grid](
+        hidden, weight, bias if bias is not None else hidden, labels, coef, lse,
+        tangent_weight if tangent_weight is not None else hidden,
+        tangent_hidden if tangent_hidden is not None else hidden,
+        tangent_bias if tangent_bias is not None else hidden,
+        pdz if pdz is not None else dummy,
+        d_hidden if need_hidden else dummy, d_weight if need_weight else dummy,
+        d_bias if need_bias else dummy,
+        T, V, D,
+        *_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden),
+        float(softcap) if softcap is not None else 1.0,
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HVP=hvp,
+        HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
+        HAS_BETA=tangent_bias is not None,
+        NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
+        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return d_hidden, d_weight, d_bias
+
+
+def token_loss_grads(
+    hidden, weight, bias, labels, softcap, coef, lse=None, need_hidden=True, need_weight=True, need_bias=True
+):
+    """Triton version of :func:`boost_kernels.chunked.token_loss_grads`."""
+    if lse is None:
+        lse = token_losses(hidden, weight, bias, labels, softcap)[1]
+    return _launch_grads(
+        hidden,
+        weight,
+        bias,
+        labels,
+        softcap,
+        coef.float().contiguous(),
+        lse.contiguous(),
+        None,
+        None,
+        need_hidden,
+        need_weight,
+        need_bias and bias is not None,
+    )
+
+
+def token_loss_hvp(
+    hidden, weight, bias, labels, softcap, coef, tangent_weight, tangent_hidden, tangent_bias,
+    need_hidden=True, need_weight=True, need_bias=True,
+):  # fmt: skip
+    """Triton version of :func:`boost_kernels.chunked.token_loss_hvp`.
+
+    Runs the tangent forward first for lse_t and <p_t, dz_t>, then one HVP pass.
+    """
+    _, lse, _, pdz = token_losses(
+        hidden, weight, bias, labels, softcap, tangent_weight, tangent_hidden, tangent_bias
+    )
+    return _launch_grads(
+        hidden, weight, bias, labels, softcap, coef.float().contiguous(), lse, pdz,
+        (tangent_weight, tangent_hidden, tangent_bias),
+        need_hidden, need_weight, need_bias and bias is not None,
+    )  # fmt: skip
