@@ -18,6 +18,7 @@ All three primitives take ``labels`` already sanitised to ``[0, V)`` or ``-1`` a
 from __future__ import annotations
 
 import torch
+from torch._C import _functorch
 
 # Upper bound on the elements of one [chunk, V] float32 block (16 MiB).
 CHUNK_ELEMENTS = 1 << 22
@@ -36,11 +37,33 @@ def _up(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype)
 
 
+def _plain(*tensors) -> bool:
+    """True when no tensor is wrapped by a torch.func transform (in-place updates are then safe)."""
+    return not any(
+        x is not None and (_functorch.is_functorch_wrapped_tensor(x) or _functorch.is_batchedtensor(x))
+        for x in tensors
+    )
+
+
+def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    """total + part, in place when allowed (under torch.func, `part` may carry a batch dim or tangent)."""
+    if total is None:
+        return part
+    return total.add_(part) if _plain(total, part) else total + part
+
+
+def _cat(chunks: list[torch.Tensor], like: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    if chunks:
+        return torch.cat(chunks)
+    shape = (0,) if width is None else (0, width)
+    return like.new_zeros(shape)
+
+
 def _logits(h, weight, bias, softcap):
     """Return (z, sp) for a chunk: z [n, V] float32 after softcap; sp = dz/dz_raw (None without softcap)."""
     z = h @ weight.T
     if bias is not None:
-        z += bias
+        z = _accumulate(z, bias)
     if softcap is None:
         return z, None
     t = torch.tanh(z / softcap)
@@ -49,15 +72,15 @@ def _logits(h, weight, bias, softcap):
 
 def _tangent_logits(h, weight, tangent_weight, tangent_hidden, tangent_bias, sp, n, vocab, dtype, device):
     """dz_raw = U h + W dh + beta for a chunk, then chained through the softcap (times sp)."""
-    dz = torch.zeros(n, vocab, dtype=dtype, device=device)
+    dz = None
     if tangent_weight is not None:
-        dz += h @ tangent_weight.T
+        dz = _accumulate(dz, h @ tangent_weight.T)
     if tangent_hidden is not None:
-        dz += tangent_hidden @ weight.T
+        dz = _accumulate(dz, tangent_hidden @ weight.T)
     if tangent_bias is not None:
-        dz += tangent_bias
+        dz = _accumulate(dz, tangent_bias.expand(n, vocab) if dz is None else tangent_bias)
     if sp is not None:
-        dz *= sp
+        dz = dz * sp
     return dz
 
 
@@ -92,28 +115,48 @@ def token_losses(
     w32, b32 = weight.to(acc), _up(bias, acc)
     u32, db32 = _up(tangent_weight, acc), _up(tangent_bias, acc)
     with_tangent = any(x is not None for x in (tangent_weight, tangent_hidden, tangent_bias))
-    loss = torch.zeros(T, dtype=acc, device=hidden.device)
-    lse = torch.empty_like(loss)
-    dloss = torch.zeros_like(loss) if with_tangent else None
-    pdz_all = torch.zeros_like(loss) if with_tangent else None
+    losses, lses, dlosses, pdzs = [], [], [], []
     step = rows_per_chunk(V)
     for start in range(0, T, step):
         sl = slice(start, min(start + step, T))
         h = hidden[sl].to(acc)
         y = labels[sl]
+        counted = y >= 0
+        safe_y = y.clamp(min=0)[:, None]
         z, sp = _logits(h, w32, b32, softcap)
         lse_c = torch.logsumexp(z, dim=1)
-        lse[sl] = lse_c
-        rows, cols = _onehot_rows(y)
-        loss[sl][rows] = lse_c[rows] - z[rows, cols]
+        lses.append(lse_c)
+        losses.append(torch.where(counted, lse_c - z.gather(1, safe_y).squeeze(1), 0.0))
         if with_tangent:
             dh = _up(tangent_hidden[sl], acc) if tangent_hidden is not None else None
             dz = _tangent_logits(h, w32, u32, dh, db32, sp, h.shape[0], V, acc, h.device)
-            z.sub_(lse_c[:, None]).exp_()  # z now holds p
-            pdz = (z * dz).sum(1)
-            pdz_all[sl] = pdz
-            dloss[sl][rows] = pdz[rows] - dz[rows, cols]
+            p = z.sub_(lse_c[:, None]).exp_() if _plain(z) else torch.exp(z - lse_c[:, None])
+            pdz = (p * dz).sum(1)
+            pdzs.append(pdz)
+            dlosses.append(torch.where(counted, pdz - dz.gather(1, safe_y).squeeze(1), 0.0))
+    like = hidden.new_zeros(0, dtype=acc)
+    loss, lse = _cat(losses, like), _cat(lses, like)
+    dloss = _cat(dlosses, like) if with_tangent else None
+    pdz_all = _cat(pdzs, like) if with_tangent else None
     return loss, lse, dloss, pdz_all
+
+
+def _probs_minus_onehot(z, lse, labels):
+    """(p, p - e_y) for a chunk; in place on z when no torch.func transform is active."""
+    rows, cols = _onehot_rows(labels)
+    if _plain(z, lse):
+        p = z.sub_(lse[:, None]).exp_()
+        p[rows, cols] -= 1.0  # p now holds g
+        return None, p
+    p = torch.exp(z - lse[:, None])
+    onehot = torch.zeros_like(p)
+    onehot[rows, cols] = 1.0
+    return p, p - onehot
+
+
+def _skip(c: torch.Tensor) -> bool:
+    """Whether a chunk has no counted token (only decidable outside torch.func transforms)."""
+    return _plain(c) and not bool((c != 0).any())
 
 
 def token_loss_grads(
@@ -136,33 +179,35 @@ def token_loss_grads(
     Returns:
         (d_hidden [T, D], d_weight [V, D], d_bias [V]) in float32; None where not needed.
     """
-    T, V = hidden.shape[0], weight.shape[0]
+    T, D, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
     acc = compute_dtype(hidden.dtype)
     w32, b32 = weight.to(acc), _up(bias, acc)
-    d_hidden = torch.zeros(T, hidden.shape[1], dtype=acc, device=hidden.device) if need_hidden else None
-    d_weight = torch.zeros_like(w32) if need_weight else None
-    d_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_bias else None
+    hidden_chunks, d_weight, d_bias = [], None, None
     step = rows_per_chunk(V)
     for start in range(0, T, step):
         sl = slice(start, min(start + step, T))
         c = coef[sl].to(acc)
-        if not bool((c != 0).any()):
+        if _skip(c):
+            hidden_chunks.append(hidden.new_zeros(c.shape[0], D, dtype=acc))
             continue
         h = hidden[sl].to(acc)
         z, sp = _logits(h, w32, b32, softcap)
         lse_c = torch.logsumexp(z, dim=1) if lse is None else lse[sl]
-        g = z.sub_(lse_c[:, None]).exp_()  # p, in place
-        rows, cols = _onehot_rows(labels[sl])
-        g[rows, cols] -= 1.0
+        _, g = _probs_minus_onehot(z, lse_c, labels[sl])
         if sp is not None:
-            g *= sp
-        g *= c[:, None]
+            g = g * sp
+        g = g * c[:, None]
         if need_hidden:
-            d_hidden[sl] = g @ w32
+            hidden_chunks.append(g @ w32)
         if need_weight:
-            d_weight.addmm_(g.T, h)
+            d_weight = _accumulate(d_weight, g.T @ h)
         if need_bias:
-            d_bias += g.sum(0)
+            d_bias = _accumulate(d_bias, g.sum(0))
+    d_hidden = _cat(hidden_chunks, hidden.new_zeros(0, dtype=acc), D) if need_hidden else None
+    if need_weight and d_weight is None:
+        d_weight = torch.zeros_like(w32)
+    if need_bias and d_bias is None:
+        d_bias = hidden.new_zeros(V, dtype=acc)
     return d_hidden, d_weight, d_bias
 
 
@@ -189,45 +234,48 @@ def token_loss_hvp(
 
     Returns (dd_hidden [T, D], dd_weight [V, D], dd_bias [V]) in float32, None where not needed.
     """
-    T, V = hidden.shape[0], weight.shape[0]
+    T, D, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
     acc = compute_dtype(hidden.dtype)
     w32, b32 = weight.to(acc), _up(bias, acc)
     u32, beta32 = _up(tangent_weight, acc), _up(tangent_bias, acc)
-    dd_hidden = torch.zeros(T, hidden.shape[1], dtype=acc, device=hidden.device) if need_hidden else None
-    dd_weight = torch.zeros_like(w32) if need_weight else None
-    dd_bias = torch.zeros(V, dtype=acc, device=hidden.device) if need_bias else None
+    hidden_chunks, dd_weight, dd_bias = [], None, None
     step = rows_per_chunk(V)
     for start in range(0, T, step):
         sl = slice(start, min(start + step, T))
         c = coef[sl].to(acc)
-        if not bool((c != 0).any()):
+        if _skip(c):
+            hidden_chunks.append(hidden.new_zeros(c.shape[0], D, dtype=acc))
             continue
         h = hidden[sl].to(acc)
         dh = _up(tangent_hidden[sl], acc) if tangent_hidden is not None else None
         z, sp = _logits(h, w32, b32, softcap)
         dz = _tangent_logits(h, w32, u32, dh, beta32, sp, h.shape[0], V, acc, h.device)
-        capped = z if softcap is not None else None
         p = torch.softmax(z, dim=1)
-        pdz = (p * dz).sum(1, keepdim=True)
-        s = p * (dz - pdz)  # tangent of p
-        g = p
+        s = p * (dz - (p * dz).sum(1, keepdim=True))  # tangent of p
         rows, cols = _onehot_rows(labels[sl])
-        g[rows, cols] -= 1.0
+        onehot = torch.zeros_like(p)
+        onehot[rows, cols] = 1.0
+        g = p - onehot
         if sp is not None:
             # d(g ⊙ sp) = s ⊙ sp + g ⊙ d(sp),  d(sp) = -2 (z/c) (dz/c)
-            s = s * sp - (2.0 / (softcap * softcap)) * g * capped * dz
+            s = s * sp - (2.0 / (softcap * softcap)) * g * z * dz
             g = g * sp
-        s *= c[:, None]
-        g *= c[:, None]
+        s = s * c[:, None]
+        g = g * c[:, None]
         if need_hidden:
             out = s @ w32
             if u32 is not None:
-                out.addmm_(g, u32)
-            dd_hidden[sl] = out
+                out = out + g @ u32
+            hidden_chunks.append(out)
         if need_weight:
-            dd_weight.addmm_(s.T, h)
+            dd_weight = _accumulate(dd_weight, s.T @ h)
             if dh is not None:
-                dd_weight.addmm_(g.T, dh)
+                dd_weight = _accumulate(dd_weight, g.T @ dh)
         if need_bias:
-            dd_bias += s.sum(0)
+            dd_bias = _accumulate(dd_bias, s.sum(0))
+    dd_hidden = _cat(hidden_chunks, hidden.new_zeros(0, dtype=acc), D) if need_hidden else None
+    if need_weight and dd_weight is None:
+        dd_weight = torch.zeros_like(w32)
+    if need_bias and dd_bias is None:
+        dd_bias = hidden.new_zeros(V, dtype=acc)
     return dd_hidden, dd_weight, dd_bias

@@ -104,13 +104,13 @@ def _prepare(
     return _Prepared(hidden, safe_labels, segments, counted, num_tokens, select_impl(backend, hidden))
 
 
-def _token_scale(prep: _Prepared, normalize: str) -> torch.Tensor:
+def _token_scale(prep: _Prepared, normalize: str, dtype: torch.dtype) -> torch.Tensor:
     """[T] factor turning token losses into per-trajectory losses: 1/N_i (mean) or 1 (sum), 0 if not counted."""
     if normalize == "mean":
-        inv = 1.0 / prep.num_tokens.clamp(min=1).to(torch.float32)
+        inv = 1.0 / prep.num_tokens.clamp(min=1).to(dtype)
         scale = inv[prep.segments]
     else:
-        scale = torch.ones(prep.segments.shape, dtype=torch.float32, device=prep.segments.device)
+        scale = torch.ones(prep.segments.shape, dtype=dtype, device=prep.segments.device)
     return torch.where(prep.counted, scale, 0.0)
 
 
@@ -149,7 +149,7 @@ def trajectory_cross_entropy(
         token_loss = hidden.new_zeros(0, dtype=chunked.compute_dtype(hidden.dtype)) + hidden.sum() * 0
     else:
         token_loss, _ = TokenLosses.apply(prep.hidden, weight, bias, prep.labels, softcap, prep.impl)
-    scale = _token_scale(prep, normalize).to(token_loss.dtype)
+    scale = _token_scale(prep, normalize, token_loss.dtype)
     per_traj = torch.zeros(num_segments, dtype=token_loss.dtype, device=hidden.device)
     per_traj = per_traj.index_add(0, prep.segments, token_loss * scale)
     z = float(normalizer) if normalizer is not None else float(num_segments)
@@ -189,7 +189,7 @@ def trajectory_jvp(
         loss, _, d_loss, _ = prep.impl.token_losses(
             hidden, weight, bias, prep.labels, softcap, tangent_weight, tangent_hidden, tangent_bias
         )
-        scale = _token_scale(prep, normalize).to(loss.dtype)
+        scale = _token_scale(prep, normalize, loss.dtype)
         per_traj = torch.zeros(num_segments, dtype=loss.dtype, device=hidden.device)
         tangent = torch.zeros_like(per_traj)
         per_traj.index_add_(0, prep.segments, loss * scale)
@@ -234,9 +234,10 @@ def trajectory_hvp(
     need_bias = bias is not None if need_bias is None else (need_bias and bias is not None)
     z = float(normalizer) if normalizer is not None else float(num_segments)
     with torch.no_grad():
-        coef = _token_scale(prep, normalize) * w.detach().float()[prep.segments] / z
+        acc = chunked.compute_dtype(hidden.dtype)
+        coef = _token_scale(prep, normalize, acc) * w.detach().to(acc)[prep.segments] / z
         dd_h, dd_w, dd_b = prep.impl.token_loss_hvp(
-            hidden, weight, bias, prep.labels, softcap, coef.to(chunked.compute_dtype(hidden.dtype)),
+            hidden, weight, bias, prep.labels, softcap, coef,
             tangent_weight, tangent_hidden, tangent_bias, need_hidden, True, need_bias,
         )  # fmt: skip
     return HeadHVP(

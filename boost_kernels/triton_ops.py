@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 import triton
+from torch._C import _functorch
 
 from boost_kernels.triton_kernels import token_grads_kernel, token_stats_kernel
 
@@ -57,6 +58,20 @@ def _num_sms(device: torch.device) -> int:
     return 2
 
 
+def _require_plain(*tensors) -> None:
+    """Triton launches need real storage; torch.func transforms hand custom rules wrapped tensors.
+
+    Unwrapping them would silently drop the derivatives of outer transform levels, so refuse.
+    """
+    for x in tensors:
+        if x is not None and (_functorch.is_functorch_wrapped_tensor(x) or _functorch.is_batchedtensor(x)):
+            raise RuntimeError(
+                "torch.func transforms (jvp, grad, vmap, hessian) cannot run through the Triton kernels. "
+                "Use torch.autograd.forward_ad or double backward (both exact on the Triton path), "
+                "boost_kernels.trajectory_jvp / trajectory_hvp, or backend='torch' for torch.func."
+            )
+
+
 def _vec(x: torch.Tensor | None) -> torch.Tensor | None:
     """1-D operands are read with unit stride by the kernels."""
     return None if x is None else x.contiguous()
@@ -70,6 +85,7 @@ def token_losses(
     hidden, weight, bias, labels, softcap, tangent_weight=None, tangent_hidden=None, tangent_bias=None
 ):
     """Triton version of :func:`boost_kernels.chunked.token_losses` (same arguments and returns)."""
+    _require_plain(hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias)
     bias, labels, tangent_bias = _vec(bias), _vec(labels), _vec(tangent_bias)
     T, D = hidden.shape
     V = weight.shape[0]
@@ -124,6 +140,7 @@ def _launch_grads(
 ):
     T, D = hidden.shape
     V = weight.shape[0]
+    _require_plain(hidden, weight, bias, coef, *(tangents or ()))
     bias, labels = _vec(bias), _vec(labels)
     hvp = tangents is not None
     tangent_weight, tangent_hidden, tangent_bias = tangents if hvp else (None, None, None)
