@@ -5,16 +5,18 @@
 memory, and ``nvdisasm`` shows whether tensor-core instructions (HMMA / HGMMA) were emitted.
 This catches what the interpreter forgives: illegal lowering, register spills, smem overflow.
 
-    python -m boost_kernels.aot          # prints one line per variant and architecture
+    python -m boost_kernels.aot [--arch 80 90] [--dtypes bf16 fp32] [--json]
 """
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import re
 import subprocess
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import triton
 from triton.backends.compiler import GPUTarget
@@ -62,13 +64,13 @@ def _signature(kernel, dtype: str, constexprs: dict) -> dict:
     return sig
 
 
-def variants():
+def variants(dtypes=("bf16", "fp16", "fp32")):
     """(kernel, name, dtype, constexprs, num_warps, num_stages) for every variant the launchers use."""
     out = []
-    for dtype in ("bf16", "fp16", "fp32"):
+    for dtype in dtypes:
         precision = "ieee" if dtype == "fp32" else "tf32"
         for tangent in (False, True):
-            cfg = GPU_CONFIGS[("stats", tangent)]
+            cfg = GPU_CONFIGS[("stats", tangent, dtype == "fp32")]
             for softcap in (False, True):
                 c = dict(
                     HAS_BIAS=True, HAS_SOFTCAP=softcap, HAS_U=tangent, HAS_DH=tangent, HAS_BETA=tangent,
@@ -78,7 +80,7 @@ def variants():
                 name = f"{dtype} tangent={int(tangent)} softcap={int(softcap)}"
                 out.append((token_stats_kernel, name, dtype, c, cfg.num_warps, cfg.num_stages))
         for hvp in (False, True):
-            cfg = GPU_CONFIGS[("grads", hvp)]
+            cfg = GPU_CONFIGS[("grads", hvp, dtype == "fp32")]
             for softcap in (False, True):
                 c = dict(
                     HAS_BIAS=True, HAS_SOFTCAP=softcap, HVP=hvp, HAS_U=hvp, HAS_DH=hvp, HAS_BETA=hvp,
@@ -118,15 +120,22 @@ def compile_variant(kernel, name, dtype, constexprs, num_warps, num_stages, arch
     return CompileReport(kernel.__name__, name, arch, regs, local, shared, mma)
 
 
-def compile_all(archs=(80, 90)):
+def compile_all(archs=(80, 90), dtypes=("bf16", "fp16", "fp32")):
     for arch in archs:
-        for v in variants():
+        for v in variants(dtypes):
             yield compile_variant(*v, arch=arch)
 
 
-def main() -> None:
-    for report in compile_all():
-        print(report.line(), flush=True)
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description="Compile every kernel variant for sm_80/sm_90 on the CPU.")
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90])
+    parser.add_argument("--dtypes", nargs="+", default=["bf16", "fp16", "fp32"], choices=sorted(_DTYPES))
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        raise SystemExit("unset TRITON_INTERPRET: ahead-of-time compilation needs the real Triton compiler")
+    for report in compile_all(tuple(args.arch), tuple(args.dtypes)):
+        print(json.dumps(asdict(report)) if args.json else report.line(), flush=True)
 
 
 if __name__ == "__main__":

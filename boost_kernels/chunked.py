@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 from torch._C import _functorch
 
-# Upper bound on the elements of one [chunk, V] float32 block (16 MiB).
+# Upper bound on the elements of one [chunk, V] float32 block (32 MiB). Larger chunks read the
+# [V, D] head fewer times (CPU matmuls with few rows are bound by reading W); smaller save memory.
 CHUNK_ELEMENTS = 1 << 22
 
 
@@ -52,11 +53,37 @@ def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
     return total.add_(part) if _plain(total, part) else total + part
 
 
+def _accumulate_mm(total: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """total + a @ b without a temporary [V, D] product when no torch.func transform is active."""
+    if total is not None and _plain(total, a, b):
+        return total.addmm_(a, b)
+    return _accumulate(total, a @ b)
+
+
 def _cat(chunks: list[torch.Tensor], like: torch.Tensor, width: int | None = None) -> torch.Tensor:
     if chunks:
         return torch.cat(chunks)
     shape = (0,) if width is None else (0, width)
     return like.new_zeros(shape)
+
+
+def _softmax_lse(z: torch.Tensor):
+    """(softmax(z), logsumexp(z)) over dim 1, reusing z's memory when no torch.func transform is active."""
+    m = z.max(dim=1, keepdim=True).values
+    if _plain(z):
+        p = z.sub_(m).exp_()
+        s = p.sum(dim=1, keepdim=True)
+        p.div_(s)
+    else:
+        e = torch.exp(z - m)
+        s = e.sum(dim=1, keepdim=True)
+        p = e / s
+    return p, (m + torch.log(s)).squeeze(1)
+
+
+def _scale_(x: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """x * factor, in place when no torch.func transform is active."""
+    return x.mul_(factor) if _plain(x, factor) else x * factor
 
 
 def _logits(h, weight, bias, softcap):
@@ -124,13 +151,13 @@ def token_losses(
         counted = y >= 0
         safe_y = y.clamp(min=0)[:, None]
         z, sp = _logits(h, w32, b32, softcap)
-        lse_c = torch.logsumexp(z, dim=1)
+        zy = z.gather(1, safe_y).squeeze(1)
+        p, lse_c = _softmax_lse(z)  # z is consumed (overwritten) outside torch.func
         lses.append(lse_c)
-        losses.append(torch.where(counted, lse_c - z.gather(1, safe_y).squeeze(1), 0.0))
+        losses.append(torch.where(counted, lse_c - zy, 0.0))
         if with_tangent:
             dh = _up(tangent_hidden[sl], acc) if tangent_hidden is not None else None
             dz = _tangent_logits(h, w32, u32, dh, db32, sp, h.shape[0], V, acc, h.device)
-            p = z.sub_(lse_c[:, None]).exp_() if _plain(z) else torch.exp(z - lse_c[:, None])
             pdz = (p * dz).sum(1)
             pdzs.append(pdz)
             dlosses.append(torch.where(counted, pdz - dz.gather(1, safe_y).squeeze(1), 0.0))
@@ -182,7 +209,8 @@ def token_loss_grads(
     T, D, V = hidden.shape[0], hidden.shape[1], weight.shape[0]
     acc = compute_dtype(hidden.dtype)
     w32, b32 = weight.to(acc), _up(bias, acc)
-    hidden_chunks, d_weight, d_bias = [], None, None
+    hidden_chunks, d_bias = [], None
+    d_weight = torch.zeros_like(w32) if need_weight and _plain(hidden, weight, coef) else None
     step = rows_per_chunk(V)
     for start in range(0, T, step):
         sl = slice(start, min(start + step, T))
@@ -195,12 +223,12 @@ def token_loss_grads(
         lse_c = torch.logsumexp(z, dim=1) if lse is None else lse[sl]
         _, g = _probs_minus_onehot(z, lse_c, labels[sl])
         if sp is not None:
-            g = g * sp
-        g = g * c[:, None]
+            g = _scale_(g, sp)
+        g = _scale_(g, c[:, None])
         if need_hidden:
             hidden_chunks.append(g @ w32)
         if need_weight:
-            d_weight = _accumulate(d_weight, g.T @ h)
+            d_weight = _accumulate_mm(d_weight, g.T, h)
         if need_bias:
             d_bias = _accumulate(d_bias, g.sum(0))
     d_hidden = _cat(hidden_chunks, hidden.new_zeros(0, dtype=acc), D) if need_hidden else None
@@ -238,7 +266,9 @@ def token_loss_hvp(
     acc = compute_dtype(hidden.dtype)
     w32, b32 = weight.to(acc), _up(bias, acc)
     u32, beta32 = _up(tangent_weight, acc), _up(tangent_bias, acc)
-    hidden_chunks, dd_weight, dd_bias = [], None, None
+    hidden_chunks, dd_bias = [], None
+    plain = _plain(hidden, weight, coef, tangent_weight, tangent_hidden, tangent_bias)
+    dd_weight = torch.zeros_like(w32) if need_weight and plain else None
     step = rows_per_chunk(V)
     for start in range(0, T, step):
         sl = slice(start, min(start + step, T))
@@ -268,9 +298,9 @@ def token_loss_hvp(
                 out = out + g @ u32
             hidden_chunks.append(out)
         if need_weight:
-            dd_weight = _accumulate(dd_weight, s.T @ h)
+            dd_weight = _accumulate_mm(dd_weight, s.T, h)
             if dh is not None:
-                dd_weight = _accumulate(dd_weight, g.T @ dh)
+                dd_weight = _accumulate_mm(dd_weight, g.T, dh)
         if need_bias:
             dd_bias = _accumulate(dd_bias, s.sum(0))
     dd_hidden = _cat(hidden_chunks, hidden.new_zeros(0, dtype=acc), D) if need_hidden else None

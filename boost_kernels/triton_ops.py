@@ -31,20 +31,28 @@ class BlockConfig:
     num_stages: int
 
 
-# (kernel, mode) -> blocks on a GPU. Chosen so that sm_80/sm_90 compile without spills
-# (tests/test_aot_compile.py checks this and prints registers and shared memory).
+# (kernel, tangent/HVP mode, float32 inputs) -> blocks on a GPU. Each entry is the largest tile
+# found to compile for sm_80 and sm_90 with zero local-memory spills (tests/test_aot_compile.py
+# checks this for every variant and prints registers and shared memory). float32 runs exact
+# IEEE dots (no tensor cores), hence much smaller tiles.
 GPU_CONFIGS = {
-    ("stats", False): BlockConfig(128, 128, 64, 8, 3),
-    ("stats", True): BlockConfig(64, 128, 64, 8, 3),
-    ("grads", False): BlockConfig(128, 128, 64, 8, 3),
-    ("grads", True): BlockConfig(64, 128, 64, 8, 2),
+    ("stats", False, False): BlockConfig(64, 128, 64, 8, 3),
+    ("stats", True, False): BlockConfig(32, 128, 32, 8, 2),
+    ("grads", False, False): BlockConfig(64, 128, 32, 8, 2),
+    ("grads", True, False): BlockConfig(64, 64, 32, 8, 1),
+    ("stats", False, True): BlockConfig(32, 32, 32, 4, 2),
+    ("stats", True, True): BlockConfig(16, 32, 32, 4, 1),
+    ("grads", False, True): BlockConfig(32, 32, 32, 4, 1),
+    ("grads", True, True): BlockConfig(32, 32, 16, 4, 1),
 }
 # The interpreter runs each program in numpy: larger blocks mean fewer, faster programs.
 INTERPRETER_CONFIG = BlockConfig(32, 64, 32, 4, 1)
 
 
-def block_config(kernel: str, tangent: bool) -> BlockConfig:
-    return INTERPRETER_CONFIG if interpreting() else GPU_CONFIGS[(kernel, tangent)]
+def block_config(kernel: str, tangent: bool, dtype: torch.dtype) -> BlockConfig:
+    if interpreting():
+        return INTERPRETER_CONFIG
+    return GPU_CONFIGS[(kernel, tangent, dtype == torch.float32)]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -90,7 +98,7 @@ def token_losses(
     T, D = hidden.shape
     V = weight.shape[0]
     with_tangent = any(x is not None for x in (tangent_weight, tangent_hidden, tangent_bias))
-    cfg = block_config("stats", with_tangent)
+    cfg = block_config("stats", with_tangent, hidden.dtype)
     t_blocks = triton.cdiv(T, cfg.block_t)
     v_blocks = triton.cdiv(V, cfg.block_v)
     # Enough programs to fill the card about four times over, never an empty vocabulary split.
@@ -145,7 +153,7 @@ def _launch_grads(
     hvp = tangents is not None
     tangent_weight, tangent_hidden, tangent_bias = tangents if hvp else (None, None, None)
     tangent_bias = _vec(tangent_bias)
-    cfg = block_config("grads", hvp)
+    cfg = block_config("grads", hvp, hidden.dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(T, D, **f32) if need_hidden else None
     d_weight = torch.zeros(V, D, **f32) if need_weight else None

@@ -39,7 +39,7 @@ def trajectory_losses(
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    out, ref = out.double(), ref.double()
+    out, ref = out.detach().double(), ref.detach().double()
     denom = ref.norm()
     if denom == 0:
         return float(out.norm())
