@@ -143,9 +143,26 @@ def token_losses(
     return loss, lse, dloss, pdz
 
 
+# 16-bit heads accumulate d_weight in float32 one vocabulary slab at a time, so the float32
+# scratch is bounded by this many bytes instead of being a full [V, D] float32 copy.
+WEIGHT_SLAB_BYTES = 64 * 2**20
+
+
+def _slab_rows(V: int, D: int, dtype: torch.dtype, block_v: int) -> int:
+    if dtype == torch.float32:
+        return V  # the float32 accumulator is the gradient itself: one launch, no scratch
+    rows = max(block_v, WEIGHT_SLAB_BYTES // (4 * D) // block_v * block_v)
+    return min(rows, V)
+
+
 def _launch_grads(
     hidden, weight, bias, labels, softcap, coef, lse, pdz, tangents, need_hidden, need_weight, need_bias
 ):
+    """Accumulate (d_hidden float32 [T, D], d_weight [V, D] in weight's dtype, d_bias float32 [V]).
+
+    The vocabulary is walked in slabs (see WEIGHT_SLAB_BYTES); every logit tile is still
+    computed exactly once. d_hidden collects float32 atomics from every vocabulary block.
+    """
     T, D = hidden.shape
     V = weight.shape[0]
     _require_plain(hidden, weight, bias, coef, *(tangents or ()))
@@ -156,29 +173,56 @@ def _launch_grads(
     cfg = block_config("grads", hvp, hidden.dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     d_hidden = torch.zeros(T, D, **f32) if need_hidden else None
-    d_weight = torch.zeros(V, D, **f32) if need_weight else None
     d_bias = torch.zeros(V, **f32) if need_bias else None
+    slab = _slab_rows(V, D, weight.dtype, cfg.block_v)
+    if need_weight:
+        d_weight = (
+            torch.zeros(V, D, **f32)
+            if slab == V
+            else torch.empty(V, D, dtype=weight.dtype, device=weight.device)
+        )
+        scratch = d_weight if slab == V else torch.empty(slab, D, **f32)
+    else:
+        d_weight = scratch = None
     dummy = coef
-    grid = (triton.cdiv(T, cfg.block_t), triton.cdiv(V, cfg.block_v))
-    token_grads_kernel[grid](
-        hidden, weight, bias if bias is not None else hidden, labels, coef, lse,
-        tangent_weight if tangent_weight is not None else hidden,
-        tangent_hidden if tangent_hidden is not None else hidden,
-        tangent_bias if tangent_bias is not None else hidden,
-        pdz if pdz is not None else dummy,
-        d_hidden if need_hidden else dummy, d_weight if need_weight else dummy,
-        d_bias if need_bias else dummy,
-        T, V, D,
-        *_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden),
-        float(softcap) if softcap is not None else 1.0,
-        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HVP=hvp,
-        HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
-        HAS_BETA=tangent_bias is not None,
-        NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
-        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
-        BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )  # fmt: skip
+
+    def rows(x, v0, v1):
+        return None if x is None else x[v0:v1]
+
+    for v0 in range(0, V, slab):
+        v1 = min(v0 + slab, V)
+        if scratch is not None and slab != V:
+            scratch.zero_()
+        slab_weight, slab_bias, slab_u = (
+            rows(weight, v0, v1),
+            rows(bias, v0, v1),
+            rows(tangent_weight, v0, v1),
+        )
+        slab_beta = rows(tangent_bias, v0, v1)
+        slab_labels = labels if v0 == 0 else torch.where(labels >= 0, labels - v0, -1)
+        grid = (triton.cdiv(T, cfg.block_t), triton.cdiv(v1 - v0, cfg.block_v))
+        token_grads_kernel[grid](
+            hidden, slab_weight, slab_bias if bias is not None else hidden, slab_labels, coef, lse,
+            slab_u if tangent_weight is not None else hidden,
+            tangent_hidden if tangent_hidden is not None else hidden,
+            slab_beta if tangent_bias is not None else hidden,
+            pdz if pdz is not None else dummy,
+            d_hidden if need_hidden else dummy,
+            scratch if need_weight else dummy,
+            d_bias[v0:v1] if need_bias else dummy,
+            T, v1 - v0, D,
+            *_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden),
+            float(softcap) if softcap is not None else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HVP=hvp,
+            HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
+            HAS_BETA=tangent_bias is not None,
+            NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
+            UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+            BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if need_weight and slab != V:
+            d_weight[v0:v1].copy_(scratch[: v1 - v0])
     return d_hidden, d_weight, d_bias
 
 
