@@ -20,6 +20,7 @@ import os
 import random
 import re
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,7 +134,11 @@ class TextWorldEnv(Env):
             policy_commands=True,
             admissible_commands=True,
         )
-        self._game = self._tw.start(str(self.game_file(task.seed)), request_infos=infos)
+        with warnings.catch_warnings():
+            # jericho warns that it cannot track the score of TextWorld's story files; TextWorld's
+            # own wrapper tracks it (the "score" we read), so the warning does not apply here.
+            warnings.filterwarnings("ignore", message=".*is not fully supported.*")
+            self._game = self._tw.start(str(self.game_file(task.seed)), request_infos=infos)
         self._state = self._game.reset()
         self._score = 0.0
         self._turns = 0

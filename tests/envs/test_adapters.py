@@ -1,0 +1,147 @@
+"""Adapters to textarena and TextWorld (the `envs` extra; CI installs it).
+
+Each adapter's tests skip only when its package cannot be imported, with the install command.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from boost.envs import SPLITS, expert_policy, make_env, play_episode, random_policy, shifted_env_name
+from boost.envs.textarena_env import GAMES, PREFIX, hanoi_moves, mastermind_feedback
+
+ta = pytest.importorskip("textarena", reason="textarena is not installed: pip install 'boost[envs]'")
+
+TEXTARENA_ENVS = [PREFIX + game for game in GAMES]
+
+
+@pytest.mark.parametrize("name", TEXTARENA_ENVS)
+def test_textarena_expert_wins_every_task(name):
+    env = make_env(name)
+    for split in ("train", "test"):
+        for task in env.sample_tasks(split, 15, seed=0):
+            episode = play_episode(env, task, expert_policy, random.Random(0))
+            assert episode.success and episode.reward == 1.0 and episode.n_invalid == 0, episode.messages[-1]
+    assert shifted_env_name(name) in TEXTARENA_ENVS
+
+
+@pytest.mark.parametrize("name", TEXTARENA_ENVS)
+def test_textarena_episodes_are_deterministic_and_leave_global_random_alone(name):
+    env = make_env(name)
+    tasks = env.sample_tasks("train", 3, seed=1)
+    random.seed(1234)
+    expected_next = random.Random(1234).random()
+    runs = [
+        [play_episode(env, task, random_policy, random.Random(i)).messages for i, task in enumerate(tasks)]
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+    assert random.random() == expected_next, "textarena's reseeding leaked into the global random module"
+    assert env.instructions and "[" in env.instructions, "the game's prompt, with its action format"
+
+
+def test_textarena_interleaved_episodes_match_sequential_ones():
+    """Minesweeper draws its mines on the first reveal from the (private) random state."""
+    name = PREFIX + "Minesweeper-v0-small"
+    tasks = make_env(name).sample_tasks("train", 2, seed=0)
+    sequential = [play_episode(make_env(name), t, expert_policy, random.Random(0)).messages for t in tasks]
+    envs = [make_env(name) for _ in tasks]
+    logs = [[env.reset(task)] for env, task in zip(envs, tasks)]
+    running = [True, True]
+    while any(running):
+        for i, env in enumerate(envs):  # one step each, alternating
+            if running[i]:
+                step = env.step(env.expert_action())
+                logs[i].append(step.observation)
+                running[i] = not step.done
+    assert [[m["content"] for m in messages if m["role"] == "user"] for messages in sequential] == logs
+
+
+@pytest.mark.parametrize("game", ["GuessTheNumber-v0", "Mastermind-v0", "FrozenLake-v0"])
+def test_textarena_splits_are_disjoint_in_content(game):
+    env = make_env(PREFIX + game)
+    assert env.content_disjoint_splits
+    keys = {split: {t.key for t in env.sample_tasks(split, 10, seed=0)} for split in SPLITS}
+    assert not keys["train"] & keys["test"] and not keys["train"] & keys["validation"]
+    assert not keys["validation"] & keys["test"]
+
+
+def test_textarena_small_pools_repeat_and_say_so():
+    env = make_env(PREFIX + "TowerOfHanoi-v0")
+    assert not env.content_disjoint_splits  # one instance: only the seeds differ
+    env = make_env(PREFIX + "GuessTheNumber-v0")  # 20 secret numbers in all
+    tasks = env.sample_tasks("test", 30, seed=0)
+    assert len(tasks) == 30 and len({t.key for t in tasks}) < 20
+
+
+def test_textarena_invalid_replies_follow_the_game_rules():
+    env = make_env(PREFIX + "GuessTheNumber-v0")
+    env.reset(env.sample_tasks("train", 1)[0])
+    first = env.step("no brackets here")
+    assert first.info["invalid"] and not first.done and "invalid move" in first.observation.lower()
+    second = env.step("still nothing")  # textarena allows one invalid reply, the second ends the game
+    assert second.done and second.info["invalid"] and not second.info["success"]
+    assert "Game over" in second.observation
+
+
+def test_hanoi_solver_is_optimal_from_the_start_and_from_any_position():
+    for n in range(1, 7):
+        assert len(hanoi_moves({"A": list(range(n, 0, -1)), "B": [], "C": []})) == 2**n - 1
+    towers = {"A": [3], "B": [2, 1], "C": []}
+    assert hanoi_moves(towers) == [("A", "C"), ("B", "A"), ("B", "C"), ("A", "C")]
+
+
+def test_mastermind_feedback_agrees_with_textarena():
+    env = ta.make("Mastermind-v0-raw")
+    env.reset(num_players=1, seed=0)
+    rng = random.Random(0)
+    for _ in range(300):
+        secret, guess = rng.sample(range(1, 7), 4), rng.sample(range(1, 7), 4)
+        env.state.game_state["secret_code"] = list(secret)
+        assert mastermind_feedback(tuple(secret), tuple(guess)) == env._evaluate_guess(list(guess))
+    assert mastermind_feedback((1, 1, 2, 3), (1, 2, 1, 1)) == (1, 2)
+
+
+@pytest.fixture(scope="module")
+def textworld_games(tmp_path_factory):
+    pytest.importorskip("textworld", reason="TextWorld is not installed: pip install 'boost[envs]'")
+    return tmp_path_factory.mktemp("textworld-games")
+
+
+def test_textworld_games_are_generated_locally_and_the_walkthrough_wins(textworld_games):
+    env = make_env("textworld", games_dir=textworld_games)
+    tasks = env.sample_tasks("train", 2, seed=0)
+    for task in tasks:
+        episode = play_episode(env, task, expert_policy, random.Random(0))
+        assert episode.success and episode.end_reason == "success"
+        assert episode.reward == pytest.approx(1.0) and episode.turns == env.config.quest_length
+        assert "-= " in episode.messages[1]["content"], "the first observation describes the room"
+        assert all(">" not in m["content"] for m in episode.messages[2:] if m["role"] == "user")
+    made = sorted(p.name for p in textworld_games.iterdir())
+    assert made == sorted(f"{env.config.tag}-s{t.seed}{ext}" for t in tasks for ext in (".json", ".z8"))
+    mtimes = {p: p.stat().st_mtime_ns for p in textworld_games.iterdir()}
+    again = play_episode(env, tasks[0], expert_policy, random.Random(0))  # reuses the cached game
+    assert {p: p.stat().st_mtime_ns for p in textworld_games.iterdir()} == mtimes
+    assert again.messages == play_episode(env, tasks[0], expert_policy, random.Random(0)).messages
+    env.close()
+
+
+def test_textworld_invalid_and_random_commands(textworld_games):
+    env = make_env("textworld", games_dir=textworld_games)
+    task = env.sample_tasks("train", 1, seed=0)[0]
+    env.reset(task)
+    step = env.step("dance wildly")
+    assert step.info["invalid"] and not step.done and step.reward == 0.0
+    assert "recognise" in step.observation
+    assert not env.step("look").info["invalid"]
+    rng = random.Random(0)
+    for _ in range(5):
+        action = env.random_action(rng)
+        assert action in env._state.admissible_commands
+        step = env.step(action)
+        assert not step.info["invalid"]
+        if step.done:
+            break
+    env.close()

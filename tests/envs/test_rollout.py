@@ -1,0 +1,126 @@
+"""The batched chat-template rollout loop."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from boost.envs import END_REASONS, make_env
+from boost.rollout import RolloutConfig, RolloutError, check_chat_template, rollout, summarize_episodes
+
+
+def replay(env_name, episode):
+    """Play the recorded replies again: the environment must answer exactly as recorded."""
+    env = make_env(env_name)
+    messages = [{"role": "user", "content": env.reset(episode.task)}]
+    reward = 0.0
+    for message in episode.messages[2::2]:
+        step = env.step(message["content"])
+        reward += step.reward
+        messages += [message, {"role": "user", "content": step.observation}]
+    assert messages == episode.messages[1:]
+    return reward
+
+
+def test_episodes_come_back_in_task_order_and_match_the_environment(tiny_model):
+    model, tokenizer = tiny_model
+    tasks = make_env("gridnav").sample_tasks("test", 5, seed=0)
+    config = RolloutConfig(max_turns=3, max_new_tokens=6, batch_size=2)
+    episodes = rollout(model, tokenizer, "gridnav", tasks, config, progress=False)
+    assert [e.task for e in episodes] == tasks
+    for episode in episodes:
+        assert episode.end_reason in END_REASONS and 1 <= episode.turns <= 3
+        assert replay("gridnav", episode) == episode.reward
+        episode.to_trajectory("lm_rollout")  # a valid record, empty replies included
+
+
+def test_batched_greedy_decoding_equals_one_episode_at_a_time(tiny_model):
+    model, tokenizer = tiny_model
+    tasks = make_env("guess").sample_tasks("test", 4, seed=1)
+    config = dict(max_turns=3, max_new_tokens=5)
+    alone = rollout(model, tokenizer, "guess", tasks, RolloutConfig(batch_size=1, **config), progress=False)
+    batched = rollout(model, tokenizer, "guess", tasks, RolloutConfig(batch_size=3, **config), progress=False)
+    assert [e.messages for e in alone] == [e.messages for e in batched]
+
+
+def test_turn_and_context_limits_end_episodes_and_are_counted(tiny_model):
+    model, tokenizer = tiny_model
+    tasks = make_env("gridnav").sample_tasks("test", 3, seed=0)
+    episodes = rollout(model, tokenizer, "gridnav", tasks, RolloutConfig(max_turns=2, max_new_tokens=4))
+    assert all(e.turns == 2 and e.end_reason == "turn_limit" for e in episodes)
+    tight = RolloutConfig(max_turns=20, max_new_tokens=4, max_context_tokens=400)
+    episodes = rollout(model, tokenizer, "gridnav", tasks, tight, progress=False)
+    assert all(e.end_reason == "context_limit" for e in episodes)
+    summary = summarize_episodes(episodes)
+    assert summary["end_reasons"]["context_limit"] == 3 and summary["episodes"] == 3
+    assert summary["mean_turns"] == sum(e.turns for e in episodes) / 3 < 20
+
+
+def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(tiny_model):
+    model, tokenizer = tiny_model
+    tasks = make_env("guess").sample_tasks("test", 2, seed=0)
+    runs = []
+    for seed in (7, 7, 8):
+        config = RolloutConfig(max_turns=2, max_new_tokens=6, temperature=1.0, seed=seed)
+        torch.manual_seed(0)
+        runs.append([e.messages for e in rollout(model, tokenizer, "guess", tasks, config, progress=False)])
+        after = torch.rand(1)
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.rand(1)), "the rollout consumed the caller's torch RNG"
+    assert runs[0] == runs[1] != runs[2]
+
+
+class BinarySearchLM(torch.nn.Module):
+    """A stand-in causal LM that plays the guessing game perfectly from its chat prompt."""
+
+    def __init__(self, tokenizer):
+        super().__init__()
+        self.tokenizer = tokenizer
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+        self.config = type("Config", (), {"max_position_embeddings": 4096})()
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, pad_token_id, **decoding):
+        replies = []
+        for ids, mask in zip(input_ids, attention_mask):
+            assert mask.tolist() == sorted(mask.tolist()), "prompts are left-padded"
+            prompt = self.tokenizer.decode(ids[mask.bool()])
+            low, high = map(int, re.search(r"between (\d+) and (\d+)", prompt).groups())
+            for guess in map(int, re.findall(r"Higher than (\d+)", prompt)):
+                low = max(low, guess + 1)
+            for guess in map(int, re.findall(r"Lower than (\d+)", prompt)):
+                high = min(high, guess - 1)
+            reply = self.tokenizer(str((low + high) // 2), add_special_tokens=False)["input_ids"]
+            replies.append((reply + [self.tokenizer.eos_token_id] * max_new_tokens)[:max_new_tokens])
+        return torch.cat([input_ids, torch.tensor(replies)], dim=1)
+
+
+def test_a_model_that_plays_well_gets_full_marks(tiny_model):
+    _, tokenizer = tiny_model
+    tasks = make_env("guess").sample_tasks("test", 10, seed=0)
+    episodes = rollout(BinarySearchLM(tokenizer), tokenizer, "guess", tasks, RolloutConfig(batch_size=4))
+    summary = summarize_episodes(episodes)
+    assert summary["success_rate"] == 1.0 and summary["mean_return"] == 1.0
+    assert summary["invalid_per_turn"] == 0.0 and summary["distinct_tasks"] == 10
+
+
+def test_bad_input_gets_clear_errors(tiny_model):
+    _, tokenizer = tiny_model
+    settings = {
+        "max_new_tokens": (0, "max_new_tokens"),
+        "temperature": (-1.0, "temperature"),
+        "top_p": (0.0, "top_p"),
+        "batch_size": (0, "batch_size"),
+        "max_turns": (0, "max_turns"),
+        "max_context_tokens": (8, "must exceed max_new_tokens"),
+    }
+    for name, (value, message) in settings.items():
+        with pytest.raises(RolloutError, match=message):
+            RolloutConfig(**{name: value})
+    template, tokenizer.chat_template = tokenizer.chat_template, None
+    try:
+        with pytest.raises(RolloutError, match="no chat template.*--chat-template FILE"):
+            check_chat_template(tokenizer, "tiny")
+    finally:
+        tokenizer.chat_template = template
