@@ -101,7 +101,10 @@ def _prepare(
     safe_labels = torch.where(counted, labels, -1)
     segments = torch.where(counted, segment_ids, 0)
     num_tokens = torch.bincount(segment_ids[counted], minlength=num_segments)
-    return _Prepared(hidden, safe_labels, segments, counted, num_tokens, select_impl(backend, hidden))
+    impl = select_impl(backend, hidden)
+    if T == 0:
+        impl = chunked  # nothing to launch; the PyTorch path returns empty results
+    return _Prepared(hidden, safe_labels, segments, counted, num_tokens, impl)
 
 
 def _token_scale(prep: _Prepared, normalize: str, dtype: torch.dtype) -> torch.Tensor:
@@ -145,10 +148,7 @@ def trajectory_cross_entropy(
     _validate.check_options(normalize, softcap, num_segments, normalizer)
     prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
     w = _weights(traj_weights, num_segments, hidden.device)
-    if hidden.shape[0] == 0:
-        token_loss = hidden.new_zeros(0, dtype=chunked.compute_dtype(hidden.dtype)) + hidden.sum() * 0
-    else:
-        token_loss, _ = TokenLosses.apply(prep.hidden, weight, bias, prep.labels, softcap, prep.impl)
+    token_loss, _ = TokenLosses.apply(prep.hidden, weight, bias, prep.labels, softcap, prep.impl)
     scale = _token_scale(prep, normalize, token_loss.dtype)
     per_traj = torch.zeros(num_segments, dtype=token_loss.dtype, device=hidden.device)
     per_traj = per_traj.index_add(0, prep.segments, token_loss * scale)

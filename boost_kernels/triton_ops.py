@@ -80,6 +80,18 @@ def _require_plain(*tensors) -> None:
             )
 
 
+def _check_index_range(hidden: torch.Tensor, weight: torch.Tensor) -> None:
+    """Kernel offsets are int32: refuse shapes whose element offsets would overflow."""
+    limit = 2**31 - 1
+    for name, x in (("hidden", hidden), ("weight", weight)):
+        span = sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride())) + 1
+        if max(span, x.numel()) > limit:
+            raise ValueError(
+                f"{name} {tuple(x.shape)} spans more than 2**31 elements, beyond the kernels' int32 offsets; "
+                "split the batch into smaller chunks of tokens"
+            )
+
+
 def _vec(x: torch.Tensor | None) -> torch.Tensor | None:
     """1-D operands are read with unit stride by the kernels."""
     return None if x is None else x.contiguous()
@@ -94,6 +106,7 @@ def token_losses(
 ):
     """Triton version of :func:`boost_kernels.chunked.token_losses` (same arguments and returns)."""
     _require_plain(hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias)
+    _check_index_range(hidden, weight)
     bias, labels, tangent_bias = _vec(bias), _vec(labels), _vec(tangent_bias)
     T, D = hidden.shape
     V = weight.shape[0]

@@ -63,3 +63,16 @@ def test_labels_at_ignored_positions_may_be_anything():
     labels[5] = 10_000  # segment_ids[5] == -1
     out = bk.trajectory_cross_entropy(**_args(labels=labels))
     assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_empty_batch_gives_zero_losses_and_zero_gradients(backend):
+    hidden = torch.randn(0, D, requires_grad=True)
+    weight = torch.randn(V, D, requires_grad=True)
+    empty = torch.zeros(0, dtype=torch.long)
+    out = bk.trajectory_cross_entropy(hidden, weight, empty, empty, S, backend=backend)
+    out.loss.backward()
+    assert out.loss.item() == 0.0 and out.per_trajectory.tolist() == [0.0, 0.0]
+    assert hidden.grad.shape == (0, D) and (weight.grad == 0).all()
+    jvp = bk.trajectory_jvp(hidden, weight, empty, empty, S, tangent_weight=torch.ones(V, D), backend=backend)
+    assert jvp.tangent.tolist() == [0.0, 0.0]
