@@ -10,6 +10,7 @@ same seed and epoch always give the same batches, epochs differ, and the batches
 from __future__ import annotations
 
 import bisect
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -19,6 +20,8 @@ import torch
 
 from boost.data.attention import block_causal_mask, has_native_packed_sequences
 from boost.data.tokenize import IGNORE_INDEX, TokenizedTrajectory
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -208,6 +211,7 @@ class TrajectoryPacker:
         self.trajectories = trajectories
         self.config = config or PackingConfig()
         self.lengths = np.array([t.length for t in trajectories], dtype=np.int64)
+        self.counted = np.array([t.num_counted for t in trajectories], dtype=np.int64)
         too_long = np.flatnonzero(self.lengths > self.config.token_budget)
         if len(too_long):
             first = int(too_long[0])
@@ -227,6 +231,7 @@ class TrajectoryPacker:
                 order[start : start + self.config.window], self.lengths, self.config.token_budget
             )
             plan += [bins[i] for i in rng.permutation(len(bins))]
+        log.info("epoch %d: %s", epoch, self.stats(plan).summary())
         return plan
 
     def stats(self, plan: Sequence[Sequence[int]]) -> PackingStats:
@@ -235,7 +240,7 @@ class TrajectoryPacker:
             num_batches=len(plan),
             num_trajectories=len(positions),
             tokens=int(self.lengths[positions].sum()) if positions else 0,
-            counted_tokens=sum(self.trajectories[p].num_counted for p in positions),
+            counted_tokens=int(self.counted[positions].sum()) if positions else 0,
             token_budget=self.config.token_budget,
         )
 
