@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from boost.envs.base import Task
 from boost.envs.episode import END_REASONS, Episode
 from boost.envs.registry import make_env
+from boost.prefix_cache import PrefixCachedDecoder
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -47,6 +48,10 @@ class RolloutConfig:
         seed: seeds sampling (the caller's torch RNG state is restored afterwards).
         max_context_tokens: prompt + reply tokens at most (``None``: the model's
             ``max_position_embeddings``).
+        reuse_cache: keep each chat's KV cache between turns (:mod:`boost.prefix_cache`); False
+            re-encodes every prompt with ``model.generate`` (slower; the reference it is tested
+            against). Sampling uses temperature and top-p only, never the checkpoint's
+            ``generation_config`` sampling settings.
     """
 
     max_turns: int | None = None
@@ -56,6 +61,7 @@ class RolloutConfig:
     batch_size: int = 16
     seed: int = 0
     max_context_tokens: int | None = None
+    reuse_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.max_turns is not None and self.max_turns < 1:
@@ -165,7 +171,7 @@ def generate_replies(
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         attention_mask[row, width - len(ids) :] = 1
     device = next(model.parameters()).device
-    sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p}
+    sampling = {"do_sample": True, "temperature": config.temperature, "top_p": config.top_p, "top_k": 0}
     out = model.generate(
         input_ids=input_ids.to(device),
         attention_mask=attention_mask.to(device),
@@ -174,6 +180,16 @@ def generate_replies(
         **(sampling if config.temperature > 0 else {"do_sample": False}),
     )
     return [text.strip() for text in tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)]
+
+
+def eos_ids(model: Any, tokenizer: Any) -> set[int]:
+    """Tokens that end a reply: the model's generation config's EOS, else the tokenizer's."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        raise RolloutError("neither the model's generation config nor the tokenizer names an eos token")
+    return set(configured) if isinstance(configured, (list, tuple)) else {configured}
 
 
 def rollout(
@@ -211,6 +227,18 @@ def rollout(
             index, task = pending.popleft()
             slots[slot] = (index, Episode.start(envs[slot], task, envs[slot].reset(task)))
 
+    decoder = (
+        PrefixCachedDecoder(model, len(envs), _pad_id(tokenizer), eos_ids(model, tokenizer)) if envs else None
+    )
+
+    def replies_for(batch: list[int], prompts: list[list[int]]) -> list[str]:
+        if not config.reuse_cache:
+            return generate_replies(model, tokenizer, prompts, config)
+        tokens = decoder.generate(
+            dict(zip(batch, prompts)), config.max_new_tokens, config.temperature, config.top_p
+        )
+        return [tokenizer.decode(tokens[slot], skip_special_tokens=True).strip() for slot in batch]
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         for slot in range(len(envs)):
@@ -231,7 +259,7 @@ def rollout(
                 prompts.append(ids)
             if not batch:
                 continue
-            for slot, reply in zip(batch, generate_replies(model, tokenizer, prompts, config)):
+            for slot, reply in zip(batch, replies_for(batch, prompts)):
                 episode = slots[slot][1]
                 observation, reward, done, info = envs[slot].step(reply)
                 episode.record(reply, observation, reward, done, info)

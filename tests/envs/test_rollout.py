@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from boost.envs import END_REASONS, make_env
+from boost.prefix_cache import PrefixCachedDecoder
 from boost.rollout import RolloutConfig, RolloutError, check_chat_template, rollout, summarize_episodes
 
 
@@ -36,13 +37,47 @@ def test_episodes_come_back_in_task_order_and_match_the_environment(tiny_model):
         episode.to_trajectory("lm_rollout")  # a valid record, empty replies included
 
 
-def test_batched_greedy_decoding_equals_one_episode_at_a_time(tiny_model):
+@pytest.mark.parametrize("reuse_cache", [True, False])
+def test_batched_greedy_decoding_equals_one_episode_at_a_time(tiny_model, reuse_cache):
     model, tokenizer = tiny_model
     tasks = make_env("guess").sample_tasks("test", 4, seed=1)
-    config = dict(max_turns=3, max_new_tokens=5)
+    config = dict(max_turns=3, max_new_tokens=5, reuse_cache=reuse_cache)
     alone = rollout(model, tokenizer, "guess", tasks, RolloutConfig(batch_size=1, **config), progress=False)
     batched = rollout(model, tokenizer, "guess", tasks, RolloutConfig(batch_size=3, **config), progress=False)
     assert [e.messages for e in alone] == [e.messages for e in batched]
+
+
+def test_the_kv_cache_between_turns_changes_nothing(tiny_model, monkeypatch):
+    """Slots are refilled and the cache rebuilt on the way; transcripts must not notice."""
+    model, tokenizer = tiny_model
+    resets = []
+    monkeypatch.setattr(PrefixCachedDecoder, "reset", counting(PrefixCachedDecoder.reset, resets))
+    tasks = make_env("gridnav").sample_tasks("test", 7, seed=2)
+    config = dict(max_turns=8, max_new_tokens=6, batch_size=3)
+    cached = rollout(model, tokenizer, "gridnav", tasks, RolloutConfig(**config), progress=False)
+    fresh = rollout(
+        model, tokenizer, "gridnav", tasks, RolloutConfig(reuse_cache=False, **config), progress=False
+    )
+    assert [e.messages for e in cached] == [e.messages for e in fresh]
+    assert len(resets) > 1, "the cache was rebuilt at least once after the first turn"
+
+
+def counting(method, calls):
+    def wrapper(self, *args, **kwargs):
+        calls.append(1)
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+def test_top_p_near_zero_samples_the_greedy_choice(tiny_model):
+    model, tokenizer = tiny_model
+    tasks = make_env("guess").sample_tasks("test", 3, seed=0)
+    greedy = rollout(model, tokenizer, "guess", tasks, RolloutConfig(max_turns=3), progress=False)
+    narrow = RolloutConfig(max_turns=3, temperature=1.5, top_p=1e-6, seed=5)
+    assert [e.messages for e in rollout(model, tokenizer, "guess", tasks, narrow, progress=False)] == [
+        e.messages for e in greedy
+    ]
 
 
 def test_turn_and_context_limits_end_episodes_and_are_counted(tiny_model):
@@ -99,7 +134,8 @@ class BinarySearchLM(torch.nn.Module):
 def test_a_model_that_plays_well_gets_full_marks(tiny_model):
     _, tokenizer = tiny_model
     tasks = make_env("guess").sample_tasks("test", 10, seed=0)
-    episodes = rollout(BinarySearchLM(tokenizer), tokenizer, "guess", tasks, RolloutConfig(batch_size=4))
+    config = RolloutConfig(batch_size=4, reuse_cache=False)  # the stand-in only implements generate()
+    episodes = rollout(BinarySearchLM(tokenizer), tokenizer, "guess", tasks, config)
     summary = summarize_episodes(episodes)
     assert summary["success_rate"] == 1.0 and summary["mean_return"] == 1.0
     assert summary["invalid_per_turn"] == 0.0 and summary["distinct_tasks"] == 10
