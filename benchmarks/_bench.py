@@ -28,6 +28,7 @@ from benchmarks._common import (
     make_inputs,
     measure_peaks,
     output_bytes,
+    rel_err,
     run_info,
 )
 from benchmarks._measure import CudaMeter, probe_cpu_peak
@@ -39,12 +40,6 @@ DEVICE = "cuda" if CUDA else "cpu"
 
 # Results of variants that others are checked against must agree to this (same math, other rounding).
 CONSISTENCY_TOL = {"float32": 1e-3, "bfloat16": 5e-2, "float16": 5e-2}
-
-
-def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
-    """‖x − ref‖ / ‖ref‖ in float64."""
-    x, ref = x.double(), ref.double()
-    return float((x - ref).norm() / ref.norm().clamp_min(1e-300))
 
 
 def env_int(name: str, default: int) -> int:

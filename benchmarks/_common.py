@@ -131,6 +131,13 @@ def make_inputs(problem: Problem) -> Inputs:
     )
 
 
+def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖x − ref‖ / ‖ref‖, computed in float32 (enough for consistency checks of ~1e-3; large GPU
+    results would need gigabytes in float64)."""
+    x, ref = x.detach().float(), ref.detach().float()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
 def op_flops(op: str, problem: Problem) -> float:
     return float(_FLOP_FACTOR[op]) * problem.T * problem.D * problem.V
 

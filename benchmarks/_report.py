@@ -30,6 +30,7 @@ class Row:
     rel_err: float | None = None  # vs the reference variant's result, same run
     reference: str | None = None
     note: str = ""
+    section: str = ""  # which table of a suite the row belongs to
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
@@ -115,9 +116,8 @@ def evaluate(target: Target, rows: list[Row]) -> tuple[str, float | None, str]:
     """(verdict, measured value, detail): verdict is PASS, MISS or NOT MEASURED."""
     row_a = find(rows, target.problem, *target.a)
     row_b = find(rows, target.problem, *target.b) if target.b else None
-    missing = [f"{op}/{name}" for (op, name), r in ((target.a, row_a), (target.b, row_b)) if op and r is None]
-    if target.b is None:
-        missing = missing[:1]
+    wanted = [(target.a, row_a)] + ([(target.b, row_b)] if target.b else [])
+    missing = [f"{op}/{name}" for (op, name), row in wanted if row is None]
     if missing:
         return "NOT MEASURED", None, f"no measured row for {', '.join(missing)}"
     a = _value(row_a, target.metric)
@@ -140,10 +140,12 @@ def targets_markdown(targets: list[Target], rows: list[Row]) -> tuple[str, list[
     lines, records = [], []
     for t in targets:
         verdict, value, detail = evaluate(t, rows)
-        shown = "–" if value is None else ("∞" if math.isinf(value) else f"{value:.3g}")
+        in_mib = t.b is None and t.metric.endswith("_bytes")  # an absolute memory target
+        scale, unit = (1 / MIB, " MiB") if in_mib else (1.0, "")
+        shown = "–" if value is None else ("∞" if math.isinf(value) else f"{value * scale:.3g}{unit}")
         suffix = f" ({detail})" if detail else ""
         lines.append(
-            f"- **{verdict}** {t.description}: measured {shown}, target {t.sense} {t.limit:g}{suffix}"
+            f"- **{verdict}** {t.description}: measured {shown}, target {t.sense} {t.limit * scale:g}{unit}{suffix}"
         )
         records.append({"target": t.description, "verdict": verdict, "value": value, "limit": t.limit,
                         "sense": t.sense, "detail": detail})  # fmt: skip
@@ -183,7 +185,7 @@ def loss_targets_gpu(problem: str) -> list[Target]:
         ),
         Target("fwd+bwd time, ours / Liger", problem, (fb, "ours"), "seconds", "<=", 0.6, (fb, "liger")),
         Target(
-            "fwd+bwd extra memory beyond inputs and gradients, ours (bytes)",
+            "fwd+bwd extra memory beyond inputs and gradients, ours",
             problem,
             (fb, "ours"),
             "extra_bytes",

@@ -1,0 +1,391 @@
+"""One command on one GPU: correctness, device peaks, and every competitor timed, in under 8 minutes.
+
+    python benchmarks/gpu_suite.py [--out DIR] [--quick] [--budget-s 420]
+    python benchmarks/gpu_suite.py --dry-run      # the same code path on tiny CPU shapes (torch backend)
+
+1. Correctness of our ops in bfloat16 and float32 against float64 (``_correctness.py``): loss,
+   per-trajectory losses, gradients, JVP, HVP, each through the direct op and through autograd.
+2. Measured bf16 matmul rate (8192³) and copy bandwidth, the denominators of "% of floor".
+3. Fused loss, fwd+bwd and fwd, D=4096, V=128256, bf16, at T=16384 and 4096 (and 8192, 32768
+   without ``--quick``): ours (S=1, and S=64 weighted), naive PyTorch, Cut Cross-Entropy, Liger,
+   torch.compile (and CCE without gradient filtering). Then JVP/HVP at T=8192: ours (direct and
+   through autograd) vs torch.func on materialised logits and double backward.
+4. A markdown table with the issue targets, printed and written with the JSON to ``--out``
+   (default: ``$OUT`` when set; nothing is written otherwise).
+
+Each row is timed with CUDA events: one warm-up call (Triton JIT, torch.compile and CCE's autotuning
+happen there and are not timed), then the median of ``--iters`` calls. Peak memory is
+``max_memory_allocated`` over those calls above what was allocated before them (the inputs). A row
+that fails (OOM, missing package, any exception) is recorded and the suite goes on; rows left when
+the time budget runs out are recorded as skipped. Exit status 1 when a correctness check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+from benchmarks._common import (  # noqa: E402
+    Peaks,
+    Problem,
+    make_inputs,
+    measure_peaks,
+    output_bytes,
+    rel_err,
+    run_info,
+    time_calls,
+)
+from benchmarks._correctness import CheckShape, check_ops  # noqa: E402
+from benchmarks._measure import meter_for  # noqa: E402
+from benchmarks._report import (  # noqa: E402
+    Row,
+    fill_rates,
+    loss_targets_gpu,
+    markdown_table,
+    second_order_targets,
+    targets_markdown,
+    weighting_note,
+)
+from benchmarks._variants import Variant, loss_variant, second_order_variant  # noqa: E402
+
+LOSS_ORDER = ("naive", "ours", "ours_weighted", "cce", "liger", "torch_compile", "cce_exact")
+JVP_ORDER = ("torch_func", "ours", "ours_autograd")
+HVP_ORDER = ("torch_func", "ours", "ours_fwd_over_rev", "ours_double_backward", "double_backward")
+REFERENCES = {"naive", "torch_func"}
+CONSISTENCY_TOL = {"float32": 1e-3, "bfloat16": 5e-2}  # same math, other rounding
+
+
+@dataclass(frozen=True)
+class Config:
+    device: str
+    dtype: str
+    D: int
+    V: int
+    loss_tokens: tuple[int, ...]  # the first is the headline size
+    second_order_tokens: int
+    check: CheckShape
+    iters: int
+    matmul_size: int
+    copy_mib: int
+    backend: str
+    compile_backend: str
+    loss_names: tuple[str, ...]
+    budget_s: float
+
+
+def make_config(args: argparse.Namespace) -> Config:
+    if args.dry_run:
+        return Config(
+            device="cpu", dtype="bfloat16", D=32, V=512, loss_tokens=(64,), second_order_tokens=64,
+            check=CheckShape(48, 16, 96, 5), iters=2, matmul_size=128, copy_mib=8, backend="torch",
+            compile_backend="eager", loss_names=LOSS_ORDER, budget_s=args.budget_s,
+        )  # fmt: skip
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu_suite: no CUDA device (use --dry-run to exercise the script on the CPU)")
+    return Config(
+        device="cuda",
+        dtype="bfloat16",
+        D=4096,
+        V=128256,
+        loss_tokens=(16384, 4096) if args.quick else (16384, 4096, 8192, 32768),
+        second_order_tokens=8192,
+        check=CheckShape(2048, 512, 16384, 16),
+        iters=3 if args.quick else 5,
+        matmul_size=8192,
+        copy_mib=1024,
+        backend="auto",
+        compile_backend="inductor",
+        loss_names=LOSS_ORDER[:-1] if args.quick else LOSS_ORDER,
+        budget_s=args.budget_s,
+    )
+
+
+class Suite:
+    """Runs the sections in order, keeps every result, and writes partial results after each."""
+
+    def __init__(self, cfg: Config, out: Path | None, dry_run: bool, argv: list[str]):
+        self.cfg, self.out, self.dry_run, self.argv = cfg, out, dry_run, argv
+        self.start = time.monotonic()
+        self.info = run_info(cfg.device)
+        self.checks: list = []
+        self.peaks: Peaks | None = None
+        self.rows: list[Row] = []
+        self.problems: dict[str, Problem] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def log(self, text: str) -> None:
+        print(f"[{self.elapsed():6.1f}s] {text}", flush=True)
+
+    def problem(self, T: int) -> Problem:
+        c = self.cfg
+        p = Problem(T, c.D, c.V, c.dtype, c.device, segments=min(64, T), backend=c.backend)
+        self.problems[p.label] = p
+        return p
+
+    # ------------------------------------------------------------------ sections
+    def correctness(self) -> None:
+        for dtype in (torch.bfloat16, torch.float32):
+            try:
+                checks = check_ops(self.cfg.check, dtype, self.cfg.device, self.cfg.backend)
+            except Exception as exc:  # a crash is a failed check, reported like one
+                self.log(f"correctness {dtype} crashed: {type(exc).__name__}: {exc}")
+                self.checks.append(
+                    {"dtype": str(dtype), "quantity": "crash", "error": repr(exc), "passed": False}
+                )
+                continue
+            for chk in checks:
+                verdict = "pass" if chk.passed else "FAIL"
+                self.log(
+                    f"check {chk.dtype:8s} {chk.quantity:32s} rel.err {chk.rel_err:.2e} (tol {chk.tolerance:g}) {verdict}"
+                )
+                self.checks.append(chk.to_dict())
+        self._empty_cache()
+
+    def measure_peaks(self) -> None:
+        c = self.cfg
+        self.peaks = measure_peaks(c.device, c.dtype, c.matmul_size, c.copy_mib)
+        self.log(
+            f"peaks: {c.dtype} matmul {self.peaks.matmul_flops / 1e12:.1f} TFLOP/s (n={c.matmul_size}), "
+            f"copy {self.peaks.bandwidth / 1e9:.0f} GB/s"
+        )
+
+    def loss_rows(self, T: int) -> None:
+        problem = self.problem(T)
+        names, backend = self.cfg.loss_names, self.cfg.compile_backend
+        cases = [loss_variant(n, op, backend) for op in ("fwd_bwd", "fwd") for n in names]
+        self._run_cases("loss", problem, cases)
+
+    def second_order_rows(self) -> None:
+        problem = self.problem(self.cfg.second_order_tokens)
+        cases = [loss_variant("ours_weighted", op) for op in ("fwd", "fwd_bwd")]
+        cases += [second_order_variant(n, "jvp") for n in JVP_ORDER]
+        cases += [second_order_variant(n, "hvp") for n in HVP_ORDER]
+        self._run_cases("jvp_hvp", problem, cases)
+
+    # ------------------------------------------------------------------ rows
+    def _run_cases(self, section: str, problem: Problem, cases: list[Variant]) -> None:
+        if self.elapsed() > self.cfg.budget_s:
+            for v in cases:
+                self._skip(section, problem, v, "time budget (--budget-s) used up")
+            return
+        try:
+            inputs = make_inputs(problem)
+        except torch.cuda.OutOfMemoryError as exc:
+            for v in cases:
+                self._skip(section, problem, v, f"inputs do not fit: {exc}", status="oom")
+            return
+        refs: dict[tuple[str, str], torch.Tensor] = {}
+        for v in cases:
+            row = self._run_one(problem, inputs, v, refs)
+            row.section = section
+            self.rows.append(row)
+            self.log(
+                f"{problem.label} {v.op:7s} {v.name:22s} {row.status:7s} "
+                + (
+                    f"{row.seconds * 1e3:9.2f} ms, peak {row.peak_bytes / 2**20:8.0f} MiB"
+                    if row.seconds
+                    else row.note
+                )
+            )
+        del inputs, refs
+        self._empty_cache()
+
+    def _skip(self, section: str, problem: Problem, v: Variant, note: str, status: str = "skipped") -> None:
+        self.rows.append(
+            Row(problem.label, v.op, v.name, v.description, status=status, note=note, section=section)
+        )
+
+    def _run_one(self, problem: Problem, inputs, v: Variant, refs: dict) -> Row:
+        row = Row(problem.label, v.op, v.name, v.description, reference=v.reference)
+        reason = v.unavailable(problem)
+        if reason:
+            row.status, row.note = "skipped", reason
+            return row
+        if self.elapsed() > self.cfg.budget_s:
+            row.status, row.note = "skipped", "time budget (--budget-s) used up"
+            return row
+        device = torch.device(problem.device)
+        try:
+            run = v.build(inputs)
+            result = run()  # warm-up: JIT compilation and autotuning happen here, untimed
+            ref = refs.get((v.op, v.reference))
+            if ref is not None:
+                row.rel_err = rel_err(result, ref)
+                if row.rel_err > CONSISTENCY_TOL[problem.dtype]:
+                    row.note = f"disagrees with {v.reference}"
+            if v.name in REFERENCES:
+                refs[(v.op, v.name)] = result.detach()
+            del result
+            inputs.clear_grads()
+            meter = meter_for(device)
+            meter.start()
+            times = time_calls(run, device, self.cfg.iters, warmup=0)
+            row.peak_bytes = meter.peak()
+            row.seconds = statistics.median(times)
+            row.timing = f"median of {self.cfg.iters} after 1 warm-up"
+            row.extra_bytes = row.peak_bytes - output_bytes(v.op, problem)
+            fill_rates(row, problem, self.peaks)
+        except torch.cuda.OutOfMemoryError as exc:
+            row.status, row.note = "oom", str(exc).splitlines()[0][:160]
+        except Exception as exc:  # one failing competitor must not stop the suite
+            row.status, row.note = (
+                "error",
+                f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}",
+            )
+        finally:
+            inputs.clear_grads()
+            self._empty_cache()
+        return row
+
+    def _empty_cache(self) -> None:
+        if self.cfg.device == "cuda":  # hand freed blocks back so the next row's peak starts clean
+            gc.collect()
+            torch.cuda.empty_cache()
+
+    # ------------------------------------------------------------------ output
+    def report(self) -> tuple[str, list[dict]]:
+        lines = [
+            "## GPU suite" + (" (DRY RUN on the CPU: tiny shapes, not results)" if self.dry_run else ""),
+            "",
+            f"- card: {self.info['machine']}; date: {self.info['date']}; commit: {self.info['commit']}",
+            f"- torch {self.info['torch']}, triton {self.info['triton']}; competitors: {competitor_versions()}",
+            f"- command: `{' '.join(['python', 'benchmarks/gpu_suite.py', *self.argv])}`; "
+            f"wall time {self.elapsed():.0f} s",
+        ]
+        if self.peaks:
+            lines.append(
+                f"- measured: {self.peaks.matmul_dtype} matmul {self.peaks.matmul_flops / 1e12:.1f} TFLOP/s, "
+                f"copy {self.peaks.bandwidth / 1e9:.0f} GB/s"
+            )
+        failed = [c for c in self.checks if not c["passed"]]
+        lines += ["", f"Correctness vs float64: {len(self.checks) - len(failed)}/{len(self.checks)} pass", ""]
+        lines += [
+            f"- {c['dtype']} {c['quantity']}: rel. err {c.get('rel_err', float('nan')):.2e} "
+            f"(tol {c.get('tolerance', 0):g}) {'pass' if c['passed'] else 'FAIL'}"
+            for c in self.checks
+        ]
+        records = []
+        headline, so = (
+            self.problem_label(self.cfg.loss_tokens[0]),
+            self.problem_label(self.cfg.second_order_tokens),
+        )
+        for title, section, targets in (
+            ("Fused loss", "loss", loss_targets_gpu(headline)),
+            ("JVP / HVP", "jvp_hvp", second_order_targets(so)),
+        ):
+            rows = [r for r in self.rows if r.section == section]
+            text, recs = targets_markdown(targets, rows)
+            records += recs
+            lines += [
+                "",
+                f"### {title}",
+                "",
+                markdown_table(rows),
+                "",
+                f"Targets at {targets[0].problem}:",
+                "",
+                text,
+            ]
+            if section == "loss":
+                notes = {p: weighting_note(p, rows) for p in self.problems}
+                lines += [f"- weighting cost at {p}: {note}" for p, note in notes.items() if note]
+        return "\n".join(lines), records
+
+    def problem_label(self, T: int) -> str:
+        return Problem(T, self.cfg.D, self.cfg.V, self.cfg.dtype).label
+
+    def write(self) -> str:
+        text, targets = self.report()
+        if self.out is not None:
+            self.out.mkdir(parents=True, exist_ok=True)
+            (self.out / "gpu_suite.md").write_text(text + "\n")
+            payload = {
+                "dry_run": self.dry_run,
+                "info": self.info,
+                "config": asdict(self.cfg),
+                "peaks": asdict(self.peaks) if self.peaks else None,
+                "correctness": self.checks,
+                "rows": [r.to_dict() for r in self.rows],
+                "targets": targets,
+                "elapsed_s": self.elapsed(),
+            }
+            (self.out / "gpu_suite.json").write_text(json.dumps(payload, indent=1, default=str))
+        return text
+
+
+def competitor_versions() -> str:
+    from importlib import metadata
+
+    parts = []
+    for dist in ("liger_kernel", "cut_cross_entropy"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist.replace('_', '-'))}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist} not installed")
+    return ", ".join(parts)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", type=Path, default=Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    )
+    parser.add_argument("--quick", action="store_true", help="T=16384 and 4096 only, 3 timed calls per row")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny CPU shapes, torch backend: tests the script"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=390.0, help="start no new row after this many seconds"
+    )
+    return parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> int:
+    cfg = make_config(args)
+    suite = Suite(cfg, args.out, args.dry_run, argv)
+    suite.log(f"{suite.info['machine']}, torch {suite.info['torch']}, {competitor_versions()}")
+    suite.correctness()
+    suite.write()
+    suite.measure_peaks()
+    suite.loss_rows(cfg.loss_tokens[0])
+    suite.write()
+    suite.second_order_rows()
+    suite.write()
+    for T in cfg.loss_tokens[1:]:
+        suite.loss_rows(T)
+        suite.write()
+    print(suite.write(), flush=True)
+    return 0 if all(c["passed"] for c in suite.checks) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    if not args.dry_run:
+        return run(args, argv)
+    # Tiny shapes gain nothing from threads, and on a loaded CI machine OpenMP workers that wait
+    # for each other at every op make a 7-second dry run take half a minute.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
