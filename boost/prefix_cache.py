@@ -46,9 +46,11 @@ class PrefixCachedDecoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         # transformers 5 renamed ``past_key_values`` to ``cache`` (the old name is deprecated).
-        self.cache_arg = (
-            "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        )
+        parameters = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in parameters else "past_key_values"
+        # Only the last position's logits are needed (older transformers call it num_logits_to_keep).
+        keep = next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in parameters), None)
+        self.keep_last = {keep: 1} if keep else {}
         self.reset()
 
     def reset(self) -> None:
@@ -88,6 +90,7 @@ class PrefixCachedDecoder:
             position_ids=positions,
             use_cache=True,
             **{self.cache_arg: self.cache},
+            **self.keep_last,
         )
         self.cache = out[self.cache_arg]
         for row in range(self.n_rows):

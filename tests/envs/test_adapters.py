@@ -145,3 +145,26 @@ def test_textworld_invalid_and_random_commands(textworld_games):
         if step.done:
             break
     env.close()
+
+
+def test_generators_run_on_a_textarena_game():
+    from boost.envs.generators import GeneratorConfig, generate, summarize
+
+    sources = {"real": 3, "expert_shifted": 2, "eps0.3": 4, "random": 3, "corrupt": 4}
+    trajectories = generate(GeneratorConfig(env=PREFIX + "TowerOfHanoi-v0", sources=sources), progress=False)
+    summary = summarize(trajectories)
+    assert {source: row["count"] for source, row in summary.items()} == sources
+    assert summary["real"]["success_rate"] == 1.0 and summary["expert_shifted"]["success_rate"] == 1.0
+    assert all(t.meta["env"] == PREFIX + "TowerOfHanoi-v0-medium" for t in trajectories if t.meta["shift"])
+    assert summary["random"]["success_rate"] == 0.0
+
+
+def test_generators_run_on_textworld(textworld_games):
+    from boost.envs.generators import GeneratorConfig, generate
+
+    config = GeneratorConfig(
+        env="textworld", sources={"real": 1, "random": 1}, games_dir=str(textworld_games)
+    )
+    real, random_play = generate(config, progress=False)
+    assert real.meta["success"] and real.reward == pytest.approx(1.0)
+    assert random_play.source == "random" and random_play.meta["turns"] >= 1

@@ -173,3 +173,31 @@ def test_cli_bad_input_exits_with_a_message(tmp_path, capsys, args, message):
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x.jsonl").exists()
+
+
+def test_lm_rollout_source_through_the_cli(tiny_model_dir, tmp_path):
+    out = tmp_path / "lm.jsonl"
+    args = [
+        "--env",
+        "guess",
+        "--out",
+        str(out),
+        "--sources",
+        "real:2,lm_rollout:3",
+        "--model",
+        str(tiny_model_dir),
+    ]
+    assert (
+        generate_main(args + ["--max-new-tokens", "4", "--batch-size", "2", "--seed", "3", "--no-progress"])
+        == 0
+    )
+    records = [Trajectory.from_dict(json.loads(line)) for line in out.read_text().splitlines()]
+    lm = [r for r in records if r.source == "lm_rollout"]
+    assert len(lm) == 3 and len(records) == 5
+    for record in lm:
+        assert record.meta["generator"] == "lm_rollout" and record.meta["model"] == str(tiny_model_dir)
+        assert record.meta["temperature"] == 1.0 and record.meta["split"] == "train"
+        assert record.meta["end_reason"] in ("success", "failure", "turn_limit", "context_limit")
+        assert all(len(m["content"]) > 0 for m in record.messages)
+    summary = json.loads((tmp_path / "lm.summary.json").read_text())
+    assert summary["sources"]["lm_rollout"]["count"] == 3
