@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--max-context-tokens", type=int, help="prompt+reply token cap (default: the model's)"
     )
+    parser.add_argument(
+        "--no-kv-cache", action="store_true", help="re-encode every prompt instead of keeping the KV cache"
+    )
     parser.add_argument("--gguf-file", help="GGUF file name inside the --model folder")
     parser.add_argument("--chat-template", help="Jinja chat template file replacing the tokenizer's")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -94,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size,
             seed=args.seed,
             max_context_tokens=args.max_context_tokens,
+            reuse_cache=not args.no_kv_cache,
         )
         model, tokenizer = load_model(
             args.model, gguf_file=args.gguf_file, chat_template=args.chat_template, device=args.device

@@ -39,9 +39,17 @@ def test_named_tasks_are_played(tiny_model_dir, tmp_path, capsys):
     args = ["--model", str(tiny_model_dir), "--env", "gridnav", "--tasks", "gridnav/1,gridnav/2"]
     code, _ = run(args + ["--max-turns", "2", "--max-new-tokens", "3", "--out", str(out)], capsys)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert (
-        code == 0 and metrics["episodes"] == 2 and metrics["split"] == "tasks" and metrics["mean_turns"] == 2
+    assert code == 0 and metrics["episodes"] == 2 and metrics["split"] == "tasks"
+    assert metrics["mean_turns"] == 2 and metrics["rollout"]["reuse_cache"]
+    code, _ = run(
+        args + ["--max-turns", "2", "--max-new-tokens", "3", "--out", str(out), "--no-kv-cache"], capsys
     )
+    uncached = json.loads((out / "metrics.json").read_text())
+    assert code == 0 and not uncached["rollout"]["reuse_cache"]
+    timing = ("rollout", "seconds", "episodes_per_second")
+    assert {k: v for k, v in uncached.items() if k not in timing} == {
+        k: v for k, v in metrics.items() if k not in timing
+    }
 
 
 def test_a_model_without_chat_template_is_refused_and_the_fix_works(tiny_model_dir, tmp_path, capsys):
