@@ -18,10 +18,13 @@ share a task even when two seeds build the same instance.
 from __future__ import annotations
 
 import hashlib
+import logging
 import random
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
 
@@ -138,6 +141,14 @@ class Env(ABC):
             misses = 0
         if not tasks and n > 0:
             raise EnvError(f"environment {self.name!r} has no task in split {split!r}")
+        if len(tasks) < n:
+            log.warning(
+                "environment %r has only %d distinct tasks in split %r; %d requested, so tasks repeat",
+                self.name,
+                len(tasks),
+                split,
+                n,
+            )
         return [tasks[i % len(tasks)] for i in range(n)]
 
     # ---- episodes ----------------------------------------------------------------------------

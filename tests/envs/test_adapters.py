@@ -68,12 +68,14 @@ def test_textarena_splits_are_disjoint_in_content(game):
     assert not keys["validation"] & keys["test"]
 
 
-def test_textarena_small_pools_repeat_and_say_so():
+def test_textarena_small_pools_repeat_and_say_so(caplog):
     env = make_env(PREFIX + "TowerOfHanoi-v0")
     assert not env.content_disjoint_splits  # one instance: only the seeds differ
     env = make_env(PREFIX + "GuessTheNumber-v0")  # 20 secret numbers in all
     tasks = env.sample_tasks("test", 30, seed=0)
-    assert len(tasks) == 30 and len({t.key for t in tasks}) < 20
+    distinct = len({t.key for t in tasks})
+    assert len(tasks) == 30 and distinct < 20
+    assert f"has only {distinct} distinct tasks in split 'test'; 30 requested" in caplog.text
 
 
 def test_textarena_invalid_replies_follow_the_game_rules():
