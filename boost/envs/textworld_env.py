@@ -29,6 +29,8 @@ from boost.envs.base import Env, EnvError, Step, Task
 
 # The status line TextWorld appends to each feedback: ">   -= Room =-score/moves".
 _STATUS_LINE = re.compile(r"\n?>\s*(-=.*=-)?\s*\d*/?\d*\s*$")
+# What the Z-machine interpreter asks once the story has ended.
+_END_PROMPT = re.compile(r"Would you like to RESTART, RESTORE a saved game, QUIT or UNDO the last command\?")
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,11 @@ def default_games_dir() -> Path:
 
 
 def clean_feedback(text: str) -> str:
-    """TextWorld feedback without its status line and runs of blank lines."""
+    """TextWorld feedback without its status line, the interpreter's end-of-game prompt, indentation
+    and runs of blank lines."""
     text = _STATUS_LINE.sub("", text.rstrip())
-    return re.sub(r"\n{3,}", "\n\n", text).strip()
+    lines = [line.strip() for line in text.splitlines() if not _END_PROMPT.match(line.strip())]
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
 
 
 class TextWorldEnv(Env):

@@ -120,7 +120,9 @@ def test_textworld_games_are_generated_locally_and_the_walkthrough_wins(textworl
         assert episode.success and episode.end_reason == "success"
         assert episode.reward == pytest.approx(1.0) and episode.turns == env.config.quest_length
         assert "-= " in episode.messages[1]["content"], "the first observation describes the room"
-        assert all(">" not in m["content"] for m in episode.messages[2:] if m["role"] == "user")
+        feedback = [m["content"] for m in episode.messages[2:] if m["role"] == "user"]
+        assert not any(">" in text or "RESTART" in text or "  " in text for text in feedback)
+        assert "*** The End ***" in feedback[-1]
     made = sorted(p.name for p in textworld_games.iterdir())
     assert made == sorted(f"{env.config.tag}-s{t.seed}{ext}" for t in tasks for ext in (".json", ".z8"))
     mtimes = {p: p.stat().st_mtime_ns for p in textworld_games.iterdir()}
