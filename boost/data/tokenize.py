@@ -190,7 +190,7 @@ class TurnTokenizer:
     """Renders and tokenises conversations turn by turn with a Hugging Face tokenizer.
 
     Args:
-        tokenizer: a ``transformers`` tokenizer (fast or slow) with a chat template, or any
+        tokenizer: a ``transformers`` tokenizer (tested with fast ones) with a chat template, or any
             tokenizer when ``config.chat_template`` is given.
         config: see :class:`TokenizeConfig`.
 
