@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -181,3 +182,12 @@ def test_bad_input_gets_clear_errors():
         GridNavConfig(size=4, n_walls=9)
     with pytest.raises(EnvError, match="min_width <= max_width"):
         GuessConfig(min_width=10, max_width=5)
+
+
+def test_missing_optional_packages_name_the_install_command(monkeypatch):
+    monkeypatch.setitem(sys.modules, "textarena", None)  # makes `import textarena` fail
+    monkeypatch.setitem(sys.modules, "textworld", None)
+    with pytest.raises(EnvError, match=r"pip install 'boost\[envs\]'"):
+        make_env("textarena:GuessTheNumber-v0")
+    with pytest.raises(EnvError, match=r"pip install 'boost\[envs\]'"):
+        make_env("textworld")
