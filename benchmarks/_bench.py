@@ -6,6 +6,13 @@ against the reference variant of the same op, stores everything in ``benchmark.e
 the end of the module, prints a markdown table with the targets and writes it to
 ``.benchmarks/<module>.md``.
 
+Timing. On a GPU: wall clock (the closure synchronises), min over rounds. On the CPU the dev boxes
+are shared, and wall-clock times of one computation moved by 2-3x with the other processes' load,
+so the table reports the process CPU time of each call (``time.process_time``) with PyTorch on one
+thread (``BOOST_BENCH_THREADS``, default 1): with one thread, CPU time is the computation's own
+time whatever else runs. The wall-clock minimum is reported next to it. The matmul peak is measured
+the same way, at the start and at the end of the module; the higher value is used.
+
 Sizes and rounds can be shrunk for a smoke run with ``BOOST_BENCH_T`` and ``BOOST_BENCH_ROUNDS``.
 """
 
@@ -14,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import time
 from collections.abc import Callable
 
 import pytest
@@ -47,16 +55,27 @@ def env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+CPU_THREADS = env_int("BOOST_BENCH_THREADS", 1)
+
+
 def shrink(problem: Problem) -> Problem:
     """Apply ``BOOST_BENCH_T`` (a smaller token count for smoke runs) to a problem."""
     return dataclasses.replace(problem, T=env_int("BOOST_BENCH_T", problem.T))
 
 
-class Recorder:
-    """Runs and records the rows of one benchmark module."""
+def measure_device_peaks(problem: Problem) -> Peaks:
+    """Matmul rate and copy bandwidth, with the clock the rows are timed with."""
+    if CUDA:
+        return measure_peaks(problem.device, "bfloat16", 8192, 1024, repeats=10)
+    return measure_peaks(problem.device, problem.dtype, 2048, 256, clock=time.process_time)
 
-    def __init__(self, title: str, command: str, peaks: Peaks, targets: Callable[[str], list[Target]]):
-        self.title, self.command, self.peaks, self.targets = title, command, peaks, targets
+
+class Recorder:
+    """Runs and records the rows of one benchmark module (use through :func:`recording`)."""
+
+    def __init__(self, title: str, command: str, problem: Problem, targets: Callable[[str], list[Target]]):
+        self.title, self.command, self.targets = title, command, targets
+        self.peaks = measure_device_peaks(problem)
         self.rows: list[Row] = []
         self.problems: dict[str, Problem] = {}
         self._inputs = None
@@ -81,15 +100,27 @@ class Recorder:
             pytest.skip(reason)
         inputs = self.inputs(problem)
         run = variant.build(inputs)
-        result = benchmark.pedantic(run, rounds=rounds, warmup_rounds=1, iterations=1)
-        row.seconds = benchmark.stats.stats.min
-        row.timing = f"min of {rounds} rounds after 1 warm-up"
-        row.extra["median_seconds"] = benchmark.stats.stats.median
+        cpu_times: list[float] = []
+
+        def timed():
+            t0 = time.process_time()
+            out = run()
+            if CUDA:
+                torch.cuda.synchronize()
+            cpu_times.append(time.process_time() - t0)
+            return out
+
+        result = benchmark.pedantic(timed, rounds=rounds, warmup_rounds=1, iterations=1)
+        wall = benchmark.stats.stats.min
+        if CUDA:
+            row.seconds, row.timing = wall, f"wall clock, min of {rounds} rounds after 1 warm-up"
+        else:
+            row.seconds = min(cpu_times[1:])
+            row.timing = f"CPU time on {CPU_THREADS} thread(s), min of {rounds} rounds after 1 warm-up"
+            row.extra["wall_seconds"] = wall
         self._measure_memory(row, variant, problem, inputs, run)
-        fill_rates(row, problem, self.peaks)
-        key = (problem.label, variant.op, variant.name)
         if variant.name in referenced:
-            self._results[key] = result.detach()
+            self._results[(problem.label, variant.op, variant.name)] = result.detach()
         ref = self._results.get((problem.label, variant.op, variant.reference))
         if ref is not None:
             row.rel_err = rel_err(result, ref)
@@ -109,7 +140,7 @@ class Recorder:
             row.peak_bytes = meter.peak()
             row.extra["memory_method"] = "torch.cuda.max_memory_allocated above the inputs"
         else:
-            probe = probe_cpu_peak(problem, variant.name, variant.op)
+            probe = probe_cpu_peak(problem, variant.name, variant.op, threads=CPU_THREADS)
             row.peak_bytes = probe["peak_bytes"]
             row.extra["memory_method"] = "VmHWM above VmRSS after the inputs, fresh subprocess"
             row.extra["base_rss_mib"] = probe["base_rss_bytes"] / MIB
@@ -120,51 +151,65 @@ class Recorder:
         return sorted(self.rows, key=lambda r: (problems.index(r.problem), OPS.index(r.op)))
 
     def report(self) -> str:
-        info = run_info(DEVICE)
-        p = self.peaks
+        """The markdown report; re-measures the peaks first and keeps the higher values."""
+        self.peaks = self.peaks.best(measure_device_peaks(next(iter(self.problems.values()))))
+        for row in self.rows:
+            fill_rates(row, self.problems[row.problem], self.peaks)
+        info, p = run_info(DEVICE), self.peaks
+        timing = (
+            "wall clock (CUDA synchronised), min over rounds after one warm-up"
+            if CUDA
+            else f"process CPU time with torch on {CPU_THREADS} thread(s), min over rounds after one warm-up "
+            "(wall-clock min in the last column)"
+        )
+        memory = (
+            "torch.cuda.max_memory_allocated above the inputs"
+            if CUDA
+            else "peak RSS above the inputs, one fresh subprocess per row (benchmarks/_measure.py)"
+        )
         parts = [
             f"### {self.title}",
             "",
-            f"- machine: {info['machine']}; load average (1, 5, 15 min) at the end: {info['load_average']}",
+            f"- machine: {info['machine']}; load average (1, 5, 15 min) at the end: "
+            + ", ".join(f"{x:.2f}" for x in info["load_average"] or ()),
             f"- date: {info['date']}; commit: {info['commit']}; torch {info['torch']}, triton {info['triton']}",
             f"- command: `{self.command}`",
-            f"- measured peaks: {p.matmul_dtype} matmul {p.matmul_flops / 1e12:.3f} TFLOP/s "
-            f"(n={p.matmul_size}), copy {p.bandwidth / 1e9:.1f} GB/s",
-            "- time: min over rounds after one warm-up; memory: "
-            + (
-                "torch.cuda.max_memory_allocated above the inputs"
-                if CUDA
-                else "peak RSS above the inputs, one fresh subprocess per row (benchmarks/_measure.py)"
-            ),  # fmt: skip
+            f"- measured peaks (best of start and end of the run): {p.matmul_dtype} matmul "
+            f"{p.matmul_flops / 1e9:.1f} GFLOP/s (n={p.matmul_size}), copy {p.bandwidth / 1e9:.1f} GB/s",
+            f"- time: {timing}; memory: {memory}",
             "",
-            markdown_table(self._sorted_rows()),
+            markdown_table(self._sorted_rows(), wall_column=not CUDA),
             "",
         ]
         for label in self.problems:
             text, _ = targets_markdown(self.targets(label), self.rows)
             note = weighting_note(label, self.rows)
-            if text or note:
-                parts += (
-                    [f"Targets at {label}:", "", text]
-                    + ([f"- weighting cost: {note}"] if note else [])
-                    + [""]
-                )
+            parts += [f"Targets at {label}:", "", text]
+            parts += [f"- weighting cost: {note}"] if note else []
+            parts += [""]
         return "\n".join(parts)
 
 
-def finish(request, recorder: Recorder, module: str) -> None:
-    """Print the module's report in the terminal summary and write it to ``.benchmarks/<module>.md``."""
-    text = recorder.report()
+@contextlib.contextmanager
+def recording(request, title: str, command: str, problem: Problem, targets, module: str):
+    """Module fixture body: set the CPU thread count, yield a Recorder, then print and save the report."""
+    threads = torch.get_num_threads()
+    if not CUDA:
+        torch.set_num_threads(CPU_THREADS)
+    try:
+        rec = Recorder(title, command, problem, targets)
+        yield rec
+        if rec.rows:
+            _publish(request, rec.report(), module)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _publish(request, text: str, module: str) -> None:
+    """Print the report past pytest's capture and write it to ``.benchmarks/<module>.md``."""
     out = REPO / ".benchmarks" / f"{module}.md"
     out.parent.mkdir(exist_ok=True)
     out.write_text(text + "\n")
     capture = request.config.pluginmanager.get_plugin("capturemanager")
     with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
         print(f"\n{text}\n(written to {out})", flush=True)
-
-
-def module_peaks(problem: Problem) -> Peaks:
-    """Matmul rate and copy bandwidth of this device, measured at the start of the module."""
-    if torch.device(problem.device).type == "cuda":
-        return measure_peaks(problem.device, "bfloat16", 8192, 1024)
-    return measure_peaks(problem.device, problem.dtype, 2048, 256)

@@ -4,21 +4,23 @@ A :class:`Problem` is plain data (it travels to memory-probe subprocesses as JSO
 turns it into tensors, deterministically from its seed, so a subprocess rebuilds exactly the inputs
 the timing process used.
 
-Work model (used for "% of floor"): every row of one op is charged the same work, so the column
-compares implementations, not FLOP bookkeeping. FLOPs are those of a fused implementation that
-never stores the logits and so recomputes them in its second pass:
+Work model. Two FLOP counts per op, each the same for every row of that op, so the columns compare
+implementations rather than FLOP bookkeeping:
 
-    fwd      2·T·D·V   logits
-    fwd_bwd  8·T·D·V   logits, logits again, dL/dh, dL/dW   (the count the issue uses)
-    jvp      4·T·D·V   logits and tangent logits
-    hvp     10·T·D·V   pass 1: logits, tangent logits; pass 2: both again and d(dL/dW)
+* the floor counts the least work any implementation does (one that stores the logits):
+  fwd 2·T·D·V, fwd_bwd 6·T·D·V, jvp 4·T·D·V, hvp 6·T·D·V (logits, tangent logits, d(dL/dW));
+* the rate counts the work of a fused implementation, which recomputes the logits in its second
+  pass: fwd 2, fwd_bwd 8 (the count the issue uses), jvp 4, hvp 10 (both passes form the logits and
+  tangent logits, the second also d(dL/dW)), all times T·D·V. A row that stores the logits does
+  less work than that and can exceed 100% of the matmul peak by this count.
 
 Bytes are the inputs read once and the outputs written once. The floor is
-max(FLOPs / measured matmul rate, bytes / measured copy bandwidth).
+max(floor FLOPs / measured matmul rate, bytes / measured copy bandwidth).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -34,7 +36,8 @@ REPO = Path(__file__).resolve().parent.parent
 MIB = float(1 << 20)
 
 OPS = ("fwd", "fwd_bwd", "jvp", "hvp")
-_FLOP_FACTOR = {"fwd": 2, "fwd_bwd": 8, "jvp": 4, "hvp": 10}
+_FUSED_FLOPS = {"fwd": 2, "fwd_bwd": 8, "jvp": 4, "hvp": 10}  # × T·D·V
+_FLOOR_FLOPS = {"fwd": 2, "fwd_bwd": 6, "jvp": 4, "hvp": 6}
 
 
 @dataclass(frozen=True)
@@ -138,8 +141,10 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
 
 
-def op_flops(op: str, problem: Problem) -> float:
-    return float(_FLOP_FACTOR[op]) * problem.T * problem.D * problem.V
+def op_flops(op: str, problem: Problem, floor: bool = False) -> float:
+    """FLOPs of ``op``: a fused implementation's (default) or the least any implementation does."""
+    factor = (_FLOOR_FLOPS if floor else _FUSED_FLOPS)[op]
+    return float(factor) * problem.T * problem.D * problem.V
 
 
 def op_bytes(op: str, problem: Problem) -> float:
@@ -165,14 +170,24 @@ class Peaks:
     bandwidth: float
     copy_bytes: int
 
+    def best(self, other: Peaks) -> Peaks:
+        """The higher of two measurements of each rate (measured at the start and the end of a run)."""
+        return dataclasses.replace(
+            self,
+            matmul_flops=max(self.matmul_flops, other.matmul_flops),
+            bandwidth=max(self.bandwidth, other.bandwidth),
+        )
+
     def floor_seconds(self, op: str, problem: Problem) -> float:
-        return max(op_flops(op, problem) / self.matmul_flops, op_bytes(op, problem) / self.bandwidth)
+        flops = op_flops(op, problem, floor=True)
+        return max(flops / self.matmul_flops, op_bytes(op, problem) / self.bandwidth)
 
 
-def time_calls(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[float]:
-    """Seconds of each of ``repeats`` calls of fn after ``warmup`` calls (CUDA events on a GPU).
-
-    Each call's result is dropped before the next call starts.
+def time_calls(
+    fn, device: torch.device, repeats: int, warmup: int = 1, clock=time.perf_counter
+) -> list[float]:
+    """Seconds of each of ``repeats`` calls of fn after ``warmup`` calls: CUDA events on a GPU,
+    ``clock`` on the CPU (``time.process_time`` for CPU time). Each result is dropped before the next call.
     """
     for _ in range(warmup):
         fn()
@@ -186,23 +201,25 @@ def time_calls(fn, device: torch.device, repeats: int, warmup: int = 1) -> list[
             end.synchronize()
             out.append(start.elapsed_time(end) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            out.append(time.perf_counter() - t0)
+            out.append(clock() - t0)
     return out
 
 
-def measure_peaks(device: str, dtype: str, matmul_size: int, copy_mib: int, repeats: int = 5) -> Peaks:
+def measure_peaks(
+    device: str, dtype: str, matmul_size: int, copy_mib: int, repeats: int = 5, clock=time.perf_counter
+) -> Peaks:
     """Best-of-``repeats`` rate of an n×n×n matmul in ``dtype`` and of a device-to-device copy."""
     dev, dt = torch.device(device), getattr(torch, dtype)
     n = matmul_size
     a = torch.randn(n, n, device=dev).to(dt)
     b = torch.randn(n, n, device=dev).to(dt)
     out = torch.empty(n, n, device=dev, dtype=dt)
-    mm = min(time_calls(lambda: torch.mm(a, b, out=out), dev, repeats))
+    mm = min(time_calls(lambda: torch.mm(a, b, out=out), dev, repeats, clock=clock))
     src = torch.ones(copy_mib * (1 << 20) // 4, device=dev)
     dst = torch.zeros_like(src)
-    cp = min(time_calls(lambda: dst.copy_(src), dev, repeats))
+    cp = min(time_calls(lambda: dst.copy_(src), dev, repeats, clock=clock))
     return Peaks(
         matmul_flops=2.0 * n**3 / mm,
         matmul_dtype=dtype,

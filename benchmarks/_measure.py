@@ -16,7 +16,7 @@ written to ``/proc/self/clear_refs``. To make the number mean "peak live memory 
   initialises lazy state without raising the high-water mark; a variant that compiles
   (torch.compile) runs once at the measured size instead, and the mark is reset afterwards.
 
-Run as ``python -m benchmarks._measure '<problem json>' NAME OP [COMPILE_BACKEND]`` it is that
+Run as ``python -m benchmarks._measure '<problem json>' NAME OP THREADS [COMPILE_BACKEND]`` it is that
 subprocess: it prints one JSON line with the measurement.
 """
 
@@ -122,11 +122,18 @@ def _input_bytes(inputs: Inputs) -> int:
 
 
 def probe_cpu_peak(
-    problem: Problem, name: str, op: str, compile_backend: str = "inductor", timeout: float = 900
+    problem: Problem,
+    name: str,
+    op: str,
+    threads: int,
+    compile_backend: str = "inductor",
+    timeout: float = 900,
 ) -> dict:
-    """Run :func:`probe_in_this_process` in a fresh Python; raise with its stderr if it fails."""
+    """Run :func:`probe_in_this_process` in a fresh Python with ``threads`` torch threads; raise with
+    its stderr if it fails."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "benchmarks._measure", problem.to_json(), name, op, compile_backend]
+    args = [problem.to_json(), name, op, str(threads), compile_backend]
+    cmd = [sys.executable, "-m", "benchmarks._measure", *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         raise RuntimeError(f"memory probe {name}/{op} failed (rc={proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -134,8 +141,9 @@ def probe_cpu_peak(
 
 
 def main(argv: list[str]) -> None:
-    problem, name, op = Problem.from_json(argv[0]), argv[1], argv[2]
-    compile_backend = argv[3] if len(argv) > 3 else "inductor"
+    problem, name, op, threads = Problem.from_json(argv[0]), argv[1], argv[2], int(argv[3])
+    compile_backend = argv[4] if len(argv) > 4 else "inductor"
+    torch.set_num_threads(threads)
     if not rss_meter_available():
         raise SystemExit("cannot reset the resident-set high-water mark (/proc/self/clear_refs)")
     print(json.dumps(probe_in_this_process(problem, name, op, compile_backend)))

@@ -64,13 +64,16 @@ def find(rows: list[Row], problem: str, op: str, name: str) -> Row | None:
     return None
 
 
-def markdown_table(rows: list[Row], baseline: str = "ours") -> str:
-    """Rows grouped by problem and op; "× ours" is this row's time over our row's time."""
-    head = (
-        "| problem | op | variant | time | × ours | peak above inputs | extra beyond outputs "
-        "| % of floor | % of matmul peak | rel. err vs ref | status |"
-    )
-    lines = [head, "|" + "---|" * 11]
+def markdown_table(rows: list[Row], baseline: str = "ours", wall_column: bool = False) -> str:
+    """Rows in the given order; "× ours" is this row's time over our row's time for the same op.
+
+    ``wall_column`` adds the wall-clock minimum (``extra["wall_seconds"]``) when ``time`` is CPU time.
+    """
+    head = [
+        "problem", "op", "variant", "time", "× ours", "peak above inputs", "extra beyond outputs",
+        "% of floor", "% of matmul peak (fused FLOPs)", "rel. err vs ref", "status",
+    ] + (["wall clock"] if wall_column else [])  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         ours = find(rows, row.problem, row.op, baseline)
         ratio = row.seconds / ours.seconds if row.seconds and ours and ours.seconds else None
@@ -89,7 +92,7 @@ def markdown_table(rows: list[Row], baseline: str = "ours") -> str:
             _num(row.matmul_fraction, ".0f", 100),
             err,
             status,
-        ]
+        ] + ([_time(row.extra.get("wall_seconds"))] if wall_column else [])
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

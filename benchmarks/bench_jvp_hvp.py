@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks._bench import CUDA, DEVICE, Recorder, env_int, finish, module_peaks, shrink
+from benchmarks._bench import CUDA, DEVICE, env_int, recording, shrink
 from benchmarks._common import Problem
 from benchmarks._report import second_order_targets
 from benchmarks._variants import HVP_NAMES, JVP_NAMES, loss_variant, second_order_variant
@@ -44,9 +44,8 @@ CASES = (
 
 @pytest.fixture(scope="module")
 def recorder(request):
-    rec = Recorder("JVP / HVP", COMMAND, module_peaks(PROBLEM), second_order_targets)
-    yield rec
-    finish(request, rec, "bench_jvp_hvp")
+    with recording(request, "JVP / HVP", COMMAND, PROBLEM, second_order_targets, "bench_jvp_hvp") as rec:
+        yield rec
 
 
 @pytest.mark.parametrize("name,op", CASES, ids=[f"{op}-{name}" for name, op in CASES])

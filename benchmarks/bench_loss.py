@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks._bench import CUDA, DEVICE, Recorder, env_int, finish, module_peaks, shrink
+from benchmarks._bench import CUDA, DEVICE, env_int, recording, shrink
 from benchmarks._common import Problem
 from benchmarks._report import loss_targets_cpu, loss_targets_gpu
 from benchmarks._variants import LOSS_NAMES, loss_variant
@@ -32,9 +32,8 @@ COMMAND = "python -m pytest benchmarks/bench_loss.py --benchmark-only -p no:cach
 
 @pytest.fixture(scope="module")
 def recorder(request):
-    rec = Recorder("Fused loss", COMMAND, module_peaks(PROBLEMS[0]), TARGETS)
-    yield rec
-    finish(request, rec, "bench_loss")
+    with recording(request, "Fused loss", COMMAND, PROBLEMS[0], TARGETS, "bench_loss") as rec:
+        yield rec
 
 
 @pytest.fixture(scope="module", params=PROBLEMS, ids=[p.label.replace(" ", "_") for p in PROBLEMS])
