@@ -21,6 +21,7 @@ import random
 import re
 from collections import defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
@@ -115,9 +116,26 @@ class GeneratorConfig:
         if not 0.0 < self.corrupt_prob <= 1.0:
             raise EnvError(f"corrupt_prob must be in (0, 1], got {self.corrupt_prob}")
         CorruptExpert(self.corrupt_prob, self.corruptions)  # validates the kinds
-        if self.sources.get("lm_rollout") and not self.lm.model:
-            raise EnvError(
-                "source lm_rollout needs a model: pass --model PATH (a checkpoint dir) or 'smollm2'"
+        if self.shift_env is not None and self.shift_env == self.env:
+            raise EnvError(f"--shift-env {self.shift_env!r} is --env itself; name another variant or drop it")
+        if self.sources.get("lm_rollout"):
+            if not self.lm.model:
+                raise EnvError(
+                    "source lm_rollout needs a model: pass --model PATH (a checkpoint dir) or 'smollm2'"
+                )
+            from boost.rollout import SMOLLM2, RolloutConfig
+
+            # Bad model paths and decoding settings fail here, before any trajectory is generated.
+            if self.lm.model != SMOLLM2 and not Path(self.lm.model).is_dir():
+                raise EnvError(
+                    f"--model {self.lm.model!r} is not a local folder; give a checkpoint folder "
+                    f"(save_pretrained) or '{SMOLLM2}' for the packaged SmolLM2-135M-Instruct"
+                )
+            RolloutConfig(
+                max_new_tokens=self.lm.max_new_tokens,
+                temperature=self.lm.temperature,
+                top_p=self.lm.top_p,
+                batch_size=self.lm.batch_size,
             )
 
 

@@ -165,6 +165,11 @@ def test_cli_writes_jsonl_and_summary(tmp_path, capsys):
         (["--env", "gridnav", "--shift-env", "grid-huge"], "unknown environment 'grid-huge'"),
         (["--env", "gridnav", "--split", "dev"], "invalid choice: 'dev'"),
         (["--env", "gridnav", "--sources", "lm_rollout:2", "--model", "/no/such/dir"], "not a local folder"),
+        (["--env", "gridnav", "--shift-env", "gridnav"], "is --env itself"),
+        (
+            ["--env", "guess", "--sources", "lm_rollout:2", "--model", "smollm2", "--top-p", "0"],
+            "top_p must be",
+        ),
     ],
 )
 def test_cli_bad_input_exits_with_a_message(tmp_path, capsys, args, message):
