@@ -38,6 +38,55 @@ def _load_tile(ptr, offs_r, offs_c, stride_r, stride_c, mask_r, mask_c):
 
 
 @triton.jit
+def _logit_tiles(
+    H, W, B, U, DH, BETA, offs_t, offs_v, t_mask, v_mask, D,
+    stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
+    softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+    HAS_U: tl.constexpr, HAS_DH: tl.constexpr, HAS_BETA: tl.constexpr, WITH_TANGENT: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+):  # fmt: skip
+    """One [BLOCK_T, BLOCK_V] tile: softcapped logits z, their tangent dz = (U h + W dh + beta)
+    chained through the softcap, and the softcap slope sp = dz/dz_raw (1 without softcap)."""
+    z = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+    dz = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_mask = offs_d < D
+        h = _load_tile(H, offs_t, offs_d, stride_ht, stride_hd, t_mask, d_mask)
+        w = _load_tile(W, offs_d, offs_v, stride_wd, stride_wv, d_mask, v_mask)  # [BD, BV]
+        if UPCAST:
+            h = h.to(tl.float32)
+            w = w.to(tl.float32)
+        z = tl.dot(h, w, z, input_precision=DOT_PRECISION)
+        if WITH_TANGENT:
+            if HAS_U:
+                u = _load_tile(U, offs_d, offs_v, stride_ud, stride_uv, d_mask, v_mask)
+                if UPCAST:
+                    u = u.to(tl.float32)
+                dz = tl.dot(h, u, dz, input_precision=DOT_PRECISION)
+            if HAS_DH:
+                dh = _load_tile(DH, offs_t, offs_d, stride_dht, stride_dhd, t_mask, d_mask)
+                if UPCAST:
+                    dh = dh.to(tl.float32)
+                dz = tl.dot(dh, w, dz, input_precision=DOT_PRECISION)
+    if HAS_BIAS:
+        z += tl.load(B + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    if WITH_TANGENT:
+        if HAS_BETA:
+            dz += tl.load(BETA + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
+    sp = tl.full((BLOCK_T, BLOCK_V), 1.0, tl.float32)
+    if HAS_SOFTCAP:
+        th = _tanh(z / softcap)
+        z = th * softcap
+        sp = 1.0 - th * th
+        if WITH_TANGENT:
+            dz = dz * sp
+    return z, dz, sp
+
+
+@triton.jit
 def token_stats_kernel(
     H, W, B, Y, U, DH, BETA,  # inputs
     M_OUT, S_OUT, ZY_OUT, Q_OUT, DZY_OUT,  # [num_splits, T] float32 partials
@@ -66,38 +115,12 @@ def token_stats_kernel(
     for v0 in range(v_start, v_end, BLOCK_V):
         offs_v = v0 + tl.arange(0, BLOCK_V)
         v_mask = offs_v < v_end
-        z = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-        dz = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_mask = offs_d < D
-            h = _load_tile(H, offs_t, offs_d, stride_ht, stride_hd, t_mask, d_mask)
-            w = _load_tile(W, offs_d, offs_v, stride_wd, stride_wv, d_mask, v_mask)  # [BD, BV]
-            if UPCAST:
-                h = h.to(tl.float32)
-                w = w.to(tl.float32)
-            z = tl.dot(h, w, z, input_precision=DOT_PRECISION)
-            if WITH_TANGENT:
-                if HAS_U:
-                    u = _load_tile(U, offs_d, offs_v, stride_ud, stride_uv, d_mask, v_mask)
-                    if UPCAST:
-                        u = u.to(tl.float32)
-                    dz = tl.dot(h, u, dz, input_precision=DOT_PRECISION)
-                if HAS_DH:
-                    dh = _load_tile(DH, offs_t, offs_d, stride_dht, stride_dhd, t_mask, d_mask)
-                    if UPCAST:
-                        dh = dh.to(tl.float32)
-                    dz = tl.dot(dh, w, dz, input_precision=DOT_PRECISION)
-        if HAS_BIAS:
-            z += tl.load(B + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-        if WITH_TANGENT:
-            if HAS_BETA:
-                dz += tl.load(BETA + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-        if HAS_SOFTCAP:
-            th = _tanh(z / softcap)
-            z = th * softcap
-            if WITH_TANGENT:
-                dz = dz * (1.0 - th * th)
+        z, dz, _ = _logit_tiles(
+            H, W, B, U, DH, BETA, offs_t, offs_v, t_mask, v_mask, D,
+            stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
+            softcap, HAS_BIAS, HAS_SOFTCAP, HAS_U, HAS_DH, HAS_BETA, WITH_TANGENT, UPCAST, DOT_PRECISION,
+            BLOCK_T, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
         z = tl.where(v_mask[None, :], z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=1))
         alpha = tl.exp(m - m_new)
@@ -142,39 +165,12 @@ def token_grads_kernel(
     if tl.max(tl.abs(coef), axis=0) == 0.0:
         return  # nothing in this token block counts (prompt, padding, or zero weight)
 
-    z = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-    dz = tl.zeros((BLOCK_T, BLOCK_V), tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        h = _load_tile(H, offs_t, offs_d, stride_ht, stride_hd, t_mask, d_mask)
-        w = _load_tile(W, offs_d, offs_v, stride_wd, stride_wv, d_mask, v_mask)
-        if UPCAST:
-            h = h.to(tl.float32)
-            w = w.to(tl.float32)
-        z = tl.dot(h, w, z, input_precision=DOT_PRECISION)
-        if HVP:
-            if HAS_U:
-                u = _load_tile(U, offs_d, offs_v, stride_ud, stride_uv, d_mask, v_mask)
-                if UPCAST:
-                    u = u.to(tl.float32)
-                dz = tl.dot(h, u, dz, input_precision=DOT_PRECISION)
-            if HAS_DH:
-                dh = _load_tile(DH, offs_t, offs_d, stride_dht, stride_dhd, t_mask, d_mask)
-                if UPCAST:
-                    dh = dh.to(tl.float32)
-                dz = tl.dot(dh, w, dz, input_precision=DOT_PRECISION)
-    if HAS_BIAS:
-        z += tl.load(B + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    if HVP:
-        if HAS_BETA:
-            dz += tl.load(BETA + offs_v, mask=v_mask, other=0.0).to(tl.float32)[None, :]
-    if HAS_SOFTCAP:
-        th = _tanh(z / softcap)
-        z = th * softcap
-        sp = 1.0 - th * th
-        if HVP:
-            dz = dz * sp
+    z, dz, sp = _logit_tiles(
+        H, W, B, U, DH, BETA, offs_t, offs_v, t_mask, v_mask, D,
+        stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
+        softcap, HAS_BIAS, HAS_SOFTCAP, HAS_U, HAS_DH, HAS_BETA, HVP, UPCAST, DOT_PRECISION,
+        BLOCK_T, BLOCK_V, BLOCK_D,
+    )  # fmt: skip
 
     lse = tl.load(LSE + offs_t, mask=t_mask, other=0.0)
     y = tl.load(Y + offs_t, mask=t_mask, other=-1)
