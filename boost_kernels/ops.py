@@ -117,6 +117,12 @@ def _token_scale(prep: _Prepared, normalize: str, dtype: torch.dtype) -> torch.T
     return torch.where(prep.counted, scale, 0.0)
 
 
+def _per_trajectory(prep: _Prepared, token_values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """[S]: Σ over each trajectory's tokens of value_t · scale_t (differentiable)."""
+    out = token_values.new_zeros(prep.num_tokens.shape[0])
+    return out.index_add(0, prep.segments, token_values * scale)
+
+
 def _weights(traj_weights, num_segments, device) -> torch.Tensor:
     if traj_weights is None:
         return torch.ones(num_segments, dtype=torch.float32, device=device)
@@ -149,9 +155,7 @@ def trajectory_cross_entropy(
     prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
     w = _weights(traj_weights, num_segments, hidden.device)
     token_loss, _ = TokenLosses.apply(prep.hidden, weight, bias, prep.labels, softcap, prep.impl)
-    scale = _token_scale(prep, normalize, token_loss.dtype)
-    per_traj = torch.zeros(num_segments, dtype=token_loss.dtype, device=hidden.device)
-    per_traj = per_traj.index_add(0, prep.segments, token_loss * scale)
+    per_traj = _per_trajectory(prep, token_loss, _token_scale(prep, normalize, token_loss.dtype))
     z = float(normalizer) if normalizer is not None else float(num_segments)
     total = (w.to(per_traj.dtype) * per_traj).sum() / z
     return TrajectoryLoss(total, per_traj, prep.num_tokens)
@@ -182,18 +186,14 @@ def trajectory_jvp(
     """
     _validate.check_options(normalize, softcap, num_segments, None)
     prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
-    _check_tangents(hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias)
-    if tangent_weight is None and tangent_hidden is None and tangent_bias is None:
-        raise ValueError("trajectory_jvp needs at least one of tangent_weight, tangent_hidden, tangent_bias")
+    _check_tangents("trajectory_jvp", hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias)
     with torch.no_grad():
         loss, _, d_loss, _ = prep.impl.token_losses(
             hidden, weight, bias, prep.labels, softcap, tangent_weight, tangent_hidden, tangent_bias
         )
         scale = _token_scale(prep, normalize, loss.dtype)
-        per_traj = torch.zeros(num_segments, dtype=loss.dtype, device=hidden.device)
-        tangent = torch.zeros_like(per_traj)
-        per_traj.index_add_(0, prep.segments, loss * scale)
-        tangent.index_add_(0, prep.segments, d_loss * scale)
+        per_traj = _per_trajectory(prep, loss, scale)
+        tangent = _per_trajectory(prep, d_loss, scale)
     return TrajectoryJVP(per_traj, tangent, prep.num_tokens)
 
 
@@ -226,9 +226,7 @@ def trajectory_hvp(
     """
     _validate.check_options(normalize, softcap, num_segments, normalizer)
     prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
-    _check_tangents(hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias)
-    if tangent_weight is None and tangent_hidden is None and tangent_bias is None:
-        raise ValueError("trajectory_hvp needs at least one of tangent_weight, tangent_hidden, tangent_bias")
+    _check_tangents("trajectory_hvp", hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias)
     w = _weights(traj_weights, num_segments, hidden.device)
     need_hidden = tangent_hidden is not None if need_hidden is None else need_hidden
     need_bias = bias is not None if need_bias is None else (need_bias and bias is not None)
@@ -247,7 +245,9 @@ def trajectory_hvp(
     )
 
 
-def _check_tangents(hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias) -> None:
+def _check_tangents(op: str, hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias) -> None:
+    if tangent_weight is None and tangent_hidden is None and tangent_bias is None:
+        raise ValueError(f"{op} needs at least one of tangent_weight, tangent_hidden, tangent_bias")
     _validate.check_same("tangent_weight", tangent_weight, "weight", weight, shape=weight.shape)
     _validate.check_same("tangent_hidden", tangent_hidden, "hidden", hidden, shape=hidden.shape)
     if tangent_bias is not None and bias is None:
