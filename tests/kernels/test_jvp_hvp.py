@@ -266,7 +266,10 @@ def test_head_hessian_is_symmetric_and_positive_semidefinite(backend):
 
     h1, h2 = head_hvp(u1), head_hvp(u2)
     a, b = float((u1 * h2).sum()), float((u2 * h1).sum())
-    assert abs(a - b) <= 1e-5 * max(abs(a), abs(b), 1e-12), f"seed={seed}: {a} vs {b}"
+    # Rounding in a dot product scales with the norms, not with the (possibly cancelling) value:
+    # over 300 seeds the asymmetry was at most 4e-9 of |u1|·|H u2| but up to 9e-5 of |a|.
+    scale = max(float(u1.norm() * h2.norm()), float(u2.norm() * h1.norm()))
+    assert abs(a - b) <= 1e-6 * scale, f"seed={seed}: {a} vs {b}"
     assert float((u1 * h1).sum()) >= -1e-6 * float(u1.norm() * h1.norm()), f"seed={seed}"
     assert float((u2 * h2).sum()) >= -1e-6 * float(u2.norm() * h2.norm()), f"seed={seed}"
 
