@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch._C import _functorch
 
-# Upper bound on the elements of one [chunk, V] float32 block (32 MiB). Larger chunks read the
+# Upper bound on the elements of one [chunk, V] float32 block (16 MiB). Larger chunks read the
 # [V, D] head fewer times (CPU matmuls with few rows are bound by reading W); smaller save memory.
 CHUNK_ELEMENTS = 1 << 22
 
@@ -186,6 +186,18 @@ def _skip(c: torch.Tensor) -> bool:
     return _plain(c) and not bool((c != 0).any())
 
 
+def _finish(hidden_chunks, weight_total, bias_total, hidden, w32, need_hidden, need_weight, need_bias):
+    """(d_hidden [T, D], d_weight [V, D], d_bias [V]) from the chunk results; zeros where no chunk counted."""
+    d_hidden = (
+        _cat(hidden_chunks, hidden.new_zeros(0, dtype=w32.dtype), hidden.shape[1]) if need_hidden else None
+    )
+    if need_weight and weight_total is None:
+        weight_total = torch.zeros_like(w32)
+    if need_bias and bias_total is None:
+        bias_total = w32.new_zeros(w32.shape[0])
+    return d_hidden, weight_total, bias_total
+
+
 def token_loss_grads(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -231,12 +243,7 @@ def token_loss_grads(
             d_weight = _accumulate_mm(d_weight, g.T, h)
         if need_bias:
             d_bias = _accumulate(d_bias, g.sum(0))
-    d_hidden = _cat(hidden_chunks, hidden.new_zeros(0, dtype=acc), D) if need_hidden else None
-    if need_weight and d_weight is None:
-        d_weight = torch.zeros_like(w32)
-    if need_bias and d_bias is None:
-        d_bias = hidden.new_zeros(V, dtype=acc)
-    return d_hidden, d_weight, d_bias
+    return _finish(hidden_chunks, d_weight, d_bias, hidden, w32, need_hidden, need_weight, need_bias)
 
 
 def token_loss_hvp(
@@ -303,9 +310,4 @@ def token_loss_hvp(
                 dd_weight = _accumulate_mm(dd_weight, g.T, dh)
         if need_bias:
             dd_bias = _accumulate(dd_bias, s.sum(0))
-    dd_hidden = _cat(hidden_chunks, hidden.new_zeros(0, dtype=acc), D) if need_hidden else None
-    if need_weight and dd_weight is None:
-        dd_weight = torch.zeros_like(w32)
-    if need_bias and dd_bias is None:
-        dd_bias = hidden.new_zeros(V, dtype=acc)
-    return dd_hidden, dd_weight, dd_bias
+    return _finish(hidden_chunks, dd_weight, dd_bias, hidden, w32, need_hidden, need_weight, need_bias)
