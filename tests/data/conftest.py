@@ -9,6 +9,8 @@ import pytest
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from boost.data import TokenizeConfig, Trajectory, tokenize_trajectories
+
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 # ChatML with a default system prompt when the conversation has none (as SmolLM2's template does).
@@ -99,3 +101,23 @@ def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
+
+
+def conversations() -> list[Trajectory]:
+    """Six multi-turn trajectories of different lengths (1 to 4 assistant turns)."""
+    out = []
+    for i in range(6):
+        messages = [{"role": "system", "content": "Play the game."}] if i % 2 else []
+        for k in range(i % 4 + 1):
+            words = [WORDS[(i * 5 + k * 3 + j) % len(WORDS)] for j in range(4 + (i + k) % 7)]
+            messages.append({"role": "user", "content": " ".join(words)})
+            messages.append({"role": "assistant", "content": " ".join(reversed(words[:3]))})
+        out.append(Trajectory(messages=messages, source="real" if i < 3 else "gen", reward=float(i)))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tokenized(bpe_tokenizer):
+    items, report = tokenize_trajectories(conversations(), bpe_tokenizer, TokenizeConfig(max_length=256))
+    assert report.kept == 6
+    return items

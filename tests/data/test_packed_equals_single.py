@@ -10,33 +10,8 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from boost.data import (
     IGNORE_INDEX,
     PackingConfig,
-    TokenizeConfig,
-    Trajectory,
     TrajectoryPacker,
-    tokenize_trajectories,
 )
-
-from .conftest import WORDS
-
-
-def conversations() -> list[Trajectory]:
-    """Six multi-turn trajectories of different lengths (1 to 4 assistant turns)."""
-    out = []
-    for i in range(6):
-        messages = [{"role": "system", "content": "Play the game."}] if i % 2 else []
-        for k in range(i % 4 + 1):
-            words = [WORDS[(i * 5 + k * 3 + j) % len(WORDS)] for j in range(4 + (i + k) % 7)]
-            messages.append({"role": "user", "content": " ".join(words)})
-            messages.append({"role": "assistant", "content": " ".join(reversed(words[:3]))})
-        out.append(Trajectory(messages=messages, source="real" if i < 3 else "gen", reward=float(i)))
-    return out
-
-
-@pytest.fixture(scope="module")
-def tokenized(bpe_tokenizer):
-    items, report = tokenize_trajectories(conversations(), bpe_tokenizer, TokenizeConfig(max_length=256))
-    assert report.kept == 6
-    return items
 
 
 def tiny_llama(vocab_size: int, attn_implementation: str) -> LlamaForCausalLM:
