@@ -67,17 +67,20 @@ def _cat(chunks: list[torch.Tensor], like: torch.Tensor, width: int | None = Non
     return like.new_zeros(shape)
 
 
-def _softmax_lse(z: torch.Tensor):
-    """(softmax(z), logsumexp(z)) over dim 1, reusing z's memory when no torch.func transform is active."""
+def _softmax_lse(z: torch.Tensor, need_probs: bool = True):
+    """(softmax(z) or None, logsumexp(z)) over dim 1, reusing z's memory outside torch.func transforms."""
     m = z.max(dim=1, keepdim=True).values
     if _plain(z):
         p = z.sub_(m).exp_()
         s = p.sum(dim=1, keepdim=True)
-        p.div_(s)
+        if need_probs:
+            p.div_(s)
+        else:
+            p = None
     else:
         e = torch.exp(z - m)
         s = e.sum(dim=1, keepdim=True)
-        p = e / s
+        p = e / s if need_probs else None
     return p, (m + torch.log(s)).squeeze(1)
 
 
@@ -152,7 +155,7 @@ def token_losses(
         safe_y = y.clamp(min=0)[:, None]
         z, sp = _logits(h, w32, b32, softcap)
         zy = z.gather(1, safe_y).squeeze(1)
-        p, lse_c = _softmax_lse(z)  # z is consumed (overwritten) outside torch.func
+        p, lse_c = _softmax_lse(z, need_probs=with_tangent)  # z is consumed outside torch.func
         lses.append(lse_c)
         losses.append(torch.where(counted, lse_c - zy, 0.0))
         if with_tangent:
