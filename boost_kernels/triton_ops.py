@@ -156,25 +156,30 @@ def token_losses(
     return loss, lse, dloss, pdz
 
 
-# 16-bit heads accumulate d_weight in float32 one vocabulary slab at a time, so the float32
-# scratch is bounded by this many bytes instead of being a full [V, D] float32 copy.
-WEIGHT_SLAB_BYTES = 64 * 2**20
+# 16-bit inputs accumulate in float32 scratch buffers of at most this many bytes each: d_hidden
+# one token slab at a time, d_weight one vocabulary slab at a time. Every logit tile is still
+# computed exactly once; d_hidden is rounded to the input dtype once, d_weight once per token slab.
+# float32 inputs accumulate straight into the gradients (no scratch, one launch).
+SCRATCH_BYTES = 32 * 2**20
 
 
-def _slab_rows(V: int, D: int, dtype: torch.dtype, block_v: int) -> int:
+def _slab_rows(n: int, D: int, dtype: torch.dtype, block: int) -> int:
     if dtype == torch.float32:
-        return V  # the float32 accumulator is the gradient itself: one launch, no scratch
-    rows = max(block_v, WEIGHT_SLAB_BYTES // (4 * D) // block_v * block_v)
-    return min(rows, V)
+        return n
+    return min(n, max(block, SCRATCH_BYTES // (4 * D) // block * block))
+
+
+def _rows(x: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
+    return None if x is None else x[start:stop]
 
 
 def _launch_grads(
     hidden, weight, bias, labels, softcap, coef, lse, pdz, tangents, need_hidden, need_weight, need_bias
 ):
-    """Accumulate (d_hidden float32 [T, D], d_weight [V, D] in weight's dtype, d_bias float32 [V]).
+    """Accumulate (d_hidden [T, D], d_weight [V, D], d_bias float32 [V]).
 
-    The vocabulary is walked in slabs (see WEIGHT_SLAB_BYTES); every logit tile is still
-    computed exactly once. d_hidden collects float32 atomics from every vocabulary block.
+    d_hidden and d_weight come back in float32 for float32 inputs and in the input dtype for 16-bit
+    inputs (see SCRATCH_BYTES for how those are accumulated).
     """
     T, D = hidden.shape
     V = weight.shape[0]
@@ -185,57 +190,58 @@ def _launch_grads(
     tangent_bias = _vec(tangent_bias)
     cfg = block_config("grads", hvp, hidden.dtype)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    d_hidden = torch.zeros(T, D, **f32) if need_hidden else None
+    exact = hidden.dtype == torch.float32
+    t_slab = _slab_rows(T, D, hidden.dtype, cfg.block_t)
+    v_slab = _slab_rows(V, D, weight.dtype, cfg.block_v)
+    out = dict(dtype=torch.float32 if exact else hidden.dtype, device=hidden.device)
+    d_hidden = (torch.zeros(T, D, **out) if exact else torch.empty(T, D, **out)) if need_hidden else None
+    d_weight = torch.zeros(V, D, **out) if need_weight else None
     d_bias = torch.zeros(V, **f32) if need_bias else None
-    slab = _slab_rows(V, D, weight.dtype, cfg.block_v)
-    if need_weight:
-        d_weight = (
-            torch.zeros(V, D, **f32)
-            if slab == V
-            else torch.empty(V, D, dtype=weight.dtype, device=weight.device)
-        )
-        scratch = d_weight if slab == V else torch.empty(slab, D, **f32)
-    else:
-        d_weight = scratch = None
+    h_scratch = None if exact or not need_hidden else torch.empty(t_slab, D, **f32)
+    w_scratch = None if exact or not need_weight else torch.empty(v_slab, D, **f32)
     dummy = coef
 
-    def rows(x, v0, v1):
-        return None if x is None else x[v0:v1]
-
-    for v0 in range(0, V, slab):
-        v1 = min(v0 + slab, V)
-        if scratch is not None and slab != V:
-            scratch.zero_()
-        slab_weight, slab_bias, slab_u = (
-            rows(weight, v0, v1),
-            rows(bias, v0, v1),
-            rows(tangent_weight, v0, v1),
-        )
-        slab_beta = rows(tangent_bias, v0, v1)
-        slab_labels = labels if v0 == 0 else torch.where(labels >= 0, labels - v0, -1)
-        grid = (triton.cdiv(T, cfg.block_t), triton.cdiv(v1 - v0, cfg.block_v))
-        token_grads_kernel[grid](
-            hidden, slab_weight, slab_bias if bias is not None else hidden, slab_labels, coef, lse,
-            slab_u if tangent_weight is not None else hidden,
-            tangent_hidden if tangent_hidden is not None else hidden,
-            slab_beta if tangent_bias is not None else hidden,
-            pdz if pdz is not None else dummy,
-            d_hidden if need_hidden else dummy,
-            scratch if need_weight else dummy,
-            d_bias[v0:v1] if need_bias else dummy,
-            T, v1 - v0, D,
-            *_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden),
-            float(softcap) if softcap is not None else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HVP=hvp,
-            HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
-            HAS_BETA=tangent_bias is not None,
-            NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
-            UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
-            BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        if need_weight and slab != V:
-            d_weight[v0:v1].copy_(scratch[: v1 - v0])
+    for t0 in range(0, T, t_slab):
+        t1 = min(t0 + t_slab, T)
+        if h_scratch is not None:
+            h_scratch.zero_()
+        dh_out = d_hidden[t0:t1] if exact and need_hidden else h_scratch
+        slab_labels = labels[t0:t1]
+        for v0 in range(0, V, v_slab):
+            v1 = min(v0 + v_slab, V)
+            if w_scratch is not None:
+                w_scratch.zero_()
+            dw_out = d_weight[v0:v1] if exact and need_weight else w_scratch
+            shifted = slab_labels if v0 == 0 else torch.where(slab_labels >= 0, slab_labels - v0, -1)
+            grid = (triton.cdiv(t1 - t0, cfg.block_t), triton.cdiv(v1 - v0, cfg.block_v))
+            token_grads_kernel[grid](
+                hidden[t0:t1], weight[v0:v1], _rows(bias, v0, v1) if bias is not None else hidden,
+                shifted, coef[t0:t1], lse[t0:t1],
+                _rows(tangent_weight, v0, v1) if tangent_weight is not None else hidden,
+                _rows(tangent_hidden, t0, t1) if tangent_hidden is not None else hidden,
+                _rows(tangent_bias, v0, v1) if tangent_bias is not None else hidden,
+                pdz[t0:t1] if pdz is not None else dummy,
+                dh_out if need_hidden else dummy,
+                dw_out if need_weight else dummy,
+                d_bias[v0:v1] if need_bias else dummy,
+                t1 - t0, v1 - v0, D,
+                *_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden),
+                float(softcap) if softcap is not None else 1.0,
+                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HVP=hvp,
+                HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
+                HAS_BETA=tangent_bias is not None,
+                NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
+                UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+                BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            )  # fmt: skip
+            if w_scratch is not None:
+                part = w_scratch[: v1 - v0]
+                if t0 > 0:
+                    part.add_(d_weight[v0:v1])  # one rounding per token slab
+                d_weight[v0:v1].copy_(part)
+        if h_scratch is not None:
+            d_hidden[t0:t1].copy_(h_scratch[: t1 - t0])
     return d_hidden, d_weight, d_bias
 
 

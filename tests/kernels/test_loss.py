@@ -119,11 +119,12 @@ def test_mean_normalisation_counts_tokens_per_trajectory():
     assert out.num_tokens.tolist() == [2, 3]
 
 
-def test_16bit_weight_gradient_in_vocabulary_slabs(monkeypatch):
-    """16-bit heads accumulate d_weight slab by slab; force several slabs (V=161, 64-row slabs)."""
+def test_16bit_gradients_in_token_and_vocabulary_slabs(monkeypatch):
+    """16-bit inputs accumulate in bounded float32 scratch; force several slabs (T=53 in 32-token
+    slabs, V=161 in 64-row slabs under the interpreter)."""
     from boost_kernels import triton_ops
 
-    monkeypatch.setattr(triton_ops, "WEIGHT_SLAB_BYTES", 1)
+    monkeypatch.setattr(triton_ops, "SCRATCH_BYTES", 1)
     shape = SHAPES[1]
     seed = fresh_seed()
     batch = make_batch(shape, torch.float16, seed)
@@ -133,12 +134,16 @@ def test_16bit_weight_gradient_in_vocabulary_slabs(monkeypatch):
     assert reference.rel_err(out.per_trajectory, per) <= TOL[torch.float16], f"seed={seed}"
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
         assert reference.rel_err(g, r) <= TOL[torch.float16], f"grad {name}: seed={seed}"
+    tangent_hidden = batch.hidden.flip(0)
     hvp = bk.trajectory_hvp(
         batch.hidden, batch.weight, batch.labels, batch.segment_ids, shape.S, tangent_weight=batch.weight,
-        bias=batch.bias, backend="triton",
+        tangent_hidden=tangent_hidden, bias=batch.bias, backend="triton",
     )  # fmt: skip
     ref_hvp = bk.trajectory_hvp(
         batch.hidden.double(), batch.weight.double(), batch.labels, batch.segment_ids, shape.S,
-        tangent_weight=batch.weight.double(), bias=batch.bias.double(), backend="torch",
+        tangent_weight=batch.weight.double(), tangent_hidden=tangent_hidden.double(),
+        bias=batch.bias.double(), backend="torch",
     )  # fmt: skip
-    assert reference.rel_err(hvp.weight, ref_hvp.weight) <= TOL[torch.float16], f"seed={seed}"
+    for name in ("weight", "hidden", "bias"):
+        got, ref = getattr(hvp, name), getattr(ref_hvp, name)
+        assert reference.rel_err(got, ref) <= TOL[torch.float16], f"hvp {name}: seed={seed}"
