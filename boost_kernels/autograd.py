@@ -22,6 +22,7 @@ from __future__ import annotations
 import types
 
 import torch
+from torch._C import _functorch
 from torch.autograd.function import once_differentiable
 
 
@@ -29,6 +30,20 @@ def _cast(x: torch.Tensor | None, like: torch.Tensor | None) -> torch.Tensor | N
     if x is None or like is None:
         return None
     return x.to(like.dtype)
+
+
+def _known_zero(x: torch.Tensor) -> bool:
+    """True only when x is certainly all zeros; under vmap the values cannot be read, so False.
+
+    torch.func's forward-over-reverse hands the gradient rule a materialised zero tangent for the
+    upstream coefficients; skipping it saves a full pass over the vocabulary.
+    """
+    if _functorch.is_batchedtensor(x):
+        return False
+    try:
+        return not bool(x.ne(0).any())
+    except RuntimeError:  # a transform that forbids reading values
+        return False
 
 
 def _looped_vmap(fn, info, in_dims, *args):
@@ -174,7 +189,7 @@ class TokenLossGrads(torch.autograd.Function):
                     need_b,
                 )
             )
-        if t_coef is not None:
+        if t_coef is not None and not _known_zero(t_coef):
             accumulate(
                 ctx.impl.token_loss_grads(
                     hidden, weight, bias, labels, ctx.softcap, t_coef, lse, need_h, need_w, need_b
