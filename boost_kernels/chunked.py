@@ -100,7 +100,7 @@ def _logits(h, weight, bias, softcap):
     return t * softcap, 1.0 - t * t
 
 
-def _tangent_logits(h, weight, tangent_weight, tangent_hidden, tangent_bias, sp, n, vocab, dtype, device):
+def _tangent_logits(h, weight, tangent_weight, tangent_hidden, tangent_bias, sp, n, vocab):
     """dz_raw = U h + W dh + beta for a chunk, then chained through the softcap (times sp)."""
     dz = None
     if tangent_weight is not None:
@@ -160,7 +160,7 @@ def token_losses(
         losses.append(torch.where(counted, lse_c - zy, 0.0))
         if with_tangent:
             dh = _up(tangent_hidden[sl], acc) if tangent_hidden is not None else None
-            dz = _tangent_logits(h, w32, u32, dh, db32, sp, h.shape[0], V, acc, h.device)
+            dz = _tangent_logits(h, w32, u32, dh, db32, sp, h.shape[0], V)
             pdz = (p * dz).sum(1)
             pdzs.append(pdz)
             dlosses.append(torch.where(counted, pdz - dz.gather(1, safe_y).squeeze(1), 0.0))
@@ -289,7 +289,7 @@ def token_loss_hvp(
         h = hidden[sl].to(acc)
         dh = _up(tangent_hidden[sl], acc) if tangent_hidden is not None else None
         z, sp = _logits(h, w32, b32, softcap)
-        dz = _tangent_logits(h, w32, u32, dh, beta32, sp, h.shape[0], V, acc, h.device)
+        dz = _tangent_logits(h, w32, u32, dh, beta32, sp, h.shape[0], V)
         p = torch.softmax(z, dim=1)
         s = p * (dz - (p * dz).sum(1, keepdim=True))  # tangent of p
         rows, cols = _onehot_rows(labels[sl])
