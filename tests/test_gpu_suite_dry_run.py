@@ -56,3 +56,12 @@ def test_a_failing_competitor_becomes_an_error_row():
     row = suite._run_one(problem, make_inputs(problem), Variant("boom", "fwd", "raises", broken), {})
     assert row.status == "error" and "competitor exploded" in row.note and row.seconds is None
     assert torch.is_grad_enabled()
+
+
+def test_the_report_plots_with_every_row_accounted_for(tmp_path):
+    from benchmarks import plot_results
+
+    assert gpu_suite.main(["--dry-run", "--out", str(tmp_path)]) == 0
+    assert plot_results.main([str(tmp_path / "gpu_suite.json")]) == 0
+    png = tmp_path / "gpu_suite.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
