@@ -69,7 +69,6 @@ def select_impl(backend: str, hidden: torch.Tensor) -> types.ModuleType:
 
 
 class _Prepared(NamedTuple):
-    hidden: torch.Tensor
     labels: torch.Tensor  # [T] int64 in [0, V) or -1
     segments: torch.Tensor  # [T] int64 in [0, S) (uncounted tokens mapped to 0 with zero scale)
     counted: torch.Tensor  # [T] bool
@@ -104,7 +103,7 @@ def _prepare(
     impl = select_impl(backend, hidden)
     if T == 0:
         impl = chunked  # nothing to launch; the PyTorch path returns empty results
-    return _Prepared(hidden, safe_labels, segments, counted, num_tokens, impl)
+    return _Prepared(safe_labels, segments, counted, num_tokens, impl)
 
 
 def _token_scale(prep: _Prepared, normalize: str, dtype: torch.dtype) -> torch.Tensor:
@@ -121,6 +120,11 @@ def _per_trajectory(prep: _Prepared, token_values: torch.Tensor, scale: torch.Te
     """[S]: Σ over each trajectory's tokens of value_t · scale_t (differentiable)."""
     out = token_values.new_zeros(prep.num_tokens.shape[0])
     return out.index_add(0, prep.segments, token_values * scale)
+
+
+def _normalizer(normalizer: float | None, num_segments: int) -> float:
+    """Z of the weighted loss Σ_i w_i L_i / Z: the given normalizer, else the number of trajectories."""
+    return float(normalizer) if normalizer is not None else float(num_segments)
 
 
 def _weights(traj_weights, num_segments, device) -> torch.Tensor:
@@ -154,9 +158,9 @@ def trajectory_cross_entropy(
     _validate.check_options(normalize, softcap, num_segments, normalizer)
     prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
     w = _weights(traj_weights, num_segments, hidden.device)
-    token_loss, _ = TokenLosses.apply(prep.hidden, weight, bias, prep.labels, softcap, prep.impl)
+    token_loss, _ = TokenLosses.apply(hidden, weight, bias, prep.labels, softcap, prep.impl)
     per_traj = _per_trajectory(prep, token_loss, _token_scale(prep, normalize, token_loss.dtype))
-    z = float(normalizer) if normalizer is not None else float(num_segments)
+    z = _normalizer(normalizer, num_segments)
     total = (w.to(per_traj.dtype) * per_traj).sum() / z
     return TrajectoryLoss(total, per_traj, prep.num_tokens)
 
@@ -230,7 +234,7 @@ def trajectory_hvp(
     w = _weights(traj_weights, num_segments, hidden.device)
     need_hidden = tangent_hidden is not None if need_hidden is None else need_hidden
     need_bias = bias is not None if need_bias is None else (need_bias and bias is not None)
-    z = float(normalizer) if normalizer is not None else float(num_segments)
+    z = _normalizer(normalizer, num_segments)
     with torch.no_grad():
         acc = chunked.compute_dtype(hidden.dtype)
         coef = _token_scale(prep, normalize, acc) * w.detach().to(acc)[prep.segments] / z
