@@ -38,12 +38,14 @@ def _up(x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if x is None else x.to(dtype)
 
 
+def is_transform_wrapped(x: torch.Tensor | None) -> bool:
+    """Whether x is wrapped by a torch.func transform (grad/jvp wrapper or vmap batch)."""
+    return x is not None and (_functorch.is_functorch_wrapped_tensor(x) or _functorch.is_batchedtensor(x))
+
+
 def _plain(*tensors) -> bool:
     """True when no tensor is wrapped by a torch.func transform (in-place updates are then safe)."""
-    return not any(
-        x is not None and (_functorch.is_functorch_wrapped_tensor(x) or _functorch.is_batchedtensor(x))
-        for x in tensors
-    )
+    return not any(is_transform_wrapped(x) for x in tensors)
 
 
 def _accumulate(total: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:

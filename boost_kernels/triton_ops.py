@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import torch
 import triton
-from torch._C import _functorch
 
+from boost_kernels.chunked import is_transform_wrapped
 from boost_kernels.triton_kernels import token_grads_kernel, token_stats_kernel
 
 
@@ -72,7 +72,7 @@ def _require_plain(*tensors) -> None:
     Unwrapping them would silently drop the derivatives of outer transform levels, so refuse.
     """
     for x in tensors:
-        if x is not None and (_functorch.is_functorch_wrapped_tensor(x) or _functorch.is_batchedtensor(x)):
+        if is_transform_wrapped(x):
             raise RuntimeError(
                 "torch.func transforms (jvp, grad, vmap, hessian) cannot run through the Triton kernels. "
                 "Use torch.autograd.forward_ad or double backward (both exact on the Triton path), "
