@@ -173,17 +173,23 @@ def token_losses(
     return loss, lse, dloss, pdz_all
 
 
-def _probs_minus_onehot(z, lse, labels):
-    """(p, p - e_y) for a chunk; in place on z when no torch.func transform is active."""
+def _onehot_like(p: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """e_y for each row of a [n, V] chunk (a zero row where the label is -1)."""
     rows, cols = _onehot_rows(labels)
-    if _plain(z, lse):
-        p = z.sub_(lse[:, None]).exp_()
-        p[rows, cols] -= 1.0  # p now holds g
-        return None, p
-    p = torch.exp(z - lse[:, None])
     onehot = torch.zeros_like(p)
     onehot[rows, cols] = 1.0
-    return p, p - onehot
+    return onehot
+
+
+def _probs_minus_onehot(z, lse, labels):
+    """g = p - e_y for a chunk; computed in place on z when no torch.func transform is active."""
+    if _plain(z, lse):
+        rows, cols = _onehot_rows(labels)
+        g = z.sub_(lse[:, None]).exp_()
+        g[rows, cols] -= 1.0
+        return g
+    p = torch.exp(z - lse[:, None])
+    return p - _onehot_like(p, labels)
 
 
 def _skip(c: torch.Tensor) -> bool:
@@ -238,7 +244,7 @@ def token_loss_grads(
         h = hidden[sl].to(acc)
         z, sp = _logits(h, w32, b32, softcap)
         lse_c = torch.logsumexp(z, dim=1) if lse is None else lse[sl]
-        _, g = _probs_minus_onehot(z, lse_c, labels[sl])
+        g = _probs_minus_onehot(z, lse_c, labels[sl])
         if sp is not None:
             g = _scale_(g, sp)
         g = _scale_(g, c[:, None])
@@ -294,10 +300,7 @@ def token_loss_hvp(
         dz = _tangent_logits(h, w32, u32, dh, beta32, sp, h.shape[0], V)
         p = torch.softmax(z, dim=1)
         s = p * (dz - (p * dz).sum(1, keepdim=True))  # tangent of p
-        rows, cols = _onehot_rows(labels[sl])
-        onehot = torch.zeros_like(p)
-        onehot[rows, cols] = 1.0
-        g = p - onehot
+        g = p - _onehot_like(p, labels[sl])
         if sp is not None:
             # d(g ⊙ sp) = s ⊙ sp + g ⊙ d(sp),  d(sp) = -2 (z/c) (dz/c)
             s = s * sp - (2.0 / (softcap * softcap)) * g * z * dz
