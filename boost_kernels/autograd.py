@@ -1,6 +1,6 @@
 """Autograd Functions for the per-token LM-head loss, with forward-mode and double-backward rules.
 
-``TokenLosses``      (hidden, weight, bias, labels) -> (loss [T], lse [T])
+``TokenLosses``      (hidden, weight, bias, labels, coef) -> (loss [T], lse [T], Σ_t coef_t·loss_t)
 ``TokenLossGrads``   (hidden, weight, bias, labels, coef) -> (d_hidden, d_weight, d_bias)
                      the gradient of Σ_t coef_t·loss_t; it is what ``TokenLosses.backward`` returns.
 
@@ -18,8 +18,6 @@ None of these builds a [T, V] tensor: every rule calls the chunked PyTorch or Tr
 """
 
 from __future__ import annotations
-
-import types
 
 import torch
 from torch._C import _functorch
@@ -67,46 +65,94 @@ def _looped_vmap(fn, info, in_dims, *args):
 
 
 class TokenLosses(torch.autograd.Function):
-    """Per-token cross-entropy of the LM head; labels are in [0, V) or -1 (loss 0)."""
+    """Per-token cross-entropy of the LM head and its coefficient-weighted total.
+
+    ``(hidden, weight, bias, labels, coef, softcap, impl, eager) -> (loss [T], lse [T], total [])``
+    with labels in [0, V) or -1 (loss 0) and total = Σ_t coef_t · loss_t (differentiable in coef).
+
+    ``eager`` = (need_hidden, need_weight, need_bias) or None. When given, the forward also computes
+    the gradient of ``total`` in the same pass over the logits (``impl.token_losses_with_grads``),
+    and a plain backward of ``total`` (no ``create_graph``) just scales it by the incoming gradient:
+    the logits are computed once instead of twice. Gradients flowing into ``loss`` as well cost one
+    more (recomputing) pass; double backward and a second backward with ``retain_graph`` recompute
+    the total's gradient the same way the forward computed it.
+    """
 
     @staticmethod
-    def forward(hidden, weight, bias, labels, softcap: float | None, impl: types.ModuleType):
-        loss, lse, _, _ = impl.token_losses(hidden, weight, bias, labels, softcap)
-        return loss, lse
+    def forward(hidden, weight, bias, labels, coef, softcap, impl, eager):
+        if eager is None:
+            loss, lse, _, _ = impl.token_losses(hidden, weight, bias, labels, softcap)
+            grads = None
+        else:
+            loss, lse, *grads = impl.token_losses_with_grads(
+                hidden, weight, bias, labels, softcap, coef, *eager
+            )
+        total = (coef.to(loss.dtype) * loss).sum()
+        return loss, lse, total, grads
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, labels, softcap, impl = inputs
-        _, lse = output
+        hidden, weight, bias, labels, coef, softcap, impl, _ = inputs
+        loss, lse, _, grads = output
         ctx.mark_non_differentiable(lse)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
-        ctx.save_for_forward(hidden, weight, bias, labels)
+        ctx.save_for_backward(hidden, weight, bias, labels, coef, lse, loss)
+        ctx.save_for_forward(hidden, weight, bias, labels, coef, loss)
         ctx.softcap, ctx.impl = softcap, impl
+        # Plain tensors without autograd history, handed over (and dropped) by the first backward.
+        ctx.eager, ctx.eager_grads = grads is not None, grads
 
     @staticmethod
-    def backward(ctx, grad_loss, _grad_lse):
-        hidden, weight, bias, labels, lse = ctx.saved_tensors
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        if grad_loss is None or not (need_h or need_w or need_b):
-            return None, None, None, None, None, None
-        d_h, d_w, d_b = TokenLossGrads.apply(
-            hidden, weight, bias, labels, grad_loss, lse, ctx.softcap, ctx.impl, need_h, need_w, need_b
+    def backward(ctx, grad_loss, _grad_lse, grad_total, _grad_grads):
+        hidden, weight, bias, labels, coef, lse, loss = ctx.saved_tensors
+        need_h, need_w, need_b, _, need_coef = ctx.needs_input_grad[:5]
+        d_coef = grad_total * loss if need_coef else None
+        eager, ctx.eager_grads = ctx.eager_grads, None
+        if not (need_h or need_w or need_b):
+            return None, None, None, None, d_coef, None, None, None
+        needs = (need_h, need_w, need_b)
+
+        def grads_of(token_coef):  # gradient of Σ_t token_coef_t · loss_t (recomputes the logits)
+            return TokenLossGrads.apply(
+                hidden, weight, bias, labels, token_coef, lse, ctx.softcap, ctx.impl, *needs
+            )
+
+        if not ctx.eager:
+            grads = grads_of(coef.to(grad_loss.dtype) * grad_total + grad_loss)  # one pass
+        else:
+            # The forward computed the gradient of the total. It is used by a plain backward (handed
+            # over, so a second backward with retain_graph recomputes it, bitwise the same); with
+            # create_graph it is recomputed through the differentiable path.
+            if eager is None or torch.is_grad_enabled():
+                grads = [None if g is None else g * grad_total for g in grads_of(coef)]
+            else:
+                grads = [None if g is None else g.mul_(grad_total) for g in eager]
+            if not _known_zero(grad_loss):  # the per-token losses were used as well
+                grads = [a if b is None else a + b for a, b in zip(grads, grads_of(grad_loss))]
+        d_h, d_w, d_b = (
+            _cast(g, like) if need else None for g, like, need in zip(grads, (hidden, weight, bias), needs)
         )
-        return d_h, d_w, d_b, None, None, None
+        return d_h, d_w, d_b, None, d_coef, None, None, None
 
     @staticmethod
-    def jvp(ctx, t_hidden, t_weight, t_bias, _t_labels, _t_softcap, _t_impl):
-        hidden, weight, bias, labels = ctx.saved_tensors
-        if t_hidden is None and t_weight is None and t_bias is None:
-            return torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device), None
-        _, _, d_loss, _ = ctx.impl.token_losses(
-            hidden, weight, bias, labels, ctx.softcap, t_weight, t_hidden, t_bias
+    def jvp(ctx, t_hidden, t_weight, t_bias, _t_labels, t_coef, _t_softcap, _t_impl, _t_eager):
+        hidden, weight, bias, labels, coef, loss = ctx.saved_tensors
+        d_loss = None
+        if t_hidden is not None or t_weight is not None or t_bias is not None:
+            _, _, d_loss, _ = ctx.impl.token_losses(
+                hidden, weight, bias, labels, ctx.softcap, t_weight, t_hidden, t_bias
+            )
+        if d_loss is None:
+            d_loss = torch.zeros_like(loss)
+        d_total = (coef.to(loss.dtype) * d_loss).sum()
+        if t_coef is not None:
+            d_total = d_total + (t_coef.to(loss.dtype) * loss).sum()
+        return d_loss, None, d_total, None
+
+    @staticmethod
+    def vmap(info, in_dims, hidden, weight, bias, labels, coef, softcap, impl, eager):
+        return _looped_vmap(
+            TokenLosses.apply, info, in_dims, hidden, weight, bias, labels, coef, softcap, impl, eager
         )
-        return d_loss, None
-
-    @staticmethod
-    def vmap(info, in_dims, hidden, weight, bias, labels, softcap, impl):
-        return _looped_vmap(TokenLosses.apply, info, in_dims, hidden, weight, bias, labels, softcap, impl)
 
 
 class TokenLossGrads(torch.autograd.Function):

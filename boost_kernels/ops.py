@@ -158,11 +158,31 @@ def trajectory_cross_entropy(
     _validate.check_options(normalize, softcap, num_segments, normalizer)
     prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
     w = _weights(traj_weights, num_segments, hidden.device)
-    token_loss, _ = TokenLosses.apply(hidden, weight, bias, prep.labels, softcap, prep.impl)
-    per_traj = _per_trajectory(prep, token_loss, _token_scale(prep, normalize, token_loss.dtype))
-    z = _normalizer(normalizer, num_segments)
-    total = (w.to(per_traj.dtype) * per_traj).sum() / z
+    scale = _token_scale(prep, normalize, chunked.compute_dtype(hidden.dtype))
+    coef = scale * w.to(scale.dtype)[prep.segments] / _normalizer(normalizer, num_segments)
+    eager = _eager_gradients(prep.impl, hidden, weight, bias)
+    token_loss, _, total, _ = TokenLosses.apply(
+        hidden, weight, bias, prep.labels, coef, softcap, prep.impl, eager
+    )
+    per_traj = _per_trajectory(prep, token_loss, scale)
     return TrajectoryLoss(total, per_traj, prep.num_tokens)
+
+
+def _eager_gradients(impl, hidden, weight, bias) -> tuple[bool, bool, bool] | None:
+    """Which gradients the forward should compute on its way (None: none, compute them in backward).
+
+    Only the chunked path computes them eagerly: it holds each [chunk, V] block of logits anyway,
+    so turning it into gradient contributions saves recomputing it (a whole matmul pass). The
+    Triton path needs the finished log-sum-exp before any gradient, so it gains nothing. Eager work
+    is skipped when no backward can follow (grad mode off, nothing requires grad) and under
+    torch.func transforms and torch.compile, which trace the plain recomputing backward.
+    """
+    if impl is not chunked or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if any(chunked.is_transform_wrapped(x) for x in (hidden, weight, bias)):
+        return None
+    needs = (hidden.requires_grad, weight.requires_grad, bias is not None and bias.requires_grad)
+    return needs if any(needs) else None
 
 
 def trajectory_jvp(

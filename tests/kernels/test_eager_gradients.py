@@ -1,0 +1,119 @@
+"""The chunked path computes the gradient of the weighted total during the forward (one pass over
+the logits instead of two). Every way of consuming it must still give the float64 reference's
+gradients: the total alone (no recompute at all), scaled totals, gradients into the per-trajectory
+losses as well or only, a second backward with ``retain_graph``, and double backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import boost_kernels as bk
+from boost_kernels import chunked
+from tests.kernels import reference
+from tests.kernels.cases import SHAPES, fresh_seed, make_batch
+
+SHAPE = SHAPES[1]  # odd shapes, an empty trajectory, a bias
+
+
+def _leaves(batch, dtype=None):
+    cast = (lambda x: x.to(dtype)) if dtype is not None else (lambda x: x)
+    return [
+        cast(x).clone().requires_grad_() for x in (batch.hidden, batch.weight, batch.bias, batch.traj_weights)
+    ]
+
+
+def _ours(batch, h, w, b, tw, softcap=None):
+    return bk.trajectory_cross_entropy(
+        h,
+        w,
+        batch.labels,
+        batch.segment_ids,
+        SHAPE.S,
+        traj_weights=tw,
+        bias=b,
+        softcap=softcap,
+        backend="torch",
+    )
+
+
+def _reference(batch, h, w, b, tw, softcap=None):
+    return reference.trajectory_losses(
+        h, w, batch.labels, batch.segment_ids, SHAPE.S, traj_weights=tw, bias=b, softcap=softcap
+    )
+
+
+def _check(objective, seed, softcap=None):
+    """Gradients of objective(total, per_trajectory) on our path vs the float64 reference."""
+    batch = make_batch(SHAPE, torch.float32, seed)
+    ours = _leaves(batch)
+    total, per = _ours(batch, *ours, softcap=softcap)[:2]
+    ours_grads = torch.autograd.grad(objective(total, per), ours, allow_unused=True)
+    ref = _leaves(batch, torch.float64)
+    ref_grads = torch.autograd.grad(
+        objective(*_reference(batch, *ref, softcap=softcap)), ref, allow_unused=True
+    )
+    for name, g, r in zip(("hidden", "weight", "bias", "traj_weights"), ours_grads, ref_grads):
+        if r is None:  # traj_weights when only the per-trajectory losses are used: 0 or None
+            assert g is None or not g.any(), f"grad {name}: seed={seed}"
+            continue
+        assert reference.rel_err(g, r) <= 1e-5, f"grad {name}: seed={seed}"
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+def test_total_alone_never_recomputes_the_logits(monkeypatch, softcap):
+    def fail(*args, **kwargs):
+        raise AssertionError("the backward recomputed the gradient pass")
+
+    monkeypatch.setattr(chunked, "token_loss_grads", fail)
+    _check(lambda total, per: total, fresh_seed(), softcap)
+
+
+@pytest.mark.parametrize(
+    "objective",
+    [
+        lambda total, per: 3.5 * total,
+        lambda total, per: total + (torch.arange(per.numel(), dtype=per.dtype) * per).sum(),
+        lambda total, per: (per**2).sum(),
+        lambda total, per: -total,
+    ],
+    ids=["scaled_total", "total_and_per_trajectory", "per_trajectory_only", "negated"],
+)
+def test_every_consumer_gets_the_reference_gradient(objective):
+    _check(objective, fresh_seed())
+
+
+def test_a_retained_graph_gives_the_same_gradient_twice():
+    seed = fresh_seed()
+    batch = make_batch(SHAPE, torch.float32, seed)
+    leaves = _leaves(batch)
+    total = _ours(batch, *leaves).loss
+    first = torch.autograd.grad(2.0 * total, leaves, retain_graph=True)  # eager buffers, scaled in place
+    second = torch.autograd.grad(2.0 * total, leaves)  # recomputed: the buffers were handed over
+    for a, b in zip(first, second):  # the same chunks, the same softmax, the same order: bitwise
+        assert torch.equal(a, b), f"seed={seed}"
+
+
+def test_no_gradient_work_without_grad_mode(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("gradients computed under no_grad")
+
+    monkeypatch.setattr(chunked, "token_losses_with_grads", fail)
+    batch = make_batch(SHAPE, torch.float32, fresh_seed())
+    with torch.no_grad():
+        _ours(batch, *_leaves(batch))
+
+
+def test_double_backward_ignores_the_eager_buffers():
+    """create_graph=True must take the differentiable path: grad of <grad, r> is an HVP."""
+    seed = fresh_seed()
+    batch = make_batch(SHAPE, torch.float64, seed)
+    h, w, b, tw = _leaves(batch)
+    r = torch.randn(w.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    (gw,) = torch.autograd.grad(_ours(batch, h, w, b, tw).loss, (w,), create_graph=True)
+    (hv,) = torch.autograd.grad((gw * r).sum(), (w,))
+    hvp = bk.trajectory_hvp(
+        h.detach(), w.detach(), batch.labels, batch.segment_ids, SHAPE.S, tangent_weight=r,
+        traj_weights=tw.detach(), bias=b.detach(), backend="torch",
+    )  # fmt: skip
+    assert reference.rel_err(hv, hvp.weight) <= 1e-10, f"seed={seed}"
