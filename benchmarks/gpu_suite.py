@@ -1,6 +1,6 @@
 """One command on one GPU: correctness, device peaks, and every competitor timed, in under 8 minutes.
 
-    python benchmarks/gpu_suite.py [--out DIR] [--quick] [--budget-s 420]
+    python benchmarks/gpu_suite.py [--out DIR] [--quick] [--budget-s 390]
     python benchmarks/gpu_suite.py --dry-run      # the same code path on tiny CPU shapes (torch backend)
 
 1. Correctness of our ops in bfloat16 and float32 against float64 (``_correctness.py``): loss,
