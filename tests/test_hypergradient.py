@@ -1,0 +1,179 @@
+"""Head-block implicit hypergradients against explicit float64 linear algebra and a re-solved inner
+problem: the solvers, the per-trajectory scores, and dL_out/dw by the implicit function theorem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from boost.hypergradient import HeadBatch, SolverConfig, head_hvp, head_hypergradient, inverse_hvp
+from tests.kernels import reference
+from tests.kernels.cases import fresh_seed
+
+V, D, T, S = 7, 5, 40, 4  # 35 head parameters: the Hessian is small enough to build
+DAMPING = 0.05
+
+
+def _batch(gen: torch.Generator, T=T, S=S) -> HeadBatch:
+    hidden = torch.randn(T, D, dtype=torch.float64, generator=gen)
+    labels = torch.randint(0, V, (T,), generator=gen)
+    segments = torch.randint(-1, S, (T,), generator=gen)
+    return HeadBatch(hidden, labels, segments, S)
+
+
+def _loss(batch: HeadBatch, weight, traj_weights=None):
+    total, _ = reference.trajectory_losses(
+        batch.hidden, weight, batch.labels, batch.segment_ids, batch.num_segments, traj_weights=traj_weights
+    )
+    return total
+
+
+def _per_trajectory(batch: HeadBatch, weight):
+    return reference.trajectory_losses(
+        batch.hidden, weight, batch.labels, batch.segment_ids, batch.num_segments
+    )[1]
+
+
+def _hessian(batch, weight, traj_weights):
+    n = weight.numel()
+    h = torch.func.hessian(lambda w: _loss(batch, w.view(V, D), traj_weights))(weight.reshape(-1))
+    return h.reshape(n, n)
+
+
+def _validation(seed: int) -> HeadBatch:
+    return _batch(torch.Generator().manual_seed(seed + 7), T=24, S=3)
+
+
+@pytest.fixture
+def problem():
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    train, val = _batch(gen), _validation(seed)
+    weight = 0.3 * torch.randn(V, D, dtype=torch.float64, generator=gen)
+    traj_weights = torch.rand(S, dtype=torch.float64, generator=gen) + 0.5
+    g = torch.func.grad(lambda w: _loss(val, w))(weight)
+    return seed, train, weight, traj_weights, g
+
+
+def test_head_hvp_is_the_explicit_hessian(problem):
+    seed, train, weight, tw, _ = problem
+    u = torch.randn(V, D, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1))
+    expected = (_hessian(train, weight, tw) @ u.reshape(-1)).view(V, D)
+    assert reference.rel_err(head_hvp(train, weight, tw, None, u), expected) <= 1e-10, f"seed={seed}"
+
+
+def test_cg_with_enough_steps_solves_the_damped_system(problem):
+    seed, train, weight, tw, g = problem
+    n = weight.numel()
+    exact = torch.linalg.solve(
+        _hessian(train, weight, tw) + DAMPING * torch.eye(n, dtype=torch.float64), g.reshape(-1)
+    )
+    out = head_hypergradient(train, weight, tw, g, SolverConfig("cg", steps=3 * n, damping=DAMPING))
+    assert reference.rel_err(out.v, exact.view(V, D)) <= 1e-8, f"seed={seed}"
+    assert out.residual <= 1e-8, f"seed={seed}"
+
+
+def test_neumann_is_the_truncated_series_and_converges(problem):
+    seed, train, weight, tw, g = problem
+    n = weight.numel()
+    a = _hessian(train, weight, tw) + DAMPING * torch.eye(n, dtype=torch.float64)
+    alpha = 1.0 / float(torch.linalg.eigvalsh(a).max())
+    m = torch.eye(n, dtype=torch.float64) - alpha * a
+    series = alpha * sum(torch.linalg.matrix_power(m, k) for k in range(4)) @ g.reshape(-1)
+
+    def hvp(u):
+        return head_hvp(train, weight, tw, None, u)
+
+    three = inverse_hvp(hvp, g, SolverConfig("neumann", steps=3, alpha=alpha, damping=DAMPING))
+    assert reference.rel_err(three, series.view(V, D)) <= 1e-10, f"seed={seed}"
+    many = head_hypergradient(
+        train, weight, tw, g, SolverConfig("neumann", steps=4000, alpha=alpha, damping=DAMPING)
+    )
+    assert many.residual <= 1e-6, f"seed={seed}"
+
+
+def test_identity_is_the_one_step_look_ahead(problem):
+    """v = α g gives d/dw of L_out after one inner SGD step of size α, to first order in α."""
+    seed, train, weight, tw, g = problem
+    alpha = 1e-4
+    out = head_hypergradient(train, weight, tw, g, SolverConfig("identity", alpha=alpha))
+    assert torch.equal(out.v, alpha * g)
+    w = tw.clone().requires_grad_()
+    grad_in = torch.func.grad(lambda W: _loss(train, W, w))(weight)
+    # the linear term in α of L_out(W − α ∇_W L_in) is −α <g, ∇_W L_in>: exact agreement
+    (linear,) = torch.autograd.grad(-alpha * (g * grad_in).sum(), w, retain_graph=True)
+    assert reference.rel_err(out.traj_weights, linear) <= 1e-10, f"seed={seed}"
+    # the look-ahead itself, through the step: agreement up to O(α)
+    (look_ahead,) = torch.autograd.grad(_loss(_validation(seed), weight - alpha * grad_in), w)
+    assert reference.rel_err(out.traj_weights, look_ahead) <= 1e-2, f"seed={seed}"
+
+
+def test_scores_are_per_trajectory_gradient_dot_v(problem):
+    seed, train, weight, tw, g = problem
+    out = head_hypergradient(train, weight, tw, g, SolverConfig("cg", steps=10, damping=DAMPING))
+    jac = torch.func.jacrev(lambda w: _per_trajectory(train, w))(weight)  # [S, V, D]
+    expected = (jac * out.v).sum(dim=(1, 2))
+    assert reference.rel_err(out.scores, expected) <= 1e-10, f"seed={seed}"
+    assert reference.rel_err(out.traj_weights, -expected / S) <= 1e-10, f"seed={seed}"
+
+
+def test_matches_the_derivative_of_the_re_solved_inner_problem():
+    """The implicit function theorem end to end: solve min_W L_in(W, w) + λ/2 |W|² to convergence
+    (Newton), move one w_i, solve again, and compare dL_out/dw_i with the hypergradient."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    train, val = _batch(gen), _batch(gen, T=24, S=3)
+    tw = torch.rand(S, dtype=torch.float64, generator=gen) + 0.5
+    n = V * D
+
+    def inner_solution(weights):
+        w = torch.zeros(n, dtype=torch.float64)
+        for _ in range(30):
+            objective = lambda x: _loss(train, x.view(V, D), weights) + 0.5 * DAMPING * (x * x).sum()  # noqa: E731
+            grad = torch.func.grad(objective)(w)
+            if grad.norm() < 1e-13:
+                break
+            w = w - torch.linalg.solve(torch.func.hessian(objective)(w), grad)
+        return w.view(V, D)
+
+    w_star = inner_solution(tw)
+    g = torch.func.grad(lambda W: _loss(val, W))(w_star)
+    out = head_hypergradient(train, w_star, tw, g, SolverConfig("cg", steps=3 * n, damping=DAMPING))
+    eps = 1e-5
+    for i in range(S):
+        step = torch.zeros(S, dtype=torch.float64)
+        step[i] = eps
+        plus = _loss(val, inner_solution(tw + step))
+        minus = _loss(val, inner_solution(tw - step))
+        finite_difference = (plus - minus) / (2 * eps)
+        assert abs(float(out.traj_weights[i] - finite_difference)) <= 1e-6 * max(
+            1.0, abs(float(finite_difference))
+        ), f"trajectory {i}: seed={seed}"
+
+
+def test_cg_refuses_an_indefinite_system():
+    g = torch.ones(3, 2, dtype=torch.float64)
+    with pytest.raises(FloatingPointError, match="not positive definite"):
+        inverse_hvp(lambda u: -u, g, SolverConfig("cg", steps=3))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(method="lbfgs"), "method must be one of"),
+        (dict(steps=-1), "steps must be >= 0"),
+        (dict(alpha=0.0), "alpha must be > 0"),
+        (dict(damping=float("nan")), "damping must be >= 0"),
+    ],
+)
+def test_bad_solver_config_names_the_field(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SolverConfig(**kwargs)
+
+
+def test_bad_shapes_name_the_argument(problem):
+    _, train, weight, tw, g = problem
+    with pytest.raises(ValueError, match="val_grad must be shaped like weight"):
+        head_hypergradient(train, weight, tw, g[:-1], SolverConfig())
+    with pytest.raises(ValueError, match="traj_weights must have shape"):
+        head_hypergradient(train, weight, tw[:-1], g, SolverConfig())
