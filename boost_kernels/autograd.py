@@ -73,9 +73,9 @@ class TokenLosses(torch.autograd.Function):
     ``eager`` = (need_hidden, need_weight, need_bias) or None. When given, the forward also computes
     the gradient of ``total`` in the same pass over the logits (``impl.token_losses_with_grads``),
     and a plain backward of ``total`` (no ``create_graph``) just scales it by the incoming gradient:
-    the logits are computed once instead of twice. Gradients flowing into ``loss`` as well cost one
-    more (recomputing) pass; double backward and a second backward with ``retain_graph`` recompute
-    the total's gradient the same way the forward computed it.
+    the logits are computed once instead of twice; a backward with ``create_graph`` reuses it too.
+    Gradients flowing into ``loss`` as well cost one more (recomputing) pass; a second backward with
+    ``retain_graph`` recomputes the total's gradient the same way the forward computed it.
     """
 
     @staticmethod
@@ -111,21 +111,21 @@ class TokenLosses(torch.autograd.Function):
             return None, None, None, None, d_coef, None, None, None
         needs = (need_h, need_w, need_b)
 
-        def grads_of(token_coef):  # gradient of Σ_t token_coef_t · loss_t (recomputes the logits)
+        def grads_of(token_coef, precomputed=None):  # gradient of Σ_t token_coef_t · loss_t
             return TokenLossGrads.apply(
-                hidden, weight, bias, labels, token_coef, lse, ctx.softcap, ctx.impl, *needs
+                hidden, weight, bias, labels, token_coef, lse, ctx.softcap, ctx.impl, *needs, precomputed
             )
 
         if not ctx.eager:
             grads = grads_of(coef.to(grad_loss.dtype) * grad_total + grad_loss)  # one pass
         else:
-            # The forward computed the gradient of the total. It is used by a plain backward (handed
-            # over, so a second backward with retain_graph recomputes it, bitwise the same); with
-            # create_graph it is recomputed through the differentiable path.
-            if eager is None or torch.is_grad_enabled():
-                grads = [None if g is None else g * grad_total for g in grads_of(coef)]
-            else:
+            # The forward computed the gradient of the total and hands it over once: a plain backward
+            # scales it in place; with create_graph it gets TokenLossGrads' derivative rules attached
+            # (no recompute either). A second backward (retain_graph) recomputes it, bitwise the same.
+            if eager is not None and not torch.is_grad_enabled():
                 grads = [None if g is None else g.mul_(grad_total) for g in eager]
+            else:
+                grads = [None if g is None else g * grad_total for g in grads_of(coef, eager)]
             if not _known_zero(grad_loss):  # the per-token losses were used as well
                 grads = [a if b is None else a + b for a, b in zip(grads, grads_of(grad_loss))]
         d_h, d_w, d_b = (
@@ -159,15 +159,22 @@ class TokenLossGrads(torch.autograd.Function):
     """Gradient of Σ_t coef_t · loss_t w.r.t. (hidden, weight, bias), in their dtypes."""
 
     @staticmethod
-    def forward(hidden, weight, bias, labels, coef, lse, softcap, impl, need_h, need_w, need_b):
-        d_h, d_w, d_b = impl.token_loss_grads(
-            hidden, weight, bias, labels, softcap, coef, lse, need_h, need_w, need_b and bias is not None
-        )
+    def forward(
+        hidden, weight, bias, labels, coef, lse, softcap, impl, need_h, need_w, need_b, precomputed=None
+    ):
+        # ``precomputed``: these very gradients, already computed (TokenLosses' eager forward); the
+        # Function then only attaches the derivative rules to them.
+        if precomputed is not None:
+            d_h, d_w, d_b = precomputed
+        else:
+            d_h, d_w, d_b = impl.token_loss_grads(
+                hidden, weight, bias, labels, softcap, coef, lse, need_h, need_w, need_b and bias is not None
+            )
         return _cast(d_h, hidden), _cast(d_w, weight), _cast(d_b, bias)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        hidden, weight, bias, labels, coef, lse, softcap, impl, need_h, need_w, need_b = inputs
+        hidden, weight, bias, labels, coef, lse, softcap, impl, need_h, need_w, need_b, *_ = inputs
         ctx.save_for_backward(hidden, weight, bias, labels, coef)
         ctx.save_for_forward(hidden, weight, bias, labels, coef, lse)
         ctx.softcap, ctx.impl = softcap, impl
@@ -181,7 +188,7 @@ class TokenLossGrads(torch.autograd.Function):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_coef = ctx.needs_input_grad[4]
         if r_hidden is None and r_weight is None and r_bias is None:
-            return (None,) * 11
+            return (None,) * 12
         d_h = d_w = d_b = d_coef = None
         if need_h or need_w or need_b:
             d_h, d_w, d_b = ctx.impl.token_loss_hvp(
@@ -193,19 +200,7 @@ class TokenLossGrads(torch.autograd.Function):
                 hidden, weight, bias, labels, ctx.softcap, r_weight, r_hidden, r_bias
             )
             d_coef = d_coef.to(coef.dtype)
-        return (
-            _cast(d_h, hidden),
-            _cast(d_w, weight),
-            _cast(d_b, bias),
-            None,
-            d_coef,
-            None,
-            None,
-            None,
-            None,
-            None,
-            None,
-        )
+        return (_cast(d_h, hidden), _cast(d_w, weight), _cast(d_b, bias), None, d_coef) + (None,) * 7
 
     @staticmethod
     def jvp(ctx, t_hidden, t_weight, t_bias, _t_labels, t_coef, *_rest):

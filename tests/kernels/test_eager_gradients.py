@@ -1,7 +1,7 @@
 """The chunked path computes the gradient of the weighted total during the forward (one pass over
 the logits instead of two). Every way of consuming it must still give the float64 reference's
-gradients: the total alone (no recompute at all), scaled totals, gradients into the per-trajectory
-losses as well or only, a second backward with ``retain_graph``, and double backward."""
+gradients: the total alone and double backward (no recompute at all), scaled totals, gradients
+into the per-trajectory losses as well or only, a second backward with ``retain_graph``."""
 
 from __future__ import annotations
 
@@ -104,8 +104,14 @@ def test_no_gradient_work_without_grad_mode(monkeypatch):
         _ours(batch, *_leaves(batch))
 
 
-def test_double_backward_ignores_the_eager_buffers():
-    """create_graph=True must take the differentiable path: grad of <grad, r> is an HVP."""
+def test_double_backward_reuses_the_eager_buffers(monkeypatch):
+    """create_graph=True attaches the derivative rules to the eager gradient (no recompute); the
+    grad of <grad, r> is then the exact HVP."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the backward recomputed the gradient pass")
+
+    monkeypatch.setattr(chunked, "token_loss_grads", fail)
     seed = fresh_seed()
     batch = make_batch(SHAPE, torch.float64, seed)
     h, w, b, tw = _leaves(batch)
