@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import boost_kernels as bk
 from boost.hypergradient import HeadBatch, SolverConfig, head_hvp, head_hypergradient, inverse_hvp
 from tests.kernels import reference
 from tests.kernels.cases import fresh_seed
@@ -177,3 +178,60 @@ def test_bad_shapes_name_the_argument(problem):
         head_hypergradient(train, weight, tw, g[:-1], SolverConfig())
     with pytest.raises(ValueError, match="traj_weights must have shape"):
         head_hypergradient(train, weight, tw[:-1], g, SolverConfig())
+
+
+def test_reweighting_by_hypergradient_downweights_corrupted_synthetic_trajectories():
+    """The method end to end on the head block: a few real trajectories from a teacher head, many
+    synthetic ones of which half have random labels. Alternating inner SGD on the weighted loss
+    with outer steps on w along -dL_out/dw (CG hypergradient, validation = the real trajectories)
+    must leave the corrupted trajectories with clearly less weight than the clean ones (measured
+    over 15 fresh seeds: clean / corrupted mean weight 12 to 244; ascending instead: below 1)."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    dim, vocab, per_traj = 8, 12, 10
+    teacher = 2.0 * torch.randn(vocab, dim, generator=gen)
+
+    def trajectories(n, corrupted):
+        hidden = torch.randn(n * per_traj, dim, generator=gen)
+        labels = torch.distributions.Categorical(logits=hidden @ teacher.T).sample()
+        if corrupted:
+            labels = torch.randint(0, vocab, labels.shape, generator=gen)
+        return hidden, labels
+
+    real_h, real_y = trajectories(4, corrupted=False)
+    clean_h, clean_y = trajectories(12, corrupted=False)
+    bad_h, bad_y = trajectories(12, corrupted=True)
+    S = 24
+    train = HeadBatch(
+        torch.cat([clean_h, bad_h]),
+        torch.cat([clean_y, bad_y]),
+        torch.arange(S).repeat_interleave(per_traj),
+        S,
+    )
+    val = HeadBatch(real_h, real_y, torch.arange(4).repeat_interleave(per_traj), 4)
+    weight = torch.zeros(vocab, dim)
+    log_w = torch.zeros(S)
+    cfg = SolverConfig("cg", steps=10, damping=1e-2)
+    for _ in range(30):
+        w = torch.softmax(log_w, 0) * S  # mean 1
+        for _ in range(5):  # inner SGD on the weighted training loss (+ the damping as weight decay)
+            W = weight.clone().requires_grad_()
+            loss = _loss32(train, W, w) + 0.5 * cfg.damping * (W * W).sum()
+            (grad,) = torch.autograd.grad(loss, W)
+            weight = weight - 0.5 * grad
+        W = weight.clone().requires_grad_()
+        (val_grad,) = torch.autograd.grad(_loss32(val, W), W)
+        hyper = head_hypergradient(train, weight, w, val_grad, cfg).traj_weights
+        lw = log_w.clone().requires_grad_()
+        (d_log_w,) = torch.autograd.grad((torch.softmax(lw, 0) * S * hyper).sum(), lw)
+        log_w = log_w - 20.0 * d_log_w
+    w = torch.softmax(log_w, 0) * S
+    clean, bad = w[:12].mean(), w[12:].mean()
+    assert clean > 3.0 * bad, f"clean {clean:.3f} vs corrupted {bad:.3f}: seed={seed}"
+
+
+def _loss32(batch: HeadBatch, weight, traj_weights=None):
+    """The weighted loss through our fused op (float32), as the inner step would use it."""
+    return bk.trajectory_cross_entropy(
+        batch.hidden, weight, batch.labels, batch.segment_ids, batch.num_segments, traj_weights=traj_weights
+    ).loss
