@@ -13,8 +13,10 @@ implementations rather than FLOP bookkeeping:
   pass: fwd 2, fwd_bwd 8 (the count the issue uses), jvp 4, hvp 10 (both passes form the logits and
   tangent logits, the second also d(dL/dW)), all times T·D·V. A row that stores the logits does
   less work than that and can exceed 100% of the matmul peak by this count.
+* outer (a head-block hypergradient: K = OUTER_CG_STEPS conjugate-gradient HVPs, then one JVP for
+  the scores): K·hvp + jvp in both counts.
 
-Bytes are the inputs read once and the outputs written once. The floor is
+Bytes are the inputs read once and the outputs written once (per HVP/JVP for outer). The floor is
 max(floor FLOPs / measured matmul rate, bytes / measured copy bandwidth).
 """
 
@@ -35,9 +37,11 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 MIB = float(1 << 20)
 
-OPS = ("fwd", "fwd_bwd", "jvp", "hvp")
-_FUSED_FLOPS = {"fwd": 2, "fwd_bwd": 8, "jvp": 4, "hvp": 10}  # × T·D·V
-_FLOOR_FLOPS = {"fwd": 2, "fwd_bwd": 6, "jvp": 4, "hvp": 6}
+OPS = ("fwd", "fwd_bwd", "jvp", "hvp", "outer")
+# "outer": one head-block hypergradient, OUTER_CG_STEPS conjugate-gradient HVPs then one JVP.
+OUTER_CG_STEPS = 5
+_FUSED_FLOPS = {"fwd": 2, "fwd_bwd": 8, "jvp": 4, "hvp": 10, "outer": 10 * OUTER_CG_STEPS + 4}  # × T·D·V
+_FLOOR_FLOPS = {"fwd": 2, "fwd_bwd": 6, "jvp": 4, "hvp": 6, "outer": 6 * OUTER_CG_STEPS + 4}
 
 
 @dataclass(frozen=True)
@@ -150,14 +154,23 @@ def op_flops(op: str, problem: Problem, floor: bool = False) -> float:
 def op_bytes(op: str, problem: Problem) -> float:
     item = torch.empty((), dtype=problem.torch_dtype).element_size()
     h, w = problem.T * problem.D * item, problem.V * problem.D * item
-    return float({"fwd": h + w, "fwd_bwd": 2 * (h + w), "jvp": h + 2 * w, "hvp": h + 3 * w}[op])
+    steps = OUTER_CG_STEPS
+    return float(
+        {
+            "fwd": h + w,
+            "fwd_bwd": 2 * (h + w),
+            "jvp": h + 2 * w,
+            "hvp": h + 3 * w,
+            "outer": steps * (h + 3 * w) + h + 2 * w,
+        }[op]
+    )
 
 
 def output_bytes(op: str, problem: Problem) -> int:
-    """Bytes of what the op must hand back: the gradients for fwd_bwd, d(dL/dW) for hvp, else ~0."""
+    """Bytes of what the op must hand back: the gradients for fwd_bwd, d(dL/dW) for hvp, v for outer, else ~0."""
     item = torch.empty((), dtype=problem.torch_dtype).element_size()
     h, w = problem.T * problem.D * item, problem.V * problem.D * item
-    return {"fwd": 0, "fwd_bwd": h + w, "jvp": 0, "hvp": w}[op]
+    return {"fwd": 0, "fwd_bwd": h + w, "jvp": 0, "hvp": w, "outer": w}[op]
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import boost_kernels as bk
-from benchmarks._common import Inputs, Problem
+from benchmarks._common import OUTER_CG_STEPS, Inputs, Problem
+from boost.hypergradient import HeadBatch, SolverConfig, head_hypergradient, inverse_hvp
 
 
 # ----------------------------------------------------------------------------- naive PyTorch
@@ -329,8 +330,46 @@ def _ours_hvp(inp: Inputs):
     ).weight  # fmt: skip
 
 
+def _outer_config() -> SolverConfig:
+    return SolverConfig("cg", steps=OUTER_CG_STEPS, damping=1e-3, residual=False)
+
+
+def _ours_outer(inp: Inputs):
+    """boost.hypergradient.head_hypergradient: HVPs from trajectory_hvp, scores from trajectory_jvp."""
+    p = inp.problem
+    batch = HeadBatch(inp.hidden.detach(), inp.labels, inp.segment_ids, p.segments)
+    w, cfg = inp.weight.detach(), _outer_config()
+    return lambda: head_hypergradient(batch, w, inp.traj_weights, inp.tangent_weight, cfg).traj_weights
+
+
+def _func_outer(inp: Inputs):
+    """The same CG and scores with torch.func on materialised logits (what a generic implicit-
+    differentiation library does): HVP by forward-over-reverse, scores by one jvp."""
+    w, cfg, S = inp.weight.detach(), _outer_config(), inp.num_segments
+    grad_fn, per_trajectory = torch.func.grad(_naive_weighted_of_w(inp)), _naive_per_trajectory_of_w(inp)
+
+    def hvp(u):
+        return torch.func.jvp(grad_fn, (w,), (u.to(w.dtype),))[1].float()
+
+    def run():
+        v = inverse_hvp(hvp, inp.tangent_weight.float(), cfg)
+        return -torch.func.jvp(per_trajectory, (w,), (v.to(w.dtype),))[1] / S
+
+    return run
+
+
 # (name, op) -> (description, closure builder, reference)
 SECOND_ORDER = {
+    ("ours", "outer"): (
+        f"head_hypergradient, CG {OUTER_CG_STEPS} steps (fused HVP + JVP)",
+        _ours_outer,
+        "torch_func",
+    ),
+    ("torch_func", "outer"): (
+        f"CG {OUTER_CG_STEPS} steps + scores with torch.func, materialised logits",
+        _func_outer,
+        None,
+    ),
     ("ours", "jvp"): ("trajectory_jvp (fused)", _ours_jvp, "torch_func"),
     ("ours_autograd", "jvp"): (
         "torch.func.jvp through trajectory_cross_entropy",
@@ -365,12 +404,13 @@ SECOND_ORDER = {
     ),
 }
 
+OUTER_NAMES = tuple(name for name, op in SECOND_ORDER if op == "outer")
 JVP_NAMES = tuple(name for name, op in SECOND_ORDER if op == "jvp")
 HVP_NAMES = tuple(name for name, op in SECOND_ORDER if op == "hvp")
 
 
 def second_order_variant(name: str, op: str) -> Variant:
-    """A ``jvp`` or ``hvp`` row: ours (fused or through autograd) or a materialised-logits baseline."""
+    """A ``jvp``, ``hvp`` or ``outer`` row: ours (fused or through autograd) or a materialised-logits baseline."""
     description, build, reference = SECOND_ORDER[(name, op)]
     return Variant(name, op, description, build, reference=reference)
 

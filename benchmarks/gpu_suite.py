@@ -9,7 +9,8 @@
 3. Fused loss, fwd+bwd and fwd, D=4096, V=128256, bf16, at T=16384 and 4096 (and 8192, 32768
    without ``--quick``): ours (S=1, and S=64 weighted), naive PyTorch, Cut Cross-Entropy, Liger,
    torch.compile (and CCE without gradient filtering). Then JVP/HVP at T=8192: ours (direct and
-   through autograd) vs torch.func on materialised logits and double backward.
+   through autograd) vs torch.func on materialised logits and double backward, and one head-block
+   hypergradient (5 CG steps + scores), ours vs the same with torch.func.
 4. A markdown table with the issue targets, printed and written with the JSON to ``--out``
    (default: ``$OUT`` when set; nothing is written otherwise).
 
@@ -63,6 +64,7 @@ from benchmarks._variants import Variant, loss_variant, second_order_variant  # 
 LOSS_ORDER = ("naive", "ours", "ours_weighted", "cce", "liger", "torch_compile", "cce_exact")
 JVP_ORDER = ("torch_func", "ours", "ours_autograd")
 HVP_ORDER = ("torch_func", "ours", "ours_fwd_over_rev", "ours_double_backward", "double_backward")
+OUTER_ORDER = ("torch_func", "ours")  # one head-block hypergradient (CG + scores)
 REFERENCES = {"naive", "torch_func"}
 CONSISTENCY_TOL = {"float32": 1e-3, "bfloat16": 5e-2}  # same math, other rounding
 
@@ -174,6 +176,7 @@ class Suite:
         cases = [loss_variant("ours_weighted", op) for op in ("fwd", "fwd_bwd")]
         cases += [second_order_variant(n, "jvp") for n in JVP_ORDER]
         cases += [second_order_variant(n, "hvp") for n in HVP_ORDER]
+        cases += [second_order_variant(n, "outer") for n in OUTER_ORDER]
         self._run_cases("jvp_hvp", problem, cases)
 
     # ------------------------------------------------------------------ rows

@@ -101,19 +101,24 @@ def head_hvp(
 
 
 def inverse_hvp(hvp, g: torch.Tensor, cfg: SolverConfig) -> torch.Tensor:
-    """v ≈ (H + λI)⁻¹ g by ``cfg.method``; ``hvp(u)`` returns H u (without the damping)."""
+    """v ≈ (H + λI)⁻¹ g by ``cfg.method``; ``hvp(u)`` returns H u (without the damping).
+
+    Memory: besides what ``hvp`` uses, CG holds four vectors shaped like g (x, r, p and the product),
+    Neumann three; they are updated in place. ``g`` and ``hvp``'s results are never modified.
+    """
     if cfg.method == "identity":
         return cfg.alpha * g
 
     def damped(u):
-        return hvp(u) + cfg.damping * u if cfg.damping else hvp(u)
+        out = hvp(u)
+        return torch.add(out, u, alpha=cfg.damping) if cfg.damping else out
 
     if cfg.method == "neumann":
-        term, total = g, g.clone()
+        term, total = g.clone(), g.clone()
         for _ in range(cfg.steps):
-            term = term - cfg.alpha * damped(term)
-            total = total + term
-        return cfg.alpha * total
+            term.sub_(damped(term), alpha=cfg.alpha)
+            total.add_(term)
+        return total.mul_(cfg.alpha)
     return _conjugate_gradient(damped, g, cfg.steps)
 
 
@@ -121,7 +126,7 @@ def _conjugate_gradient(apply, b: torch.Tensor, steps: int) -> torch.Tensor:
     """``steps`` CG iterations on A x = b from x = 0 (A symmetric positive semi-definite)."""
     x = torch.zeros_like(b)
     r = b.clone()
-    p = r.clone()
+    p = b.clone()
     rr = _dot(r, r)
     tiny = torch.finfo(b.dtype).tiny
     for _ in range(steps):
@@ -136,16 +141,25 @@ def _conjugate_gradient(apply, b: torch.Tensor, steps: int) -> torch.Tensor:
                 "raise SolverConfig.damping"
             )
         step = rr / pap
-        x = x + step * p
-        r = r - step * ap
+        x.add_(p, alpha=step)
+        r.sub_(ap, alpha=step)
+        del ap
         rr_next = _dot(r, r)
-        p = r + (rr_next / rr) * p
+        p.mul_(rr_next / rr).add_(r)
         rr = rr_next
     return x
 
 
+_DOT_CHUNK = 1 << 20
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() * b.double()).sum())
+    """<a, b> accumulated in float64 over 1M-element float32 dot products (no temporary copies)."""
+    a, b = a.reshape(-1), b.reshape(-1)
+    return sum(
+        float(torch.dot(a[i : i + _DOT_CHUNK], b[i : i + _DOT_CHUNK]))
+        for i in range(0, a.numel(), _DOT_CHUNK)
+    )
 
 
 def trajectory_scores(batch: HeadBatch, weight: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -193,7 +207,7 @@ def head_hypergradient(
         v = inverse_hvp(hvp, g, cfg)
         residual = float("nan")
         if cfg.residual and cfg.method != "identity":
-            res = hvp(v) + cfg.damping * v - g
+            res = hvp(v).add_(v, alpha=cfg.damping).sub_(g)
             residual = float(res.norm() / g.norm().clamp_min(torch.finfo(g.dtype).tiny))
         scores = trajectory_scores(train, weight.detach(), v)
         z = float(normalizer) if normalizer is not None else float(train.num_segments)
