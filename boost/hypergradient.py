@@ -18,7 +18,9 @@ Three approximations of v (``method``):
   for the head block without softcap, so CG applies; λ > 0 makes it definite).
 
 Shapes: hidden [T, D] (any float dtype the ops take), weight [V, D], labels / segment_ids [T] int,
-traj_weights [S]. Vectors (g, v) are shaped like the weight, float32 (float64 for float64 weights).
+traj_weights [S]. Vectors (g, v) are shaped like the weight, float32 (float64 for float64 weights);
+for a 16-bit head each HVP and the JVP see the vector rounded to the head's dtype (the fused ops
+take tangents in the weight's dtype) and return float32. A bias, if any, is held fixed.
 """
 
 from __future__ import annotations
