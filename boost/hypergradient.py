@@ -51,11 +51,12 @@ class HeadBatch:
     normalize: str = "mean"
     ignore_index: int = -100
     softcap: float | None = None
+    backend: str = "auto"  # of the fused ops: "auto" (Triton on CUDA), "torch" or "triton"
 
     def _common(self) -> dict:
         return dict(
             labels=self.labels, segment_ids=self.segment_ids, num_segments=self.num_segments, bias=self.bias,
-            normalize=self.normalize, ignore_index=self.ignore_index, softcap=self.softcap,
+            normalize=self.normalize, ignore_index=self.ignore_index, softcap=self.softcap, backend=self.backend,
         )  # fmt: skip
 
 
