@@ -23,6 +23,7 @@ def test_dry_run_writes_a_complete_report(tmp_path):
     for key in [("loss", op, "ours") for op in ("fwd", "fwd_bwd")] + [
         ("jvp_hvp", "jvp", "ours"),
         ("jvp_hvp", "hvp", "ours"),
+        ("jvp_hvp", "outer", "ours"),
     ]:
         row = rows[key]
         assert row["status"] == "ok" and row["seconds"] > 0 and row["peak_bytes"] is not None, row
