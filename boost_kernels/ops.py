@@ -148,19 +148,23 @@ def trajectory_cross_entropy(
     softcap: float | None = None,
     backend: str = "auto",
     validate: bool = True,
+    precompute_grad: bool = True,
 ) -> TrajectoryLoss:
     """Fused LM head + cross-entropy, reduced per trajectory and weighted, without [T, V] logits.
 
     Differentiable w.r.t. hidden, weight, bias and traj_weights, in reverse mode (any order up to
     two), forward mode, and forward-over-reverse. ``validate=False`` skips the value checks on
-    labels and segment ids (they synchronise with the device).
+    labels and segment ids (they synchronise with the device). ``precompute_grad`` (PyTorch path
+    only): when a backward can follow, compute the gradient of ``loss`` during the forward, which
+    saves the backward a pass over the logits; pass False when you will backpropagate through
+    ``per_trajectory`` rather than ``loss`` (the precomputed gradient would go unused).
     """
     _validate.check_options(normalize, softcap, num_segments, normalizer)
     prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
     w = _weights(traj_weights, num_segments, hidden.device)
     scale = _token_scale(prep, normalize, chunked.compute_dtype(hidden.dtype))
     coef = scale * w.to(scale.dtype)[prep.segments] / _normalizer(normalizer, num_segments)
-    eager = _eager_gradients(prep.impl, hidden, weight, bias)
+    eager = _eager_gradients(prep.impl, hidden, weight, bias) if precompute_grad else None
     token_loss, _, total, _ = TokenLosses.apply(
         hidden, weight, bias, prep.labels, coef, softcap, prep.impl, eager
     )

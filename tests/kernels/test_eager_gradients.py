@@ -94,6 +94,27 @@ def test_a_retained_graph_gives_the_same_gradient_twice():
         assert torch.equal(a, b), f"seed={seed}"
 
 
+def test_precompute_grad_false_skips_the_eager_pass(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("gradients computed during the forward")
+
+    monkeypatch.setattr(chunked, "token_losses_with_grads", fail)
+    seed = fresh_seed()
+    batch = make_batch(SHAPE, torch.float32, seed)
+    leaves = _leaves(batch)
+    h, w, b, tw = leaves
+    out = bk.trajectory_cross_entropy(
+        h, w, batch.labels, batch.segment_ids, SHAPE.S, traj_weights=tw, bias=b, backend="torch",
+        precompute_grad=False,
+    )  # fmt: skip
+    ours = torch.autograd.grad((out.per_trajectory**2).sum(), (h, w, b))
+    ref_leaves = _leaves(batch, torch.float64)
+    _, per = _reference(batch, *ref_leaves)
+    ref = torch.autograd.grad((per**2).sum(), ref_leaves[:3])
+    for g, r in zip(ours, ref):
+        assert reference.rel_err(g, r) <= 1e-5, f"seed={seed}"
+
+
 def test_no_gradient_work_without_grad_mode(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("gradients computed under no_grad")
