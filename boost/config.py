@@ -1,0 +1,139 @@
+"""Dataclass configs from YAML files and ``key.sub=value`` command-line overrides.
+
+    cfg = load_config(TrainConfig, "run.yaml", ["steps=200", "solver.method=neumann"])
+
+Nested dataclass fields are YAML mappings; override values are parsed as YAML scalars (``1e-4``,
+``true``, ``null``, ``[1, 2]``). Unknown keys and values of the wrong type raise a ``ValueError``
+that names the file (or the override) and the key, with the keys that exist.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+
+def _coerce(value: Any, annotation: Any, origin: str, key: str) -> Any:
+    where = f"{origin}: {key}"
+    kind = typing.get_origin(annotation)
+    if kind in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, origin, key)
+            except ValueError:
+                continue
+        raise ValueError(f"{where}: {value!r} is not a {annotation}")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ValueError(f"{where}: expected a mapping of {annotation.__name__} fields, got {value!r}")
+        return from_dict(annotation, value, origin, f"{key}.")
+    if kind in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(annotation)[:1] or (Any,)
+        items = [_coerce(v, item, origin, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if kind is tuple else items
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ValueError(f"{where}: cannot read a value of type {annotation}")
+
+
+def from_dict(cls: type[C], data: dict[str, Any], origin: str = "config", prefix: str = "") -> C:
+    """Build dataclass ``cls`` from a (nested) mapping; missing keys keep their defaults.
+
+    Errors read ``{origin}: {key path}: {what is wrong}``.
+    """
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    where = f"{origin}: {prefix.rstrip('.')}" if prefix else origin
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown key '{prefix}{unknown[0]}' for {cls.__name__}; known keys: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], origin, f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # a __post_init__ check
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {dotted!r}: {key!r} is not a group of settings")
+    node[keys[-1]] = value
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> C:
+    """``cls`` from the YAML file at ``path`` (optional) with ``key.sub=value`` overrides applied."""
+    tree: dict[str, Any] = {}
+    where = "config"
+    if path is not None:
+        where = str(path)
+        try:
+            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such config file") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ValueError(
+                f"{path}: the top level must be a mapping of settings, got {type(loaded).__name__}"
+            )
+        tree = loaded or {}
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: write it as key=value (nested: group.key=value)")
+        _set(tree, key.strip(), yaml.safe_load(text))
+    return from_dict(cls, tree, f"{where} with overrides" if overrides else where)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain (YAML-ready) mapping of a dataclass config; tuples become lists."""
+
+    def plain(x):
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
