@@ -1,0 +1,75 @@
+"""Configuration of a BOOST training run (YAML + ``key=value`` overrides, see :mod:`boost.config`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from boost.hypergradient import SolverConfig
+from boost.reweighting import HeadConfig
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str = "data/gridnav.jsonl"  # real + synthetic trajectories (JSONL / JSON / Parquet)
+    validation: float = 0.25  # fraction of the real *tasks* held out: the outer objective's data
+    test: float = 0.25  # fraction of the real tasks held out for the final report
+    token_budget: int = 2048  # tokens per packed batch
+    max_length: int = 1024  # longer trajectories are dropped (counted in the tokenise report)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not (0 < self.validation < 1 and 0 <= self.test < 1 and self.validation + self.test < 1):
+            raise ValueError(
+                f"data.validation must be in (0, 1), data.test in [0, 1) and their sum < 1; "
+                f"got {self.validation} and {self.test}"
+            )
+        if self.max_length > self.token_budget:
+            raise ValueError(
+                f"data.max_length ({self.max_length}) must be <= data.token_budget ({self.token_budget})"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "smollm2"  # a local checkpoint folder (save_pretrained) or "smollm2" (packaged GGUF)
+    attention: str = "block_mask"  # "block_mask" (any attention kernel) or "position_ids"
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 1e-4  # AdamW on every model parameter
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # 0: off
+    head_lr: float = 1e-2  # Adam on the reweighting head
+
+    def __post_init__(self):
+        if not (self.lr > 0 and self.head_lr > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
+            raise ValueError("optim.lr and optim.head_lr must be > 0, weight_decay and grad_clip >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    solver: SolverConfig = field(default_factory=lambda: SolverConfig("cg", steps=5, damping=1e-3))
+    head: HeadConfig = field(default_factory=HeadConfig)
+    reweight: bool = True  # False: every trajectory has weight 1 (the uniform baseline)
+    steps: int = 100  # inner steps (packed batches)
+    outer_every: int = 1  # an outer step after every this many inner steps
+    log_every: int = 1
+    checkpoint_every: int = 50  # 0: only at the end
+    out_dir: str = "runs/boost"
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("steps", "outer_every", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.model.attention not in ("block_mask", "position_ids"):
+            raise ValueError(
+                f"model.attention must be 'block_mask' or 'position_ids', got {self.model.attention!r}"
+            )

@@ -1,0 +1,92 @@
+"""report.md and training.png of a finished run, from the files the loop wrote under ``out_dir``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def read_metrics(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _plot(metrics: list[dict], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [m["step"] for m in metrics]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    axes[0].plot(steps, [m["loss"] for m in metrics], label="weighted training loss")
+    real = [float("nan") if m["real_train_loss"] is None else m["real_train_loss"] for m in metrics]
+    axes[0].plot(steps, real, ".", label="real training trajectories in the batch")
+    outer = [m for m in metrics if "val_loss" in m]
+    if outer:
+        axes[0].plot([m["step"] for m in outer], [m["val_loss"] for m in outer], label="real validation")
+        axes[1].plot([m["step"] for m in outer], [m["n_eff"] for m in outer], label="n_eff (synthetic)")
+        axes[1].plot([m["step"] for m in outer], [m["mass"] for m in outer], label="synthetic mass")
+        sources = sorted({s for m in outer for s in m["weights"]})
+        for s in sources:
+            pts = [(m["step"], m["weights"][s]["mean"]) for m in outer if s in m["weights"]]
+            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], label=s)
+    axes[0].set(title="loss", xlabel="step")
+    axes[1].set(title="effective sample size and mass", xlabel="step")
+    axes[2].set(title="mean weight per source", xlabel="step")
+    for ax in axes:
+        if ax.lines:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def write_report(out: Path, data_summary: list[str]) -> Path:
+    """Write ``out/report.md`` (and ``out/training.png`` when matplotlib is installed)."""
+    metrics = read_metrics(out)
+    final = json.loads((out / "final.json").read_text(encoding="utf-8"))
+    config = (out / "config.yaml").read_text(encoding="utf-8")
+    lines = [
+        f"# BOOST run: {out.name}",
+        "",
+        f"Steps: {final['step']}. Held-out real tasks, mean per-trajectory loss: validation "
+        f"{final['validation_loss']:.4f}, test {final['test_loss']:.4f}.",
+    ]
+    outer = [m for m in metrics if "val_loss" in m]
+    if outer:
+        last = outer[-1]
+        lines += ["", f"Last outer step (step {last['step']}): n_eff {last['n_eff']:.2f}, synthetic mass "
+                  f"{last['mass']:.3f}, solver residual {last['solver_residual']:.3g}.", "",
+                  "| source | trajectories in the batch | mean weight | min | max |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            f"| {s} | {v['count']} | {v['mean']:.3f} | {v['min']:.3f} | {v['max']:.3f} |"
+            for s, v in sorted(last["weights"].items())
+        ]
+    plot = _plot(metrics, out / "training.png")
+    lines += ["", f"![training curves]({plot.name})" if plot else "(install matplotlib for training.png)"]
+    lines += [
+        "",
+        "## Data",
+        "",
+        "```",
+        *data_summary,
+        "```",
+        "",
+        "## Config",
+        "",
+        "```yaml",
+        config.rstrip(),
+        "```",
+    ]
+    path = out / "report.md"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,122 @@
+"""The trainer end to end on a tiny chat model and generated gridnav data (CPU, seconds), and its
+config loading: files written, outer-step metrics, resume, atomic checkpoints, clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from boost.config import load_config
+from boost.data.generate import main as generate
+from boost.train import TrainConfig, Trainer
+from boost.train.report import write_report
+from tests.envs.tiny_chat_lm import save_tiny_chat_model
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    model = save_tiny_chat_model(root / "model")
+    data = root / "data.jsonl"
+    assert (
+        generate(["--env", "gridnav", "--out", str(data), "--sources", "real:24,corrupt:16,eps0.3:16"]) == 0
+    )
+    return model, data
+
+
+def _config(assets, out, *overrides):
+    model, data = assets
+    base = [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
+            "data.max_length=512", "steps=4"]  # fmt: skip
+    return load_config(TrainConfig, None, [*base, *overrides])
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_boost_run_writes_metrics_checkpoint_and_report(assets, tmp_path):
+    trainer = Trainer(_config(assets, tmp_path), progress=False)
+    final = trainer.train()
+    report = write_report(trainer.out, trainer.data.summary)
+    metrics = _metrics(tmp_path)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4]
+    for m in metrics:  # an outer step after every inner step
+        assert (
+            m["n_eff"] > 0 and m["mass"] > 0 and m["weights"] and torch.isfinite(torch.tensor(m["val_loss"]))
+        )
+        assert set(m["weights"]) <= {"real", "corrupt", "eps0.3"}
+    assert all(torch.isfinite(torch.tensor(v)) for v in final.values())
+    text = report.read_text()
+    assert "| source |" in text and "training.png" in text and "real tasks:" in text
+    assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_the_uniform_baseline_takes_no_outer_steps(assets, tmp_path):
+    Trainer(_config(assets, tmp_path, "reweight=false", "steps=2"), progress=False).train()
+    assert all("n_eff" not in m for m in _metrics(tmp_path))
+
+
+def test_resume_continues_from_the_checkpoint_and_refuses_another_config(assets, tmp_path):
+    Trainer(_config(assets, tmp_path, "steps=2"), progress=False).train()
+    trainer = Trainer(_config(assets, tmp_path, "steps=3"), progress=False)
+    trainer.train(resume=True)
+    assert [m["step"] for m in _metrics(tmp_path)] == [1, 2, 3]
+    with pytest.raises(ValueError, match="another config .*optim"):
+        Trainer(_config(assets, tmp_path, "steps=5", "optim.lr=0.5"), progress=False).train(resume=True)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(assets, tmp_path, monkeypatch):
+    trainer = Trainer(_config(assets, tmp_path, "steps=1"), progress=False)
+    trainer.train()
+    before = (tmp_path / "checkpoint.pt").read_bytes()
+
+    def crash(obj, path, *args, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint()
+    assert (tmp_path / "checkpoint.pt").read_bytes() == before
+
+
+def test_data_without_real_trajectories_is_refused(assets, tmp_path):
+    only_synthetic = tmp_path / "synthetic.jsonl"
+    lines = [line for line in assets[1].read_text().splitlines() if '"source": "real"' not in line]
+    only_synthetic.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValueError, match="no trajectory has source 'real'"):
+        Trainer(_config(assets, tmp_path, f"data.path={only_synthetic}"), progress=False)
+
+
+def test_config_from_yaml_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("steps: 7\nsolver:\n  method: neumann\n  alpha: 0.5\nhead:\n  concentration: 0.1\n")
+    cfg = load_config(TrainConfig, path, ["solver.steps=3", "optim.lr=3e-5"])
+    assert (cfg.steps, cfg.solver.method, cfg.solver.alpha, cfg.solver.steps) == (7, "neumann", 0.5, 3)
+    assert cfg.head.concentration == 0.1 and cfg.optim.lr == 3e-5
+
+
+@pytest.mark.parametrize(
+    "text, overrides, message",
+    [
+        ("stepz: 3\n", [], r"run.yaml: unknown key 'stepz' for TrainConfig; known keys: data, model"),
+        ("solver:\n  method: lbfgs\n", [], r"run.yaml: solver: .*method must be one of"),
+        ("solver:\n  stepz: 3\n", [], r"run.yaml: solver: unknown key 'solver.stepz' for SolverConfig"),
+        ("", ["steps=many"], r"run.yaml with overrides: steps: expected an integer, got 'many'"),
+        ("", ["optim.lr=fast"], r"run.yaml with overrides: optim.lr: expected a number, got 'fast'"),
+        ("", ["steps"], r"override 'steps': write it as key=value"),
+        ("", ["data.validation=0.9", "data.test=0.2"], r"data.validation must be in \(0, 1\)"),
+        ("- 1\n", [], r"run.yaml: the top level must be a mapping"),
+    ],
+)
+def test_bad_config_names_the_file_and_key(tmp_path, text, overrides, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_config(TrainConfig, path, overrides)
