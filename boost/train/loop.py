@@ -28,6 +28,7 @@ import json
 import logging
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -277,6 +278,11 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ the loop
+    def _elapsed(self, started: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - started
+
     def train(self, resume: bool = False) -> dict:
         cfg = self.cfg
         if resume and self.resume():
@@ -292,10 +298,14 @@ class Trainer:
                        disable=not self.progress)  # fmt: skip
             while self.step < cfg.steps:
                 batch = next(batches).to(self.device)
+                started = time.perf_counter()
                 record, state = self.inner_step(batch)
+                record["inner_seconds"] = self._elapsed(started)
                 self.step += 1
                 if cfg.reweight and self.step % cfg.outer_every == 0:
+                    started = time.perf_counter()
                     record.update(self.outer_step(batch, state, next(val_batches).to(self.device)))
+                    record["outer_seconds"] = self._elapsed(started)
                 if not math.isfinite(record["loss"]):
                     self.save_checkpoint()
                     raise FloatingPointError(f"step {self.step}: the training loss is {record['loss']}")

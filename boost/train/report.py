@@ -6,6 +6,8 @@ import json
 import os
 from pathlib import Path
 
+import yaml
+
 
 def read_metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
@@ -69,6 +71,10 @@ def write_report(out: Path, data_summary: list[str]) -> Path:
             f"| {s} | {v['count']} | {v['mean']:.3f} | {v['min']:.3f} | {v['max']:.3f} |"
             for s, v in sorted(last["weights"].items())
         ]
+        inner = sorted(m["inner_seconds"] for m in metrics)
+        outer_s = sorted(m["outer_seconds"] for m in outer)
+        lines += ["", f"Median time per step: inner {inner[len(inner) // 2]:.2f} s, outer "
+                  f"{outer_s[len(outer_s) // 2]:.2f} s (every {yaml.safe_load(config)['outer_every']} inner steps)."]  # fmt: skip
     plot = _plot(metrics, out / "training.png")
     lines += ["", f"![training curves]({plot.name})" if plot else "(install matplotlib for training.png)"]
     lines += [
