@@ -17,9 +17,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from boost.atomic import write_json_atomic
 from boost.data.format import write_jsonl
 from boost.envs import SPLITS, EnvError, Episode, env_names, make_env
-from boost.envs.atomic import write_json_atomic
 from boost.rollout import RolloutConfig, RolloutError, load_model, rollout, summarize_episodes
 
 

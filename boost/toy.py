@@ -24,9 +24,6 @@ the hypergradient and the head run exactly as in a real run, on a problem small 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -34,7 +31,9 @@ import torch
 from tqdm import tqdm
 
 import boost_kernels as bk
+from boost.atomic import write_json_atomic, write_text_atomic
 from boost.hypergradient import HeadBatch, SolverConfig, head_hypergradient
+from boost.plotting import pyplot, save_png
 from boost.reweighting import HeadConfig, ReweightingHead, outer_objective, trajectory_features
 
 ARMS = ("boost", "uniform", "real_only", "oracle")
@@ -147,17 +146,10 @@ def run_arm(cfg: ToyConfig, arm: str, progress: bool = False) -> dict:
     return {"arm": arm, "history": history, "test_loss": history[-1]["test_loss"]}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def write_report(cfg: ToyConfig, results: list[dict], out: Path) -> Path:
     """report.md and history.json (and weights.png when matplotlib is installed) under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(out / "history.json", json.dumps({"config": asdict(cfg), "results": results}, indent=1))
+    write_json_atomic(out / "history.json", {"config": asdict(cfg), "results": results})
     by_arm = {r["arm"]: r for r in results}
     lines = [
         "# BOOST on a toy LM head",
@@ -186,17 +178,13 @@ def write_report(cfg: ToyConfig, results: list[dict], out: Path) -> Path:
         f"![weights and test loss per round]({plot.name})" if plot else "(install matplotlib for the plot)",
     ]
     report = out / "report.md"
-    _write_atomic(report, "\n".join(lines) + "\n")
+    write_text_atomic(report, "\n".join(lines) + "\n")
     return report
 
 
 def _plot(results: list[dict], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     fig, (ax_loss, ax_w) = plt.subplots(1, 2, figsize=(10, 3.6))
     for r in results:
@@ -210,11 +198,7 @@ def _plot(results: list[dict], path: Path) -> Path | None:
         ax_w.set(title="BOOST: mean weight per kind", xlabel="round", ylabel="weight")
         ax_w.legend()
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> int:

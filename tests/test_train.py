@@ -84,6 +84,7 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(assets, tmp_
     with pytest.raises(OSError, match="disk full"):
         trainer.save_checkpoint()
     assert (tmp_path / "checkpoint.pt").read_bytes() == before
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the half-written file is gone
 
 
 def test_data_without_real_trajectories_is_refused(assets, tmp_path):

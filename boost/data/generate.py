@@ -19,9 +19,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from boost.atomic import write_json_atomic
 from boost.data.format import write_jsonl
 from boost.envs import SPLITS, EnvError, env_names, make_env
-from boost.envs.atomic import write_json_atomic
 from boost.envs.generators import (
     GeneratorConfig,
     LMRolloutSettings,

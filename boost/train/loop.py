@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -38,6 +37,7 @@ import yaml
 from tqdm import tqdm
 
 import boost_kernels as bk
+from boost.atomic import replace_atomic, write_json_atomic, write_text_atomic
 from boost.config import to_dict
 from boost.data import (
     PackedBatch,
@@ -115,12 +115,6 @@ def _cycle(packer: TrajectoryPacker, skip: int = 0) -> Iterator[PackedBatch]:
                 continue
             yield packer.collate(positions)
         epoch += 1
-
-
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 class Trainer:
@@ -253,7 +247,7 @@ class Trainer:
             "head_opt": self.head_opt.state_dict(),
         }
         path = self.out / CHECKPOINT
-        _write_atomic(path, lambda tmp: torch.save(state, tmp))
+        replace_atomic(path, lambda tmp: torch.save(state, tmp))
         return path
 
     def resume(self) -> bool:
@@ -287,7 +281,7 @@ class Trainer:
         cfg = self.cfg
         if resume and self.resume():
             log.info("resumed from %s at step %d", self.out / CHECKPOINT, self.step)
-        _write_atomic(self.out / "config.yaml", lambda tmp: tmp.write_text(yaml.safe_dump(to_dict(cfg))))
+        write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg)))
         for line in self.data.summary:
             log.info(line)
         batches = _cycle(self.data.train, skip=self.step)
@@ -320,5 +314,5 @@ class Trainer:
         self.save_checkpoint()
         final = {"step": self.step, "validation_loss": self.evaluate(self.data.validation),
                  "test_loss": self.evaluate(self.data.test)}  # fmt: skip
-        _write_atomic(self.out / "final.json", lambda tmp: tmp.write_text(json.dumps(final, indent=1)))
+        write_json_atomic(self.out / "final.json", final)
         return final

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import yaml
+
+from boost.atomic import write_text_atomic
+from boost.plotting import pyplot, save_png
 
 
 def read_metrics(out: Path) -> list[dict]:
@@ -15,12 +17,8 @@ def read_metrics(out: Path) -> list[dict]:
 
 
 def _plot(metrics: list[dict], path: Path) -> Path | None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return None
     steps = [m["step"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
@@ -43,11 +41,7 @@ def _plot(metrics: list[dict], path: Path) -> Path | None:
         if ax.lines:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, path)
 
 
 def write_report(out: Path, data_summary: list[str]) -> Path:
@@ -92,7 +86,5 @@ def write_report(out: Path, data_summary: list[str]) -> Path:
         "```",
     ]
     path = out / "report.md"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, "\n".join(lines) + "\n")
     return path
