@@ -118,6 +118,12 @@ def _cycle(packer: TrajectoryPacker, skip: int = 0) -> Iterator[PackedBatch]:
 
 
 class Trainer:
+    """One run: the model, the reweighting head, their optimisers and the packed data.
+
+    ``Trainer(cfg).train(resume=False)`` runs ``cfg.steps`` inner steps and returns the final
+    validation and test losses; :func:`boost.train.report.write_report` then writes the report.
+    """
+
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         torch.manual_seed(cfg.seed)
