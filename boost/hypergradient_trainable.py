@@ -55,6 +55,17 @@ def _check(params: Sequence[torch.Tensor], step: float) -> int:
     return sum(p.numel() for p in params)
 
 
+def _epsilon(params: Sequence[torch.Tensor], direction: torch.Tensor, name: str, step: float) -> float | None:
+    """ε with |ε·direction| = step, after checking the inputs; None for a zero direction."""
+    n = _check(params, step)
+    if direction.shape != (n,):
+        raise ValueError(
+            f"{name} must be flat with {n} entries (the trainable parameters), got shape {tuple(direction.shape)}"
+        )
+    norm = float(direction.norm())
+    return None if norm == 0.0 else step / norm
+
+
 def finite_difference_scores(
     per_trajectory_loss: Callable[[], torch.Tensor],
     params: Sequence[torch.Tensor],
@@ -71,16 +82,10 @@ def finite_difference_scores(
     Returns:
         [S] in v's dtype.
     """
-    n = _check(params, step)
-    if v.shape != (n,):
-        raise ValueError(
-            f"v must be flat with {n} entries (the trainable parameters), got shape {tuple(v.shape)}"
-        )
-    norm = float(v.norm())
-    if norm == 0.0:
+    eps = _epsilon(params, v, "v", step)
+    if eps is None:
         with torch.no_grad():
             return torch.zeros_like(per_trajectory_loss(), dtype=v.dtype)
-    eps = step / norm
     with torch.no_grad():
         with _shifted(params, v, eps):
             plus = per_trajectory_loss().to(v.dtype)
@@ -99,15 +104,9 @@ def finite_difference_hvp(
 
     Returns a flat tensor in u's dtype. Only first-order autograd is used.
     """
-    n = _check(params, step)
-    if u.shape != (n,):
-        raise ValueError(
-            f"u must be flat with {n} entries (the trainable parameters), got shape {tuple(u.shape)}"
-        )
-    norm = float(u.norm())
-    if norm == 0.0:
+    eps = _epsilon(params, u, "u", step)
+    if eps is None:
         return torch.zeros_like(u)
-    eps = step / norm
 
     def grad_at(scale):
         with _shifted(params, u, scale), torch.enable_grad():
