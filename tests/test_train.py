@@ -49,6 +49,7 @@ def test_a_boost_run_writes_metrics_checkpoint_and_report(assets, tmp_path):
         )
         assert set(m["weights"]) <= {"real", "corrupt", "eps0.3"}
     assert all(torch.isfinite(torch.tensor(v)) for v in final.values())
+    assert all(m["solver_residual"] is not None for m in metrics)  # computed by default
     text = report.read_text()
     assert "| source |" in text and "training.png" in text and "real tasks:" in text
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
@@ -57,8 +58,18 @@ def test_a_boost_run_writes_metrics_checkpoint_and_report(assets, tmp_path):
 
 
 def test_the_uniform_baseline_takes_no_outer_steps(assets, tmp_path):
-    Trainer(_config(assets, tmp_path, "reweight=false", "steps=2"), progress=False).train()
+    trainer = Trainer(_config(assets, tmp_path, "reweight=false", "steps=2", "data.test=0"), progress=False)
+    final = trainer.train()
     assert all("n_eff" not in m for m in _metrics(tmp_path))
+    assert final["test_loss"] is None  # no test split: said, not NaN
+    text = write_report(trainer.out, trainer.data.summary).read_text()
+    assert "test none (no such split)" in text and "| source |" not in text
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=_no_nan)
+
+
+def _no_nan(name):
+    raise AssertionError(f"{name} in a JSON file")
 
 
 def test_resume_continues_from_the_checkpoint_and_refuses_another_config(assets, tmp_path):

@@ -38,9 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, progress=not args.quiet)
     final = trainer.train(resume=args.resume)
     report = write_report(trainer.out, trainer.data.summary)
-    print(
-        f"validation loss {final['validation_loss']:.4f}, test loss {final['test_loss']:.4f}; report: {report}"
-    )
+    print(f"final: {final}; report: {report}")
     return 0
 
 

@@ -225,15 +225,17 @@ class Trainer:
             "val_loss": float(val_out.loss.detach()),
             "n_eff": float(objective.n_eff.detach()),
             "mass": float(objective.mass.detach()),
-            "solver_residual": hyper.residual,
+            "solver_residual": hyper.residual
+            if math.isfinite(hyper.residual)
+            else None,  # None: not computed
             "weights": weight_summary(state["w"], self._source_index(batch), self.data.sources),
         }
 
     @torch.no_grad()
-    def evaluate(self, packer: TrajectoryPacker | None) -> float:
-        """Mean per-trajectory loss over every batch of ``packer`` (nan without one)."""
+    def evaluate(self, packer: TrajectoryPacker | None) -> float | None:
+        """Mean per-trajectory loss over every batch of ``packer`` (None without one)."""
         if packer is None:
-            return float("nan")
+            return None
         total, count = 0.0, 0
         for batch in packer.batches(0):
             batch = batch.to(self.device)

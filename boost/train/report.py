@@ -11,6 +11,15 @@ from boost.atomic import write_text_atomic
 from boost.plotting import pyplot, save_png
 
 
+def _number(x: float | None) -> str:
+    return "none (no such split)" if x is None else f"{x:.4f}"
+
+
+def _median(values) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+
+
 def read_metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -53,22 +62,27 @@ def write_report(out: Path, data_summary: list[str]) -> Path:
         f"# BOOST run: {out.name}",
         "",
         f"Steps: {final['step']}. Held-out real tasks, mean per-trajectory loss: validation "
-        f"{final['validation_loss']:.4f}, test {final['test_loss']:.4f}.",
+        f"{_number(final['validation_loss'])}, test {_number(final['test_loss'])}.",
     ]
     outer = [m for m in metrics if "val_loss" in m]
     if outer:
         last = outer[-1]
+        residual = last["solver_residual"]
+        residual = "not computed" if residual is None else f"{residual:.3g}"
         lines += ["", f"Last outer step (step {last['step']}): n_eff {last['n_eff']:.2f}, synthetic mass "
-                  f"{last['mass']:.3f}, solver residual {last['solver_residual']:.3g}.", "",
+                  f"{last['mass']:.3f}, solver residual {residual}.", "",
                   "| source | trajectories in the batch | mean weight | min | max |", "|---|---|---|---|---|"]  # fmt: skip
         lines += [
             f"| {s} | {v['count']} | {v['mean']:.3f} | {v['min']:.3f} | {v['max']:.3f} |"
             for s, v in sorted(last["weights"].items())
         ]
-        inner = sorted(m["inner_seconds"] for m in metrics)
-        outer_s = sorted(m["outer_seconds"] for m in outer)
-        lines += ["", f"Median time per step: inner {inner[len(inner) // 2]:.2f} s, outer "
-                  f"{outer_s[len(outer_s) // 2]:.2f} s (every {yaml.safe_load(config)['outer_every']} inner steps)."]  # fmt: skip
+    timing = f"Median time per step: inner {_median(m['inner_seconds'] for m in metrics):.2f} s"
+    if outer:
+        timing += (
+            f", outer {_median(m['outer_seconds'] for m in outer):.2f} s "
+            f"(every {yaml.safe_load(config)['outer_every']} inner steps)"
+        )
+    lines += ["", timing + "."]
     plot = _plot(metrics, out / "training.png")
     lines += ["", f"![training curves]({plot.name})" if plot else "(install matplotlib for training.png)"]
     lines += [
