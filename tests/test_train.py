@@ -11,6 +11,7 @@ import torch
 from boost.config import load_config
 from boost.data.generate import main as generate
 from boost.train import TrainConfig, Trainer
+from boost.train.loop import _cycle
 from boost.train.report import write_report
 from tests.envs.tiny_chat_lm import save_tiny_chat_model
 
@@ -55,6 +56,24 @@ def test_a_boost_run_writes_metrics_checkpoint_and_report(assets, tmp_path):
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_the_trainable_block_restores_the_model_and_moves_the_head(assets, tmp_path):
+    # the trunk makes H indefinite (CG refuses it with a clear error): Neumann, which does not care
+    overrides = ("block=trainable", "solver.method=neumann", "solver.steps=2", "solver.alpha=1e-3")
+    trainer = Trainer(_config(assets, tmp_path, *overrides), progress=False)
+    batch, val = next(_cycle(trainer.data.train)), next(_cycle(trainer.data.validation))
+    _, state = trainer.inner_step(batch)
+    model_before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    head_before = [p.detach().clone() for p in trainer.head.parameters()]
+    record = trainer.outer_step(batch, state, val)
+    for (
+        k,
+        v,
+    ) in trainer.model.state_dict().items():  # finite differences put every parameter back, bit for bit
+        assert torch.equal(model_before[k], v), k
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, trainer.head.parameters()))
+    assert record["n_eff"] > 0 and record["solver_residual"] is not None
 
 
 def test_the_uniform_baseline_takes_no_outer_steps(assets, tmp_path):

@@ -55,6 +55,13 @@ class TrainConfig:
     solver: SolverConfig = field(default_factory=lambda: SolverConfig("cg", steps=5, damping=1e-3))
     head: HeadConfig = field(default_factory=HeadConfig)
     reweight: bool = True  # False: every trajectory has weight 1 (the uniform baseline)
+    # The parameters the hypergradient is taken over: "head" (the LM head, exact fused HVP/JVP on
+    # the inner step's hidden states) or "trainable" (every trained parameter, central finite
+    # differences of plain forward/backward passes: no double backward, any attention kernel). The
+    # trunk makes H indefinite: with "trainable" use solver.method "identity" or "neumann" (CG stops
+    # with an error at a direction of negative curvature unless the damping outweighs it).
+    block: str = "head"
+    fd_step: float = 1e-2  # block="trainable": norm of each finite-difference perturbation
     steps: int = 100  # inner steps (packed batches)
     outer_every: int = 1  # an outer step after every this many inner steps
     log_every: int = 1
@@ -69,6 +76,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if self.block not in ("head", "trainable"):
+            raise ValueError(f"block must be 'head' or 'trainable', got {self.block!r}")
+        if not self.fd_step > 0:
+            raise ValueError(f"fd_step must be > 0, got {self.fd_step}")
         if self.model.attention not in ("block_mask", "position_ids"):
             raise ValueError(
                 f"model.attention must be 'block_mask' or 'position_ids', got {self.model.attention!r}"

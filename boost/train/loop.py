@@ -13,9 +13,11 @@ Every ``outer_every`` steps, an outer step on a batch of held-out *real* validat
     dL/dw  = head_hypergradient(the inner batch's hidden states, W, w, g)
     head  <- Adam step on Σ_i w_i(φ) stopgrad(dL/dw_i) + λ_conc/√n_eff + λ_shift·m
 
-The hypergradient is taken over the LM head block (DESIGN.md, "Parameter block: head"), reusing the
-inner step's hidden states, so an outer step costs one trunk forward on the validation batch plus
-fused head passes. ``reweight=False`` trains the same model with weight 1 everywhere (the baseline).
+With ``block="head"`` (default) the hypergradient is taken over the LM head (DESIGN.md, "Parameter
+block"), reusing the inner step's hidden states, so an outer step costs one trunk forward on the
+validation batch plus fused head passes. ``block="trainable"`` takes it over every trained
+parameter by central finite differences (two forward/backward passes of the inner batch per HVP,
+two forwards for the scores). ``reweight=False`` trains with weight 1 everywhere (the baseline).
 
 Writes under ``out_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoint.pt`` (written
 to a temporary file and renamed: a crash never leaves a half-written checkpoint), ``config.yaml``
@@ -49,6 +51,7 @@ from boost.data import (
     tokenize_trajectories,
 )
 from boost.hypergradient import HeadBatch, head_hypergradient
+from boost.hypergradient_trainable import trainable_hypergradient
 from boost.reweighting import ReweightingHead, outer_objective, trajectory_features, weight_summary
 from boost.rollout import load_model
 from boost.train.config import DataConfig, TrainConfig
@@ -203,8 +206,8 @@ class Trainer:
         state = {"hidden": hidden.detach(), "w": w, "synthetic": synthetic}
         return record, state
 
-    def outer_step(self, batch: PackedBatch, state: dict, val: PackedBatch) -> dict:
-        cfg = self.cfg
+    def _head_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
+        """(validation loss, hypergradient) over the LM head, from the fused ops."""
         with torch.no_grad():
             val_hidden = self.hidden_states(val)
         W = self.lm_head.weight.detach()
@@ -216,13 +219,40 @@ class Trainer:
             state["hidden"], batch.labels, batch.segment_ids, batch.num_segments,
             bias=None if bias is None else bias.detach(),
         )  # fmt: skip
-        hyper = head_hypergradient(train, W, state["w"].detach().float(), g, cfg.solver)
+        return val_out.loss.detach(), head_hypergradient(
+            train, W, state["w"].detach().float(), g, self.cfg.solver
+        )
+
+    def _trainable_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
+        """(validation loss, hypergradient) over every trained parameter, by finite differences."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        val_loss = self.losses(self.hidden_states(val), val).loss
+        grads = torch.autograd.grad(val_loss, params, allow_unused=True)
+        g = [torch.zeros_like(p) if d is None else d for d, p in zip(grads, params)]
+        w = state["w"].detach()
+        S = batch.num_segments
+
+        def inner_loss():
+            out = self.losses(self.hidden_states(batch), batch, precompute_grad=False)
+            return (w * out.per_trajectory).sum() / S
+
+        def per_trajectory():
+            return self.losses(self.hidden_states(batch), batch).per_trajectory
+
+        hyper = trainable_hypergradient(
+            inner_loss, per_trajectory, params, g, self.cfg.solver, normalizer=S, step=self.cfg.fd_step
+        )
+        return val_loss.detach(), hyper
+
+    def outer_step(self, batch: PackedBatch, state: dict, val: PackedBatch) -> dict:
+        block = self._head_block if self.cfg.block == "head" else self._trainable_block
+        val_loss, hyper = block(batch, state, val)
         objective = outer_objective(self.head, state["w"], hyper.traj_weights, state["synthetic"])
         self.head_opt.zero_grad(set_to_none=True)
         objective.loss.backward()
         self.head_opt.step()
         return {
-            "val_loss": float(val_out.loss.detach()),
+            "val_loss": float(val_loss),
             "n_eff": float(objective.n_eff.detach()),
             "mass": float(objective.mass.detach()),
             "solver_residual": hyper.residual
