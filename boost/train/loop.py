@@ -162,8 +162,7 @@ class Trainer:
         return self.trunk(**inputs).last_hidden_state[0]
 
     def _bias(self):
-        bias = getattr(self.lm_head, "bias", None)
-        return None if bias is None else bias
+        return getattr(self.lm_head, "bias", None)
 
     def losses(self, hidden: torch.Tensor, batch: PackedBatch, weight: torch.Tensor | None = None, **kwargs):
         weight = self.lm_head.weight if weight is None else weight
@@ -181,13 +180,14 @@ class Trainer:
         # per_trajectory, not through the op's own weighted total.
         out = self.losses(hidden, batch, precompute_grad=False)
         synthetic = ~batch.is_real
-        features = trajectory_features(
-            hidden.detach(), batch.segment_ids, batch.segment_ids >= 0, out.per_trajectory.detach(),
-            out.num_tokens, synthetic, source=self._source_index(batch) if cfg.head.num_sources else None,
-            returns=torch.nan_to_num(batch.rewards) if cfg.head.use_returns else None,
-        )  # fmt: skip
         if cfg.reweight:
-            w = self.head(features)
+            w = self.head(
+                trajectory_features(
+                    hidden.detach(), batch.segment_ids, batch.segment_ids >= 0, out.per_trajectory.detach(),
+                    out.num_tokens, synthetic, source=self._source_index(batch) if cfg.head.num_sources else None,
+                    returns=torch.nan_to_num(batch.rewards) if cfg.head.use_returns else None,
+                )
+            )  # fmt: skip
         else:
             w = torch.ones(batch.num_segments, device=self.device)
         loss = (w.detach() * out.per_trajectory).sum() / batch.num_segments
@@ -211,7 +211,7 @@ class Trainer:
         with torch.no_grad():
             val_hidden = self.hidden_states(val)
         W = self.lm_head.weight.detach()
-        Wg = W.clone().requires_grad_()
+        Wg = self.lm_head.weight.detach().requires_grad_()  # shares W's storage: no [V, D] copy
         val_out = self.losses(val_hidden, val, Wg)
         (g,) = torch.autograd.grad(val_out.loss, Wg)
         bias = self._bias()
