@@ -151,3 +151,12 @@ def test_bad_config_names_the_file_and_key(tmp_path, text, overrides, message):
     path.write_text(text)
     with pytest.raises(ValueError, match=message):
         load_config(TrainConfig, path, overrides)
+
+
+def test_cli_reports_a_bad_setting_and_exits_2(capsys):
+    from boost.train.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["stepz=3"])
+    assert exit_info.value.code == 2
+    assert "unknown key 'stepz' for TrainConfig" in capsys.readouterr().err
