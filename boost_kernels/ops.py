@@ -116,6 +116,11 @@ def _token_scale(prep: _Prepared, normalize: str, dtype: torch.dtype) -> torch.T
     return torch.where(prep.counted, scale, 0.0)
 
 
+def _token_coef(prep: _Prepared, scale: torch.Tensor, w: torch.Tensor, z: float) -> torch.Tensor:
+    """[T] coefficient a_t = w_{s(t)} · scale_t / Z of each token's loss in the weighted total."""
+    return scale * w.to(scale.dtype)[prep.segments] / z
+
+
 def _per_trajectory(prep: _Prepared, token_values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """[S]: Σ over each trajectory's tokens of value_t · scale_t (differentiable)."""
     out = token_values.new_zeros(prep.num_tokens.shape[0])
@@ -163,7 +168,7 @@ def trajectory_cross_entropy(
     prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
     w = _weights(traj_weights, num_segments, hidden.device)
     scale = _token_scale(prep, normalize, chunked.compute_dtype(hidden.dtype))
-    coef = scale * w.to(scale.dtype)[prep.segments] / _normalizer(normalizer, num_segments)
+    coef = _token_coef(prep, scale, w, _normalizer(normalizer, num_segments))
     eager = _eager_gradients(prep.impl, hidden, weight, bias) if precompute_grad else None
     token_loss, _, total, _ = TokenLosses.apply(
         hidden, weight, bias, prep.labels, coef, softcap, prep.impl, eager
@@ -261,7 +266,7 @@ def trajectory_hvp(
     z = _normalizer(normalizer, num_segments)
     with torch.no_grad():
         acc = chunked.compute_dtype(hidden.dtype)
-        coef = _token_scale(prep, normalize, acc) * w.detach().to(acc)[prep.segments] / z
+        coef = _token_coef(prep, _token_scale(prep, normalize, acc), w.detach(), z)
         dd_h, dd_w, dd_b = prep.impl.token_loss_hvp(
             hidden, weight, bias, prep.labels, softcap, coef,
             tangent_weight, tangent_hidden, tangent_bias, need_hidden, True, need_bias,
