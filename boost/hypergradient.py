@@ -153,6 +153,14 @@ def _conjugate_gradient(apply, b: torch.Tensor, steps: int) -> torch.Tensor:
     return x
 
 
+def solve_residual(hvp, v: torch.Tensor, g: torch.Tensor, cfg: SolverConfig) -> float:
+    """|(H + λI) v − g| / |g| (one more HVP), or nan for ``identity`` or ``cfg.residual=False``."""
+    if not cfg.residual or cfg.method == "identity":
+        return float("nan")
+    res = hvp(v).add_(v, alpha=cfg.damping).sub_(g)
+    return float(res.norm() / g.norm().clamp_min(torch.finfo(g.dtype).tiny))
+
+
 _DOT_CHUNK = 1 << 20
 
 
@@ -208,10 +216,7 @@ def head_hypergradient(
             return head_hvp(train, weight.detach(), w, normalizer, u)
 
         v = inverse_hvp(hvp, g, cfg)
-        residual = float("nan")
-        if cfg.residual and cfg.method != "identity":
-            res = hvp(v).add_(v, alpha=cfg.damping).sub_(g)
-            residual = float(res.norm() / g.norm().clamp_min(torch.finfo(g.dtype).tiny))
+        residual = solve_residual(hvp, v, g, cfg)
         scores = trajectory_scores(train, weight.detach(), v)
         z = float(normalizer) if normalizer is not None else float(train.num_segments)
         return Hypergradient(-scores / z, scores, v, residual)

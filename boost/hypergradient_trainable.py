@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from boost.hypergradient import Hypergradient, SolverConfig, inverse_hvp
+from boost.hypergradient import Hypergradient, SolverConfig, inverse_hvp, solve_residual
 
 
 def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -149,8 +149,6 @@ def trainable_hypergradient(
         return finite_difference_hvp(inner_loss, params, u, step)
 
     v = inverse_hvp(hvp, g, cfg)
-    residual = float("nan")
-    if cfg.residual and cfg.method != "identity":
-        residual = float((hvp(v) + cfg.damping * v - g).norm() / g.norm().clamp_min(torch.finfo(dtype).tiny))
+    residual = solve_residual(hvp, v, g, cfg)
     scores = finite_difference_scores(per_trajectory_loss, params, v, step)
     return Hypergradient(-scores / float(normalizer), scores, v, residual)
