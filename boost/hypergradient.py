@@ -1,21 +1,34 @@
 """Implicit hypergradients over the LM-head block (DESIGN.md, "Implicit hypergradient").
 
 The inner problem trains θ on the weighted loss L_in(θ, w) = Σ_i w_i L_i(θ) / Z (+ λ/2 |θ|², the
-damping of the linear system below); the outer objective is L_out(θ*) on real validation
-trajectories. By the implicit function theorem, with H = ∇²_θ L_in and g = ∇_θ L_out,
+damping of the linear system below); the outer objective is L_out on real validation trajectories.
+With g = ∇_θ L_out and v ≈ "the response of θ to the inner gradient, applied to g",
 
-    dL_out/dw_i = −σ_i / Z,   σ_i = <∇_θ L_i, v>,   v = H⁻¹ g.
+    dL_out/dw_i = −σ_i / Z,   σ_i = <∇_θ L_i, v>.
 
 Here θ is the head block (W, the [V, D] LM-head weight), so every quantity comes from the fused
 ops on the hidden states the inner step already computed: H·u from :func:`boost_kernels.trajectory_hvp`
 and all σ_i in one pass from :func:`boost_kernels.trajectory_jvp`. Nothing here builds [T, V].
 
-Three approximations of v (``method``):
+Three approximations of v (``method``), and the state each one linearises at:
 
-* ``identity``: v = α g, the one-step look-ahead of Learning-to-Reweight (α the inner step size);
-* ``neumann``: v = α Σ_{k=0..K} (I − αH)^k g, K = ``steps`` (converges when 0 < α < 2/λ_max(H));
-* ``cg``: ``steps`` conjugate-gradient iterations on (H + λI) v = g (H is positive semi-definite
-  for the head block without softcap, so CG applies; λ > 0 makes it definite).
+* ``identity``: the one-step look-ahead of Learning-to-Reweight. d/dw_i L_out(θ_{t+1}(w)) with
+  θ_{t+1} the parameters after the inner step: v = J_stepᵀ g with g = ∇L_out(θ_{t+1}) and J_step the
+  step's response to its gradient; σ_i = <∇L_i(θ_t), v> at the parameters θ_t *before* the step (the
+  ones the inner gradient was taken at; hidden states and head from that same state). J_step comes
+  from the inner optimiser (:mod:`boost.step_response`: lr for SGD, lr·P for Adam/AdamW, through
+  gradient clipping); without one, v = α g with ``alpha``. This is exact to first order in w for
+  the head block (tested against a finite difference through a real optimiser step).
+* ``neumann``: v = α Σ_{k=0..K} (I − α(H + λI))^k g (Richardson iterations; converges when
+  0 < α < 2/λ_max);
+* ``cg``: conjugate gradients on (H + λI) v = g (H is positive semi-definite for the head block
+  without softcap; λ > 0 makes it definite).
+
+Neumann and CG are the implicit function theorem at an inner problem that is never solved: they
+linearise at θ_t (H and σ_i on the inner batch as the step saw it) and take g at θ_{t+1}, and with a
+few steps they solve the linear system only approximately. They are *approximate* IFT hypergradients:
+:attr:`Hypergradient.residual` = |(H + λI) v − g| / |g| says how approximate, and both warm-start
+from the previous outer step's v (``warm_start``; the system changes little between nearby steps).
 
 Shapes: hidden [T, D] (any float dtype the ops take), weight [V, D], labels / segment_ids [T] int,
 traj_weights [S]. Vectors (g, v) are shaped like the weight, float32 (float64 for float64 weights);
@@ -25,6 +38,7 @@ take tangents in the weight's dtype) and return float32. A bias, if any, is held
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -62,21 +76,28 @@ class HeadBatch:
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """How v ≈ H⁻¹ g is approximated (see the module docstring)."""
+    """How v is approximated (see the module docstring)."""
 
     method: str = "cg"
-    steps: int = 5  # Neumann terms K, or CG iterations
-    alpha: float = 1e-2  # α: the inner step size (identity, neumann)
+    steps: int = 5  # Neumann / CG: Hessian-vector products per solve (the residual check is one more)
+    # Neumann's step size α; for ``identity`` only where no inner optimiser defines the step (the
+    # trainer and the toy take lr·P from the optimiser and refuse an alpha here)
+    alpha: float | None = None
     damping: float = 0.0  # λ: H + λI (neumann and cg); the inner weight decay, if any
-    residual: bool = True  # report |(H + λI) v − g| / |g| (one more HVP pass)
+    warm_start: bool = True  # neumann / cg: start from the previous solve's v (see inverse_hvp)
+    residual: bool = True  # report |(H + λI) v − g| / |g| (one more HVP pass); the trainer always does
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"SolverConfig.method must be one of {METHODS}, got {self.method!r}")
         if self.steps < 0:
             raise ValueError(f"SolverConfig.steps must be >= 0, got {self.steps}")
-        if not self.alpha > 0:
+        if self.alpha is not None and not self.alpha > 0:
             raise ValueError(f"SolverConfig.alpha must be > 0, got {self.alpha}")
+        if self.method == "neumann" and self.alpha is None:
+            raise ValueError(
+                "SolverConfig.alpha (the Neumann step size, < 2/λ_max(H)) is required for 'neumann'"
+            )
         if not self.damping >= 0:
             raise ValueError(f"SolverConfig.damping must be >= 0, got {self.damping}")
 
@@ -86,6 +107,7 @@ class Hypergradient(NamedTuple):
     scores: torch.Tensor  # [S] float32: σ_i = <∇_W L_i, v>
     v: torch.Tensor  # [V, D]: the approximation of H⁻¹ g
     residual: float  # |(H + λI) v − g| / |g|: how well v solves the system (nan: identity, or not asked)
+    warm_started: bool = False  # the solve started from the previous v (False: from 0, or identity)
 
 
 def head_hvp(
@@ -103,33 +125,74 @@ def head_hvp(
     return out.weight.to(u.dtype)
 
 
-def inverse_hvp(hvp, g: torch.Tensor, cfg: SolverConfig) -> torch.Tensor:
+class Solve(NamedTuple):
+    v: torch.Tensor  # shaped like g
+    warm_started: bool  # True when the solve kept the initial guess (see inverse_hvp)
+
+
+def inverse_hvp(
+    hvp,
+    g: torch.Tensor,
+    cfg: SolverConfig,
+    init: torch.Tensor | None = None,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
     """v ≈ (H + λI)⁻¹ g by ``cfg.method``; ``hvp(u)`` returns H u (without the damping).
 
-    Memory: besides what ``hvp`` uses, CG holds four vectors shaped like g (x, r, p and the product),
-    Neumann three; they are updated in place. ``g`` and ``hvp``'s results are never modified.
+    ``identity``: ``precondition(g)`` (the inner optimiser's response, :mod:`boost.step_response`),
+    else ``cfg.alpha · g``. Neumann and CG use ``cfg.steps`` Hessian-vector products in all; with
+    ``init`` (the previous v) and ``cfg.warm_start`` they start from it, the first product giving
+    its residual; when that residual is no smaller than |g| (the guess is worse than 0) they drop
+    it and go on from 0. Memory: besides what ``hvp`` uses, CG holds four vectors shaped like g,
+    Neumann three. ``g``, ``init`` and ``hvp``'s results are never modified.
     """
+    return solve(hvp, g, cfg, init, precondition).v
+
+
+def solve(hvp, g, cfg: SolverConfig, init=None, precondition=None) -> Solve:
+    """:func:`inverse_hvp`, also saying whether the warm start was kept."""
     if cfg.method == "identity":
-        return cfg.alpha * g
+        if precondition is not None:
+            return Solve(precondition(g), False)
+        if cfg.alpha is None:
+            raise ValueError(
+                "method 'identity' needs the inner step: pass the optimiser's response (precondition=) or set "
+                "SolverConfig.alpha to the inner SGD learning rate"
+            )
+        return Solve(cfg.alpha * g, False)
 
     def damped(u):
         out = hvp(u)
         return torch.add(out, u, alpha=cfg.damping) if cfg.damping else out
 
+    steps, x, r = cfg.steps, None, None
+    if init is not None and cfg.warm_start and steps > 0:
+        if init.shape != g.shape:
+            raise ValueError(
+                f"init (the previous v) must be shaped like g {tuple(g.shape)}, got {tuple(init.shape)}"
+            )
+        x = init.to(g.dtype).clone()
+        r = damped(x).neg_().add_(g)
+        steps -= 1
+        if _dot(r, r) >= _dot(g, g):
+            x, r = None, None
+    warm = x is not None
     if cfg.method == "neumann":
-        term, total = g.clone(), g.clone()
-        for _ in range(cfg.steps):
-            term.sub_(damped(term), alpha=cfg.alpha)
-            total.add_(term)
-        return total.mul_(cfg.alpha)
-    return _conjugate_gradient(damped, g, cfg.steps)
+        if x is None:
+            x = cfg.alpha * g  # from 0, the first iteration needs no product
+        else:
+            x.add_(r, alpha=cfg.alpha)  # the iteration whose product gave the warm start's residual
+        for _ in range(steps):
+            x.add_(damped(x).neg_().add_(g), alpha=cfg.alpha)
+        return Solve(x, warm)
+    return Solve(_conjugate_gradient(damped, g, steps, x, r), warm)
 
 
-def _conjugate_gradient(apply, b: torch.Tensor, steps: int) -> torch.Tensor:
-    """``steps`` CG iterations on A x = b from x = 0 (A symmetric positive semi-definite)."""
-    x = torch.zeros_like(b)
-    r = b.clone()
-    p = b.clone()
+def _conjugate_gradient(apply, b: torch.Tensor, steps: int, x=None, r=None) -> torch.Tensor:
+    """``steps`` CG iterations on A x = b from x (default 0, then r = b); A positive semi-definite."""
+    if x is None:
+        x, r = torch.zeros_like(b), b.clone()
+    p = r.clone()
     rr = _dot(r, r)
     tiny = torch.finfo(b.dtype).tiny
     for _ in range(steps):
@@ -188,15 +251,21 @@ def head_hypergradient(
     val_grad: torch.Tensor,
     cfg: SolverConfig,
     normalizer: float | None = None,
+    init: torch.Tensor | None = None,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Hypergradient:
-    """dL_out/dw_i for the trajectories of ``train`` through the implicit function theorem.
+    """dL_out/dw_i for the trajectories of ``train`` (see the module docstring for the method).
 
     Args:
         train: the inner batch (hidden states from the inner step's forward, detached).
-        weight [V, D]: the LM head θ_S at which the inner problem is taken to be solved.
+        weight [V, D]: the LM head θ_S at which the inner batch is linearised: for a look-ahead, the
+            head *before* the inner step, the one that saw ``train.hidden``.
         traj_weights [S]: w_i of the inner loss (held fixed).
-        val_grad [V, D]: g = ∇_W L_out on a validation batch.
+        val_grad [V, D]: g = ∇_W L_out on a validation batch (after the inner step).
         normalizer: Z of the inner loss (default S).
+        init: the previous outer step's v, to warm-start Neumann / CG (``cfg.warm_start``).
+        precondition: ``identity`` only, g -> v: the inner optimiser's response
+            (:func:`boost.step_response.optimizer_response`); default ``cfg.alpha · g``.
     Returns:
         :class:`Hypergradient`; backpropagate ``traj_weights`` into whatever produced w.
     """
@@ -215,8 +284,8 @@ def head_hypergradient(
         def hvp(u):
             return head_hvp(train, weight.detach(), w, normalizer, u)
 
-        v = inverse_hvp(hvp, g, cfg)
+        v, warm = solve(hvp, g, cfg, init, precondition)
         residual = solve_residual(hvp, v, g, cfg)
         scores = trajectory_scores(train, weight.detach(), v)
         z = float(normalizer) if normalizer is not None else float(train.num_segments)
-        return Hypergradient(-scores / z, scores, v, residual)
+        return Hypergradient(-scores / z, scores, v, residual, warm)

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from boost.hypergradient import Hypergradient, SolverConfig, inverse_hvp, solve_residual
+from boost.hypergradient import Hypergradient, SolverConfig, solve, solve_residual
 
 
 def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -126,6 +126,8 @@ def trainable_hypergradient(
     cfg: SolverConfig,
     normalizer: float,
     step: float = 1e-3,
+    init: torch.Tensor | None = None,
+    precondition=None,
 ) -> Hypergradient:
     """dL_out/dw_i for θ_S = ``params`` by the implicit function theorem, with finite differences.
 
@@ -136,6 +138,8 @@ def trainable_hypergradient(
         val_grad: g = ∇_θ L_out, one tensor per parameter.
         normalizer: Z of the inner loss.
         step: |εu| of every finite difference.
+        init: the previous flat v (warm start of Neumann / CG).
+        precondition: ``identity`` only, flat g -> flat v: the inner optimiser's response.
     Returns:
         :class:`boost.hypergradient.Hypergradient` with v flat (parameters concatenated).
     """
@@ -148,7 +152,7 @@ def trainable_hypergradient(
     def hvp(u):
         return finite_difference_hvp(inner_loss, params, u, step)
 
-    v = inverse_hvp(hvp, g, cfg)
+    v, warm = solve(hvp, g, cfg, init, precondition)
     residual = solve_residual(hvp, v, g, cfg)
     scores = finite_difference_scores(per_trajectory_loss, params, v, step)
-    return Hypergradient(-scores / float(normalizer), scores, v, residual)
+    return Hypergradient(-scores / float(normalizer), scores, v, residual, warm)

@@ -1,6 +1,7 @@
 """The reweighting head: per-trajectory features -> weights w_i, and its outer objective.
 
-DESIGN.md, "Reweighting head". Features per trajectory, all detached from the model θ:
+DESIGN.md, "Reweighting head"; the bound the regularisers come from is written out in
+``docs/method.md``. Features per trajectory, all detached from the model θ:
 
     pooled [S, D]   mean of the last hidden states over the trajectory's counted tokens
     loss [S]        its loss L_i
@@ -8,20 +9,27 @@ DESIGN.md, "Reweighting head". Features per trajectory, all detached from the mo
     source [S]      (optional) index of its source name, through a learned embedding
     returns [S]     (optional) its return
 
-A small MLP maps them to a positive score; the scores of the batch's synthetic trajectories are
-normalised to mean 1 and multiplied by a learned synthetic mass m. Real trajectories keep
-``real_weight`` (1).
+A small MLP maps them to positive scores s_i. A synthetic trajectory's weight is m · s_i / μ with m
+a learned synthetic mass and μ the normaliser: by default (``normalizer="running"``) a running,
+detached mean of the synthetic scores of past batches, so a trajectory's weight depends on its
+own features and on μ only, and the head gets a gradient from a batch whose synthetic trajectories
+all come from one source (or from a batch with one synthetic trajectory). ``normalizer="batch"``
+divides by the current batch's mean instead (weights then only compare batch-mates). Real
+trajectories keep ``real_weight`` (1).
 
 The outer objective for the head's parameters φ, given the hypergradient h_i = dL_out/dw_i of the
 batch (:mod:`boost.hypergradient`), is
 
-    Σ_i w_i(φ) · stopgrad(h_i)  +  λ_conc / √n_eff  +  λ_shift · m,
+    Σ_i w_i(φ) · stopgrad(h_i)  +  λ_conc / √n_eff  +  λ_shift · Σ_{i synthetic} w_i d_i / S,
 
-whose gradient is the implicit hypergradient of L_out through w, plus the two knobs of the
-PAC-Bayes trade-off: concentrating weight on few trajectories shrinks the effective sample size
-n_eff = (Σ w)² / Σ w² over the synthetic trajectories (the √(1/n_eff) complexity term), and mass on
-synthetic data risks task shift (a term growing with m). n_eff does not depend on m, so the two
-knobs act on different parameters.
+the implicit hypergradient of L_out through w plus the two other terms of the PAC-Bayes bound:
+n_eff = (Σ w)² / Σ w² over *all* weighted trajectories of the batch (real included), so synthetic
+mass raises it (diversity) and concentrating weight on a few trajectories lowers it; d_i is the
+trajectory's discrepancy from the real validation trajectories, the distance of its pooled hidden
+state to their mean, in units of their own mean distance to it (a linear-kernel MMD; see
+:meth:`ReweightingHead.shift_distance`), so synthetic weight costs more the farther from the real
+distribution it sits. S normalises like the inner loss (Z = S), so with d_i = 1 the term is λ_shift
+times the mean synthetic weight.
 """
 
 from __future__ import annotations
@@ -100,8 +108,12 @@ class HeadConfig:
     use_returns: bool = False
     init_mass: float = 1.0  # m at initialisation: synthetic weights start at mean m
     real_weight: float = 1.0  # weight of every real training trajectory
-    concentration: float = 0.0  # λ_conc, on 1 / √n_eff
-    task_shift: float = 0.0  # λ_shift, on the synthetic mass m
+    # λ_conc on 1/√n_eff and λ_shift on Σ_syn w_i d_i / S; the defaults are the toy's choice on its
+    # validation loss (benchmarks/RESULTS.md, "Toy: honest arms"), not tuned for a real model
+    concentration: float = 0.3
+    task_shift: float = 0.03
+    normalizer: str = "running"  # "running": μ = running mean of synthetic scores; "batch": this batch's mean
+    normalizer_momentum: float = 0.9  # μ ← momentum·μ + (1 − momentum)·(this batch's mean synthetic score)
 
     def __post_init__(self):
         if self.hidden_size < 1:
@@ -114,10 +126,23 @@ class HeadConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"HeadConfig.{name} must be finite and >= 0, got {value}")
+        if self.normalizer not in ("running", "batch"):
+            raise ValueError(f"HeadConfig.normalizer must be 'running' or 'batch', got {self.normalizer!r}")
+        if not 0 <= self.normalizer_momentum < 1:
+            raise ValueError(
+                f"HeadConfig.normalizer_momentum must be in [0, 1), got {self.normalizer_momentum}"
+            )
+
+
+_INITIAL_SCORE = math.log(2.0) + 1e-6  # softplus(0) + 1e-6: every score at initialisation
 
 
 class ReweightingHead(nn.Module):
-    """features -> weights [S] (float32): synthetic ones positive with mean m, real ones real_weight."""
+    """features -> weights [S] (float32): synthetic ones m · s_i / μ, real ones real_weight.
+
+    Buffers (saved with the state dict): ``score_mean`` (μ of the running normaliser) and the real
+    validation reference of the task-shift term, ``reference_mean`` [D] and ``reference_scale``.
+    """
 
     def __init__(self, hidden_dim: int, cfg: HeadConfig = HeadConfig()):
         super().__init__()
@@ -129,6 +154,9 @@ class ReweightingHead(nn.Module):
         nn.init.zeros_(self.mlp[-1].weight)  # every score starts equal: uniform weights
         nn.init.zeros_(self.mlp[-1].bias)
         self.log_mass = nn.Parameter(torch.tensor(math.log(cfg.init_mass)))
+        self.register_buffer("score_mean", torch.tensor(_INITIAL_SCORE))  # exact for the initial head
+        self.register_buffer("reference_mean", torch.zeros(hidden_dim))
+        self.register_buffer("reference_scale", torch.tensor(0.0))  # 0: no reference yet
 
     @property
     def mass(self) -> torch.Tensor:
@@ -151,13 +179,50 @@ class ReweightingHead(nn.Module):
             parts.append(f.returns[:, None])
         return nn.functional.softplus(self.mlp(torch.cat(parts, dim=1)).squeeze(1)) + 1e-6
 
-    def forward(self, f: TrajectoryFeatures) -> torch.Tensor:
+    def forward(self, f: TrajectoryFeatures, update: bool | None = None) -> torch.Tensor:
+        """Weights [S]. ``update`` (default: ``self.training``) folds this batch's mean synthetic score
+        into the running μ *after* using it, so a batch's weights never depend on its batch-mates."""
         real = torch.full_like(f.loss, self.cfg.real_weight)
         if not bool(f.synthetic.any()):
             return real
         s = self.scores(f)
-        normalised = s / s[f.synthetic].mean()
-        return torch.where(f.synthetic, self.mass * normalised, real)
+        if self.cfg.normalizer == "batch":
+            mu = s[f.synthetic].mean()
+        else:
+            mu = self.score_mean.detach().clone()
+            if self.training if update is None else update:
+                momentum = self.cfg.normalizer_momentum
+                self.score_mean.mul_(momentum).add_((1 - momentum) * s[f.synthetic].detach().mean())
+        return torch.where(f.synthetic, self.mass * s / mu, real)
+
+    @torch.no_grad()
+    def update_reference(self, pooled: torch.Tensor, momentum: float = 0.9) -> None:
+        """Fold real validation trajectories' pooled states [n, D] into the task-shift reference: their
+        mean and their mean distance to it (a running average over outer steps; the first call sets it)."""
+        if pooled.ndim != 2 or pooled.shape[1] != self.reference_mean.shape[0] or pooled.shape[0] < 1:
+            raise ValueError(
+                f"pooled must be [n >= 1, {self.reference_mean.shape[0]}] (validation trajectories), "
+                f"got {tuple(pooled.shape)}"
+            )
+        pooled = pooled.float()
+        mean = pooled.mean(0)
+        scale = (pooled - mean).norm(dim=1).mean()
+        if float(self.reference_scale) == 0.0:
+            self.reference_mean.copy_(mean)
+            self.reference_scale.copy_(scale)
+        else:
+            self.reference_mean.lerp_(mean, 1 - momentum)
+            self.reference_scale.lerp_(scale, 1 - momentum)
+
+    def shift_distance(self, pooled: torch.Tensor) -> torch.Tensor:
+        """d_i = |pooled_i − μ_val| / r_val [S] (detached): distance to the real validation trajectories'
+        mean pooled state in units of their own mean distance to it (≈ 1 for real-like trajectories)."""
+        if float(self.reference_scale) <= 0.0:
+            raise ValueError(
+                "the task-shift term needs the real validation reference: call head.update_reference(pooled "
+                "states of validation trajectories) first, or set head.task_shift=0"
+            )
+        return ((pooled.float() - self.reference_mean).norm(dim=1) / self.reference_scale).detach()
 
 
 def effective_sample_size(weights: torch.Tensor) -> torch.Tensor:
@@ -171,13 +236,19 @@ class OuterObjective(NamedTuple):
     loss: torch.Tensor  # [] what to backpropagate into the head
     surrogate: torch.Tensor  # [] Σ_i w_i stopgrad(dL_out/dw_i)
     concentration: torch.Tensor  # [] λ_conc / √n_eff
-    task_shift: torch.Tensor  # [] λ_shift · m
-    n_eff: torch.Tensor  # [] over the synthetic trajectories of the batch
-    mass: torch.Tensor  # [] m
+    task_shift: torch.Tensor  # [] λ_shift · Σ_syn w_i d_i / S
+    n_eff: torch.Tensor  # [] over all weighted trajectories of the batch (real included)
+    mass: torch.Tensor  # [] m, the learned synthetic mass
+    synthetic_weight: torch.Tensor  # [] mean weight of the batch's synthetic trajectories (m · mean s/μ)
+    shift: torch.Tensor  # [] mean d_i over the batch's synthetic trajectories (nan without the term)
 
 
 def outer_objective(
-    head: ReweightingHead, weights: torch.Tensor, hypergradient: torch.Tensor, synthetic: torch.Tensor
+    head: ReweightingHead,
+    weights: torch.Tensor,
+    hypergradient: torch.Tensor,
+    synthetic: torch.Tensor,
+    pooled: torch.Tensor | None = None,
 ) -> OuterObjective:
     """The head's loss for one outer step (see the module docstring).
 
@@ -185,6 +256,8 @@ def outer_objective(
         weights [S]: ``head(features)`` (differentiable in the head's parameters).
         hypergradient [S]: dL_out/dw_i, e.g. ``head_hypergradient(...).traj_weights`` (detached here).
         synthetic [S] bool.
+        pooled [S, D]: the trajectories' pooled hidden states (``features.pooled``); needed when
+            ``head.cfg.task_shift > 0``, with the head's validation reference set.
     """
     if weights.shape != hypergradient.shape or weights.shape != synthetic.shape:
         raise ValueError(
@@ -192,16 +265,22 @@ def outer_objective(
             f"{tuple(hypergradient.shape)}, {tuple(synthetic.shape)}"
         )
     cfg = head.cfg
+    zero = weights.new_zeros(())
     surrogate = (weights * hypergradient.detach().to(weights.dtype)).sum()
-    n_eff = effective_sample_size(weights[synthetic])
-    concentration = (
-        cfg.concentration / n_eff.clamp_min(1e-12).sqrt() if synthetic.any() else weights.new_zeros(())
-    )
-    mass = head.mass
-    task_shift = cfg.task_shift * mass
+    n_eff = effective_sample_size(weights)
+    concentration = cfg.concentration / n_eff.clamp_min(1e-12).sqrt() if cfg.concentration else zero
+    task_shift, shift = zero, weights.new_tensor(float("nan"))
+    if cfg.task_shift and bool(synthetic.any()):
+        if pooled is None or pooled.shape[0] != weights.shape[0]:
+            raise ValueError("head.task_shift > 0: pass pooled [S, D] (the features' pooled hidden states)")
+        d = head.shift_distance(pooled).to(weights.dtype)
+        task_shift = cfg.task_shift * (weights * d)[synthetic].sum() / weights.shape[0]
+        shift = d[synthetic].mean()
+    syn_weight = weights[synthetic].mean() if bool(synthetic.any()) else zero
     return OuterObjective(
-        surrogate + concentration + task_shift, surrogate, concentration, task_shift, n_eff, mass
-    )
+        surrogate + concentration + task_shift, surrogate, concentration, task_shift, n_eff, head.mass,
+        syn_weight, shift,
+    )  # fmt: skip
 
 
 def weight_summary(

@@ -45,7 +45,7 @@ def test_features_pool_the_counted_tokens_of_each_trajectory():
 
 
 def test_weights_real_fixed_synthetic_positive_with_mean_mass():
-    head = ReweightingHead(5, HeadConfig(init_mass=0.7, real_weight=1.0))
+    head = ReweightingHead(5, HeadConfig(init_mass=0.7, real_weight=1.0, normalizer="batch"))
     with torch.no_grad():
         head.mlp[-1].weight.normal_()  # leave the uniform initialisation
     f = _features()
@@ -56,12 +56,81 @@ def test_weights_real_fixed_synthetic_positive_with_mean_mass():
     assert float(w[f.synthetic].std()) > 0
 
 
-def test_initial_weights_are_uniform_and_a_batch_without_synthetic_data_is_all_real():
-    head = ReweightingHead(5, HeadConfig(init_mass=2.0, real_weight=0.5))
+def test_the_running_normaliser_uses_past_batches_only():
+    """w = m · s_i / μ with μ from earlier batches: a trajectory's weight does not depend on its
+    batch-mates, and μ follows the scores (mean synthetic weight -> m on a stationary stream)."""
+    head = ReweightingHead(5, HeadConfig(init_mass=0.7, normalizer_momentum=0.5))
+    with torch.no_grad():
+        head.mlp[-1].weight.normal_()
     f = _features()
-    assert torch.allclose(head(f)[f.synthetic], torch.full((4,), 2.0))
-    real_only = f._replace(synthetic=torch.zeros(6, dtype=torch.bool))
-    assert torch.equal(head(real_only), torch.full((6,), 0.5))
+    mu_before = float(head.score_mean)
+    scores = head.scores(f).detach()
+    w = head(f).detach()
+    assert torch.allclose(w[f.synthetic], 0.7 * scores[f.synthetic] / mu_before)
+    assert math.isclose(
+        float(head.score_mean), 0.5 * mu_before + 0.5 * float(scores[f.synthetic].mean()), rel_tol=1e-6
+    )
+    # one trajectory alone gets the same weight as in its batch (given the same μ)
+    head.eval()
+    alone = head(TrajectoryFeatures(*(t[1:2] for t in f[:4])))
+    in_batch = head(f)
+    assert torch.allclose(alone, in_batch[1:2])
+    head.train()
+    for _ in range(40):
+        head(f)
+    assert math.isclose(float(head(f, update=False)[f.synthetic].mean().detach()), 0.7, rel_tol=1e-4)
+
+
+def test_the_running_normaliser_gives_a_score_gradient_in_single_source_batches():
+    """A two-source toy: every batch holds one synthetic source only and the features differ only by
+    source. With the per-batch mean the weights are m whatever the head does, so the scores get no
+    gradient; with the running mean they do, and training separates the sources."""
+    D, n = 4, 6
+    hyper_by_source = {0: -1.0, 1: +1.0}  # dL_out/dw: source 0 helps (weight up), source 1 hurts
+
+    def batch(source):
+        return TrajectoryFeatures(
+            torch.ones(n, D), torch.ones(n), torch.ones(n), torch.ones(n, dtype=torch.bool),
+            torch.full((n,), source),
+        )  # fmt: skip
+
+    def score_grads(normalizer):
+        torch.manual_seed(0)
+        head = ReweightingHead(
+            D, HeadConfig(num_sources=2, normalizer=normalizer, concentration=0, task_shift=0)
+        )
+        with torch.no_grad():
+            head.mlp[-1].weight.normal_()
+        f = batch(1)
+        obj = outer_objective(head, head(f), torch.full((n,), hyper_by_source[1]), f.synthetic)
+        params = [p for name, p in head.named_parameters() if name != "log_mass"]
+        return [g for g in torch.autograd.grad(obj.loss, params, allow_unused=True) if g is not None]
+
+    assert max(float(g.abs().max()) for g in score_grads("batch")) <= 1e-5  # zero up to rounding
+    assert max(float(g.abs().max()) for g in score_grads("running")) > 1e-3
+
+    def train(normalizer):
+        torch.manual_seed(0)
+        head = ReweightingHead(
+            D, HeadConfig(num_sources=2, normalizer=normalizer, concentration=0, task_shift=0)
+        )
+        head.log_mass.requires_grad_(False)
+        opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=0.05)
+        for step in range(60):
+            source = step % 2
+            f = batch(source)
+            obj = outer_objective(head, head(f), torch.full((n,), hyper_by_source[source]), f.synthetic)
+            opt.zero_grad()
+            obj.loss.backward()
+            opt.step()
+        head.eval()
+        with torch.no_grad():
+            return float(head(batch(0))[0]), float(head(batch(1))[0])
+
+    good, bad = train("running")
+    assert good > 3 * bad, (good, bad)
+    good, bad = train("batch")
+    assert good == pytest.approx(1.0, abs=1e-5) and bad == pytest.approx(1.0, abs=1e-5)  # nothing learned
 
 
 def test_effective_sample_size():
@@ -71,7 +140,7 @@ def test_effective_sample_size():
 
 
 def test_outer_objective_gradient_is_the_hypergradient_through_the_weights():
-    head = ReweightingHead(5, HeadConfig())
+    head = ReweightingHead(5, HeadConfig(concentration=0, task_shift=0))
     with torch.no_grad():
         head.mlp[-1].weight.normal_()
     f = _features()
@@ -88,23 +157,70 @@ def test_outer_objective_gradient_is_the_hypergradient_through_the_weights():
         assert torch.allclose(got[k] if got[k] is not None else torch.zeros_like(p), expected, atol=1e-6)
 
 
-def test_the_regularisers_push_toward_spread_weights_and_less_synthetic_mass():
-    head = ReweightingHead(5, HeadConfig(concentration=1.0, task_shift=1.0))
+def test_n_eff_counts_real_trajectories_so_synthetic_mass_raises_it():
+    head = ReweightingHead(5, HeadConfig(init_mass=0.1, task_shift=0))
+    f = _features()  # 2 real, 4 synthetic
+    small = outer_objective(head, head(f), torch.zeros(6), f.synthetic).n_eff
+    with torch.no_grad():
+        head.log_mass.fill_(0.0)
+    unit = outer_objective(head, head(f), torch.zeros(6), f.synthetic).n_eff
+    assert float(small) < float(unit) == pytest.approx(6.0)
+
+
+def test_the_shift_distance_is_relative_to_the_validation_spread():
+    head = ReweightingHead(2, HeadConfig())
+    with pytest.raises(ValueError, match="update_reference"):
+        head.shift_distance(torch.zeros(1, 2))
+    head.update_reference(torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]]))
+    d = head.shift_distance(torch.tensor([[0.0, 0.0], [3.0, 4.0]]))
+    assert torch.allclose(d, torch.tensor([0.0, 5.0]))
+
+
+@pytest.mark.parametrize(
+    "term, offset", [("concentration", False), ("task_shift", False), ("task_shift", True)]
+)
+def test_each_regulariser_pushes_its_way(term, offset):
+    """λ_conc alone spreads the weights (n_eff up); λ_shift alone lowers the synthetic mass, and when the
+    validation signal offsets the average trajectory's shift cost (``offset``), moves the synthetic
+    weight toward the trajectories close to the real validation ones."""
+    # offset: the mass frozen and the batch normaliser, so the weights only move between trajectories
+    normalizer = "batch" if offset else "running"
+    head = ReweightingHead(
+        5, HeadConfig(**{"concentration": 0.0, "task_shift": 0.0, "normalizer": normalizer, term: 1.0})
+    )
     with torch.no_grad():
         head.mlp[-1].weight.normal_(std=3.0)
+    head.log_mass.requires_grad_(not offset)
     f = _features()
-    params = [p for p in head.parameters()]
-    opt = torch.optim.SGD(params, lr=0.05)
-    with torch.no_grad():
-        n_eff_before, mass_before = float(effective_sample_size(head(f)[f.synthetic])), float(head.mass)
+    head.update_reference(f.pooled[~f.synthetic])
+    far = head.shift_distance(f.pooled)[f.synthetic]
+    hyper = torch.zeros(6)
+    if offset:
+        hyper[f.synthetic] = -float(far.mean()) / 6
+    opt = torch.optim.SGD([p for p in head.parameters() if p.requires_grad], lr=0.05)
+    head.eval()  # μ fixed: the test watches the head's parameters only
+
+    @torch.no_grad()
+    def stats():
+        w = head(f)
+        syn = w[f.synthetic]
+        return float(effective_sample_size(w)), float(head.mass), float((syn / syn.sum() * far).sum())
+
+    n_eff_before, mass_before, shift_before = stats()
     for _ in range(50):
-        obj = outer_objective(head, head(f), torch.zeros(6), f.synthetic)
+        obj = outer_objective(head, head(f), hyper, f.synthetic, pooled=f.pooled)
         opt.zero_grad()
         obj.loss.backward()
         opt.step()
-    with torch.no_grad():
-        assert float(effective_sample_size(head(f)[f.synthetic])) > n_eff_before
-        assert float(head.mass) < mass_before
+    n_eff, mass, shift = stats()
+    if term == "concentration":
+        assert n_eff > n_eff_before
+    elif offset:
+        assert shift < shift_before
+    else:
+        assert mass < mass_before
+        with pytest.raises(ValueError, match="pass pooled"):
+            outer_objective(head, head(f), torch.zeros(6), f.synthetic)
 
 
 def test_bad_input_names_the_field():
@@ -112,6 +228,8 @@ def test_bad_input_names_the_field():
         HeadConfig(init_mass=0.0)
     with pytest.raises(ValueError, match="HeadConfig.concentration must be finite"):
         HeadConfig(concentration=float("inf"))
+    with pytest.raises(ValueError, match="HeadConfig.normalizer must be"):
+        HeadConfig(normalizer="global")
     head = ReweightingHead(5, HeadConfig(num_sources=2))
     with pytest.raises(ValueError, match="no source indices"):
         head(_features())

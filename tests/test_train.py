@@ -50,7 +50,10 @@ def test_a_boost_run_writes_metrics_checkpoint_and_report(assets, tmp_path):
         )
         assert set(m["weights"]) <= {"real", "corrupt", "eps0.3"}
     assert all(torch.isfinite(torch.tensor(v)) for v in final.values())
-    assert all(m["solver_residual"] is not None for m in metrics)  # computed by default
+    assert all(m["solver_residual"] is not None for m in metrics)  # always computed
+    # CG warm-starts from the previous outer step's v (or says it dropped a useless guess)
+    assert metrics[0]["solver_warm_started"] is False and all("solver_warm_started" in m for m in metrics)
+    assert all(m["synthetic_weight"] > 0 and m["task_shift_distance"] > 0 for m in metrics)
     text = report.read_text()
     assert "| source |" in text and "training.png" in text and "real tasks:" in text
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
@@ -74,6 +77,31 @@ def test_the_trainable_block_restores_the_model_and_moves_the_head(assets, tmp_p
         assert torch.equal(model_before[k], v), k
     assert any(not torch.equal(a, b) for a, b in zip(head_before, trainer.head.parameters()))
     assert record["n_eff"] > 0 and record["solver_residual"] is not None
+
+
+def test_the_identity_look_ahead_uses_the_pre_step_head_and_the_adamw_response(assets, tmp_path):
+    """identity: σ_i on the hidden states and the head *before* the inner step, v = the AdamW step's
+    own response to the post-step validation gradient (boost.step_response; its exactness against a
+    real step is tested in tests/test_step_response.py)."""
+    from boost.hypergradient import HeadBatch, trajectory_scores
+    from boost.step_response import optimizer_response
+
+    trainer = Trainer(_config(assets, tmp_path, "solver.method=identity", "optim.lr=0.05"), progress=False)
+    batch, val = next(_cycle(trainer.data.train)), next(_cycle(trainer.data.validation))
+    before = trainer.lm_head.weight.detach().clone()
+    _, state = trainer.inner_step(batch)
+    assert torch.equal(state["pre_step"][0], before) and not torch.equal(trainer.lm_head.weight, before)
+    _, hyper = trainer._head_block(batch, state, val)
+    W = trainer.lm_head.weight.detach().requires_grad_()
+    (g,) = torch.autograd.grad(trainer.losses(trainer.hidden_states(val), val, W).loss, W)
+    v = optimizer_response(trainer.opt, [trainer.lm_head.weight], [g], state["clip"])[0]
+    train = HeadBatch(state["hidden"], batch.labels, batch.segment_ids, batch.num_segments)
+    expected = -trajectory_scores(train, before, v) / batch.num_segments
+    assert torch.allclose(hyper.traj_weights, expected, rtol=1e-4, atol=1e-12)
+    post_step = -trajectory_scores(train, trainer.lm_head.weight.detach(), v) / batch.num_segments
+    assert not torch.allclose(expected, post_step, rtol=1e-2)  # the head it is taken at matters
+    record = trainer.outer_step(batch, state, val)
+    assert record["solver_residual"] is None  # identity solves nothing
 
 
 def test_the_uniform_baseline_takes_no_outer_steps(assets, tmp_path):
@@ -144,6 +172,12 @@ def test_config_from_yaml_and_overrides(tmp_path):
         ("", ["steps"], r"override 'steps': write it as key=value"),
         ("", ["data.validation=0.9", "data.test=0.2"], r"data.validation must be in \(0, 1\)"),
         ("- 1\n", [], r"run.yaml: the top level must be a mapping"),
+        (
+            "",
+            ["solver.method=identity", "solver.alpha=0.1"],
+            r"solver.alpha is not used with solver.method=identity",
+        ),
+        ("", ["solver.residual=false"], r"always reports the solver's residual"),
     ],
 )
 def test_bad_config_names_the_file_and_key(tmp_path, text, overrides, message):

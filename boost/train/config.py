@@ -52,6 +52,8 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # cg / neumann: an approximate IFT solve, warm-started, its residual logged every outer step;
+    # identity: the inner AdamW step's own response (lr·P, clipping included): no solver.alpha
     solver: SolverConfig = field(default_factory=lambda: SolverConfig("cg", steps=5, damping=1e-3))
     head: HeadConfig = field(default_factory=HeadConfig)
     reweight: bool = True  # False: every trajectory has weight 1 (the uniform baseline)
@@ -78,6 +80,15 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.block not in ("head", "trainable"):
             raise ValueError(f"block must be 'head' or 'trainable', got {self.block!r}")
+        if self.solver.method == "identity" and self.solver.alpha is not None:
+            raise ValueError(
+                "solver.alpha is not used with solver.method=identity: the inner AdamW step defines the "
+                "response (lr·P); remove solver.alpha (it is Neumann's step size)"
+            )
+        if not self.solver.residual:
+            raise ValueError(
+                "solver.residual=false: the trainer always reports the solver's residual; remove it"
+            )
         if not self.fd_step > 0:
             raise ValueError(f"fd_step must be > 0, got {self.fd_step}")
         if self.model.attention not in ("block_mask", "position_ids"):

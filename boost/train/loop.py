@@ -7,11 +7,17 @@ Per inner step (one packed batch of real training and synthetic trajectories):
     w      = head(features(hidden, L_i, ...))                 [S] (weights; 1 for real trajectories)
     loss   = Σ_i stopgrad(w_i) L_i / S   -> AdamW step on the model
 
-Every ``outer_every`` steps, an outer step on a batch of held-out *real* validation tasks:
+Every ``outer_every`` steps, an outer step on a batch of held-out *real* validation tasks, right
+after that inner step (θ_t before it, θ_{t+1} after it):
 
-    g      = ∇_W L_out(trunk(val_batch))                     (fused backward, W only)
-    dL/dw  = head_hypergradient(the inner batch's hidden states, W, w, g)
-    head  <- Adam step on Σ_i w_i(φ) stopgrad(dL/dw_i) + λ_conc/√n_eff + λ_shift·m
+    g      = ∇_W L_out(trunk(val_batch)) at θ_{t+1}           (fused backward, W only)
+    v      = identity: the AdamW step's own response lr·P ⊙ g (boost.step_response, clipping incl.);
+             neumann / cg: ≈ (H + λI)⁻¹ g, H on the inner batch at θ_t, warm-started from the last v
+    dL/dw  = −<∇L_i(θ_t), v> / S: the inner batch's hidden states and the head W_t of the same state
+    head  <- Adam step on Σ_i w_i(φ) stopgrad(dL/dw_i) + λ_conc/√n_eff + λ_shift·Σ_syn w_i d_i / S
+
+θ_t is kept for the outer step: the pre-step head (a [V, D] copy) for ``block="head"``, every
+trained parameter for ``block="trainable"`` (a copy of them), only on steps an outer step follows.
 
 With ``block="head"`` (default) the hypergradient is taken over the LM head (DESIGN.md, "Parameter
 block"), reusing the inner step's hidden states, so an outer step costs one trunk forward on the
@@ -31,6 +37,7 @@ import logging
 import math
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +61,7 @@ from boost.hypergradient import HeadBatch, head_hypergradient
 from boost.hypergradient_trainable import trainable_hypergradient
 from boost.reweighting import ReweightingHead, outer_objective, trajectory_features, weight_summary
 from boost.rollout import load_model
+from boost.step_response import ClipRecord, optimizer_response
 from boost.train.config import DataConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -120,6 +128,21 @@ def _cycle(packer: TrajectoryPacker, skip: int = 0) -> Iterator[PackedBatch]:
         epoch += 1
 
 
+@contextmanager
+def _parameters_set_to(params: list[torch.Tensor], values: list[torch.Tensor]):
+    """Temporarily load ``values`` into ``params`` (θ_t for the outer step), restoring them after."""
+    current = [p.detach().clone() for p in params]
+    try:
+        with torch.no_grad():
+            for p, x in zip(params, values):
+                p.copy_(x)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, x in zip(params, current):
+                p.copy_(x)
+
+
 class Trainer:
     """One run: the model, the reweighting head, their optimisers and the packed data.
 
@@ -154,6 +177,7 @@ class Trainer:
         )
         self.head_opt = torch.optim.Adam(self.head.parameters(), lr=cfg.optim.head_lr)
         self.step = 0
+        self.last_v = None  # the previous outer step's v: warm start of Neumann / CG (not checkpointed)
 
     # ------------------------------------------------------------------ pieces
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
@@ -181,20 +205,28 @@ class Trainer:
         out = self.losses(hidden, batch, precompute_grad=False)
         synthetic = ~batch.is_real
         if cfg.reweight:
-            w = self.head(
-                trajectory_features(
-                    hidden.detach(), batch.segment_ids, batch.segment_ids >= 0, out.per_trajectory.detach(),
-                    out.num_tokens, synthetic, source=self._source_index(batch) if cfg.head.num_sources else None,
-                    returns=torch.nan_to_num(batch.rewards) if cfg.head.use_returns else None,
-                )
+            features = trajectory_features(
+                hidden.detach(), batch.segment_ids, batch.segment_ids >= 0, out.per_trajectory.detach(),
+                out.num_tokens, synthetic, source=self._source_index(batch) if cfg.head.num_sources else None,
+                returns=torch.nan_to_num(batch.rewards) if cfg.head.use_returns else None,
             )  # fmt: skip
+            w = self.head(features)
         else:
             w = torch.ones(batch.num_segments, device=self.device)
         loss = (w.detach() * out.per_trajectory).sum() / batch.num_segments
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        clip = None
         if cfg.optim.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
+            clip = ClipRecord(cfg.optim.grad_clip, float(total))
+        # θ_t for the outer step: the hidden states above were computed with it (the look-ahead
+        # linearises there), so keep the head / the trained parameters it had before the step
+        outer_follows = cfg.reweight and (self.step + 1) % cfg.outer_every == 0
+        pre_step = None
+        if outer_follows:
+            params = [self.lm_head.weight] if cfg.block == "head" else self._trained()
+            pre_step = [p.detach().clone() for p in params]
         self.opt.step()
         per = out.per_trajectory.detach()
         real_loss = float(per[batch.is_real].mean()) if bool(batch.is_real.any()) else None  # JSON null
@@ -203,32 +235,63 @@ class Trainer:
             "real_train_loss": real_loss,
             "trajectories": batch.num_segments,
         }
-        state = {"hidden": hidden.detach(), "w": w, "synthetic": synthetic}
+        state = {"hidden": hidden.detach(), "w": w, "synthetic": synthetic, "clip": clip, "pre_step": pre_step,
+                 "pooled": features.pooled if cfg.reweight else None}  # fmt: skip
         return record, state
+
+    def _trained(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def _precondition(self, params, state, flat: bool = False):
+        """``identity``'s v = the inner AdamW step's response to g (lr·P ⊙ g, through clipping)."""
+        if self.cfg.solver.method != "identity":
+            return None
+
+        def response(g):
+            grads = list(torch.split(g, [p.numel() for p in params])) if flat else [g]
+            grads = [d.view_as(p) for d, p in zip(grads, params)]
+            v = optimizer_response(self.opt, params, grads, state["clip"])
+            return torch.cat([x.reshape(-1) for x in v]) if flat else v[0]
+
+        return response
+
+    def _update_reference(self, val_hidden: torch.Tensor, val: PackedBatch, val_out) -> None:
+        """The task-shift term's reference: the validation trajectories' pooled hidden states."""
+        if self.cfg.head.task_shift:
+            pooled = trajectory_features(
+                val_hidden.detach(), val.segment_ids, val.segment_ids >= 0, val_out.per_trajectory,
+                val_out.num_tokens, ~val.is_real,
+            ).pooled  # fmt: skip
+            self.head.update_reference(pooled[val_out.num_tokens > 0])
 
     def _head_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
         """(validation loss, hypergradient) over the LM head, from the fused ops."""
         with torch.no_grad():
             val_hidden = self.hidden_states(val)
-        W = self.lm_head.weight.detach()
-        Wg = self.lm_head.weight.detach().requires_grad_()  # shares W's storage: no [V, D] copy
+        Wg = self.lm_head.weight.detach().requires_grad_()  # θ_{t+1}; shares W's storage: no [V, D] copy
         val_out = self.losses(val_hidden, val, Wg)
         (g,) = torch.autograd.grad(val_out.loss, Wg)
+        self._update_reference(val_hidden, val, val_out)
         bias = self._bias()
         train = HeadBatch(
             state["hidden"], batch.labels, batch.segment_ids, batch.num_segments,
             bias=None if bias is None else bias.detach(),
         )  # fmt: skip
+        (w_pre,) = state["pre_step"]  # the head that produced the inner step's logits
         return val_out.loss.detach(), head_hypergradient(
-            train, W, state["w"].detach().float(), g, self.cfg.solver
-        )
+            train, w_pre, state["w"].detach().float(), g, self.cfg.solver, init=self.last_v,
+            precondition=self._precondition([self.lm_head.weight], state),
+        )  # fmt: skip
 
     def _trainable_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
-        """(validation loss, hypergradient) over every trained parameter, by finite differences."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        val_loss = self.losses(self.hidden_states(val), val).loss
-        grads = torch.autograd.grad(val_loss, params, allow_unused=True)
+        """(validation loss, hypergradient) over every trained parameter, by finite differences:
+        g at θ_{t+1}, then H and the scores on the inner batch at θ_t (swapped in, then back)."""
+        params = self._trained()
+        val_hidden = self.hidden_states(val)
+        val_out = self.losses(val_hidden, val)
+        grads = torch.autograd.grad(val_out.loss, params, allow_unused=True)
         g = [torch.zeros_like(p) if d is None else d for d, p in zip(grads, params)]
+        self._update_reference(val_hidden, val, val_out)
         w = state["w"].detach()
         S = batch.num_segments
 
@@ -239,25 +302,33 @@ class Trainer:
         def per_trajectory():
             return self.losses(self.hidden_states(batch), batch).per_trajectory
 
-        hyper = trainable_hypergradient(
-            inner_loss, per_trajectory, params, g, self.cfg.solver, normalizer=S, step=self.cfg.fd_step
-        )
-        return val_loss.detach(), hyper
+        with _parameters_set_to(params, state["pre_step"]):
+            hyper = trainable_hypergradient(
+                inner_loss, per_trajectory, params, g, self.cfg.solver, normalizer=S, step=self.cfg.fd_step,
+                init=self.last_v, precondition=self._precondition(params, state, flat=True),
+            )  # fmt: skip
+        return val_out.loss.detach(), hyper
 
     def outer_step(self, batch: PackedBatch, state: dict, val: PackedBatch) -> dict:
         block = self._head_block if self.cfg.block == "head" else self._trainable_block
         val_loss, hyper = block(batch, state, val)
-        objective = outer_objective(self.head, state["w"], hyper.traj_weights, state["synthetic"])
+        self.last_v = hyper.v if self.cfg.solver.warm_start else None
+        objective = outer_objective(
+            self.head, state["w"], hyper.traj_weights, state["synthetic"], pooled=state["pooled"]
+        )
         self.head_opt.zero_grad(set_to_none=True)
         objective.loss.backward()
         self.head_opt.step()
+        residual = hyper.residual if math.isfinite(hyper.residual) else None  # None: identity, no solve
+        shift = float(objective.shift) if math.isfinite(float(objective.shift)) else None
         return {
             "val_loss": float(val_loss),
             "n_eff": float(objective.n_eff.detach()),
             "mass": float(objective.mass.detach()),
-            "solver_residual": hyper.residual
-            if math.isfinite(hyper.residual)
-            else None,  # None: not computed
+            "synthetic_weight": float(objective.synthetic_weight.detach()),
+            "task_shift_distance": shift,
+            "solver_residual": residual,
+            "solver_warm_started": hyper.warm_started,
             "weights": weight_summary(state["w"], self._source_index(batch), self.data.sources),
         }
 
