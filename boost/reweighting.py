@@ -10,12 +10,21 @@ DESIGN.md, "Reweighting head"; the bound the regularisers come from is written o
     returns [S]     (optional) its return
 
 A small MLP maps them to positive scores s_i. A synthetic trajectory's weight is m · s_i / μ with m
-a learned synthetic mass and μ the normaliser: by default (``normalizer="running"``) a running,
-detached mean of the synthetic scores of past batches, so a trajectory's weight depends on its
-own features and on μ only, and the head gets a gradient from a batch whose synthetic trajectories
-all come from one source (or from a batch with one synthetic trajectory). ``normalizer="batch"``
-divides by the current batch's mean instead (weights then only compare batch-mates). Real
-trajectories keep ``real_weight`` (1).
+a learned synthetic mass and μ the normaliser (``normalizer``):
+
+* ``"pool"`` (default): μ(φ) = the mean score, under the current head, of a pool of the last
+  ``pool_size`` synthetic trajectories' features from *earlier* batches (a FIFO table; the current
+  batch joins it after its weights are computed). μ is differentiable, so the mean synthetic weight
+  over the pool is exactly m (a frozen m really freezes the synthetic mass) and the head learns
+  contrasts against the pool, whatever the batch holds: a batch whose synthetic trajectories all
+  come from one source, or hold one trajectory, still gives the scores a gradient.
+* ``"running"``: μ = a running, detached mean of past batches' mean synthetic score. Also
+  independent of batch-mates, but a trend in the scores moves the mean weight away from m until μ
+  catches up (measured on the toy: a frozen m then does not freeze the mass).
+* ``"batch"``: μ = this batch's mean (weights only compare batch-mates; nothing to learn from a
+  single-source batch). The first batch of ``"pool"`` uses it too (the pool is empty).
+
+Real trajectories keep ``real_weight`` (1).
 
 The outer objective for the head's parameters φ, given the hypergradient h_i = dL_out/dw_i of the
 batch (:mod:`boost.hypergradient`), is
@@ -112,8 +121,11 @@ class HeadConfig:
     # validation loss (benchmarks/RESULTS.md, "Toy: honest arms"), not tuned for a real model
     concentration: float = 0.3
     task_shift: float = 0.03
-    normalizer: str = "running"  # "running": μ = running mean of synthetic scores; "batch": this batch's mean
-    normalizer_momentum: float = 0.9  # μ ← momentum·μ + (1 − momentum)·(this batch's mean synthetic score)
+    normalizer: str = (
+        "pool"  # "pool", "running" or "batch": what μ in w_i = m · s_i / μ is (module docstring)
+    )
+    pool_size: int = 256  # "pool": synthetic trajectories of earlier batches whose mean score is μ
+    normalizer_momentum: float = 0.9  # "running": μ ← momentum·μ + (1 − momentum)·(batch mean score)
 
     def __post_init__(self):
         if self.hidden_size < 1:
@@ -126,8 +138,12 @@ class HeadConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
                 raise ValueError(f"HeadConfig.{name} must be finite and >= 0, got {value}")
-        if self.normalizer not in ("running", "batch"):
-            raise ValueError(f"HeadConfig.normalizer must be 'running' or 'batch', got {self.normalizer!r}")
+        if self.normalizer not in ("pool", "running", "batch"):
+            raise ValueError(
+                f"HeadConfig.normalizer must be 'pool', 'running' or 'batch', got {self.normalizer!r}"
+            )
+        if self.pool_size < 1:
+            raise ValueError(f"HeadConfig.pool_size must be >= 1, got {self.pool_size}")
         if not 0 <= self.normalizer_momentum < 1:
             raise ValueError(
                 f"HeadConfig.normalizer_momentum must be in [0, 1), got {self.normalizer_momentum}"
@@ -140,8 +156,10 @@ _INITIAL_SCORE = math.log(2.0) + 1e-6  # softplus(0) + 1e-6: every score at init
 class ReweightingHead(nn.Module):
     """features -> weights [S] (float32): synthetic ones m · s_i / μ, real ones real_weight.
 
-    Buffers (saved with the state dict): ``score_mean`` (μ of the running normaliser) and the real
-    validation reference of the task-shift term, ``reference_mean`` [D] and ``reference_scale``.
+    Buffers (saved with the state dict): the pool of the ``"pool"`` normaliser (``pool_pooled`` [K, D],
+    ``pool_loss``, ``pool_log_tokens``, ``pool_source``, ``pool_returns`` [K], ``pool_count``,
+    ``pool_next``), ``score_mean`` (μ of ``"running"``) and the real validation reference of the
+    task-shift term, ``reference_mean`` [D] and ``reference_scale``.
     """
 
     def __init__(self, hidden_dim: int, cfg: HeadConfig = HeadConfig()):
@@ -155,6 +173,14 @@ class ReweightingHead(nn.Module):
         nn.init.zeros_(self.mlp[-1].bias)
         self.log_mass = nn.Parameter(torch.tensor(math.log(cfg.init_mass)))
         self.register_buffer("score_mean", torch.tensor(_INITIAL_SCORE))  # exact for the initial head
+        K = cfg.pool_size if cfg.normalizer == "pool" else 0
+        self.register_buffer("pool_pooled", torch.zeros(K, hidden_dim))
+        self.register_buffer("pool_loss", torch.zeros(K))
+        self.register_buffer("pool_log_tokens", torch.zeros(K))
+        self.register_buffer("pool_source", torch.zeros(K, dtype=torch.long))
+        self.register_buffer("pool_returns", torch.zeros(K))
+        self.register_buffer("pool_count", torch.tensor(0))
+        self.register_buffer("pool_next", torch.tensor(0))
         self.register_buffer("reference_mean", torch.zeros(hidden_dim))
         self.register_buffer("reference_scale", torch.tensor(0.0))  # 0: no reference yet
 
@@ -180,20 +206,63 @@ class ReweightingHead(nn.Module):
         return nn.functional.softplus(self.mlp(torch.cat(parts, dim=1)).squeeze(1)) + 1e-6
 
     def forward(self, f: TrajectoryFeatures, update: bool | None = None) -> torch.Tensor:
-        """Weights [S]. ``update`` (default: ``self.training``) folds this batch's mean synthetic score
-        into the running μ *after* using it, so a batch's weights never depend on its batch-mates."""
+        """Weights [S]. ``update`` (default: ``self.training``) adds this batch's synthetic trajectories to
+        the pool (or its mean score to the running μ) *after* using it: a batch's weights never
+        depend on its batch-mates (the pool's first batch aside)."""
         real = torch.full_like(f.loss, self.cfg.real_weight)
         if not bool(f.synthetic.any()):
             return real
         s = self.scores(f)
-        if self.cfg.normalizer == "batch":
+        update = self.training if update is None else update
+        mode = self.cfg.normalizer
+        if mode == "batch" or (mode == "pool" and int(self.pool_count) == 0):
             mu = s[f.synthetic].mean()
+        elif mode == "pool":
+            mu = self.scores(self._pool()).mean()
         else:
             mu = self.score_mean.detach().clone()
-            if self.training if update is None else update:
-                momentum = self.cfg.normalizer_momentum
-                self.score_mean.mul_(momentum).add_((1 - momentum) * s[f.synthetic].detach().mean())
+        if update and mode == "pool":
+            self._push(f)
+        elif update and mode == "running":
+            momentum = self.cfg.normalizer_momentum
+            self.score_mean.mul_(momentum).add_((1 - momentum) * s[f.synthetic].detach().mean())
         return torch.where(f.synthetic, self.mass * s / mu, real)
+
+    def _pool(self) -> TrajectoryFeatures:
+        """The pool's features (copies: the pool may change before a backward through them)."""
+        n = int(self.pool_count)
+        return TrajectoryFeatures(
+            self.pool_pooled[:n].clone(), self.pool_loss[:n].clone(), self.pool_log_tokens[:n].clone(),
+            torch.ones(n, dtype=torch.bool, device=self.pool_loss.device),
+            self.pool_source[:n].clone() if self.source is not None else None,
+            self.pool_returns[:n].clone() if self.cfg.use_returns else None,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def _push(self, f: TrajectoryFeatures) -> None:
+        """Add the batch's synthetic trajectories to the FIFO pool (the oldest go first)."""
+        sel = f.synthetic
+        rows = [f.pooled[sel], f.loss[sel], f.log_tokens[sel]]
+        rows.append(
+            f.source[sel] if f.source is not None else torch.zeros_like(f.loss[sel], dtype=torch.long)
+        )
+        rows.append(f.returns[sel] if f.returns is not None else torch.zeros_like(f.loss[sel]))
+        K = self.pool_loss.shape[0]
+        n = rows[0].shape[0]
+        idx = (int(self.pool_next) + torch.arange(n, device=self.pool_loss.device)) % K
+        if n > K:  # more than the pool holds: keep the last K
+            idx, rows = idx[-K:], [r[-K:] for r in rows]
+        buffers = (
+            self.pool_pooled,
+            self.pool_loss,
+            self.pool_log_tokens,
+            self.pool_source,
+            self.pool_returns,
+        )
+        for buf, r in zip(buffers, rows):
+            buf[idx] = r.to(buf.dtype)
+        self.pool_next.fill_((int(self.pool_next) + n) % K)
+        self.pool_count.fill_(min(K, int(self.pool_count) + n))
 
     @torch.no_grad()
     def update_reference(self, pooled: torch.Tensor, momentum: float = 0.9) -> None:

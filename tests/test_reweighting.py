@@ -59,7 +59,7 @@ def test_weights_real_fixed_synthetic_positive_with_mean_mass():
 def test_the_running_normaliser_uses_past_batches_only():
     """w = m · s_i / μ with μ from earlier batches: a trajectory's weight does not depend on its
     batch-mates, and μ follows the scores (mean synthetic weight -> m on a stationary stream)."""
-    head = ReweightingHead(5, HeadConfig(init_mass=0.7, normalizer_momentum=0.5))
+    head = ReweightingHead(5, HeadConfig(init_mass=0.7, normalizer="running", normalizer_momentum=0.5))
     with torch.no_grad():
         head.mlp[-1].weight.normal_()
     f = _features()
@@ -81,7 +81,35 @@ def test_the_running_normaliser_uses_past_batches_only():
     assert math.isclose(float(head(f, update=False)[f.synthetic].mean().detach()), 0.7, rel_tol=1e-4)
 
 
-def test_the_running_normaliser_gives_a_score_gradient_in_single_source_batches():
+def test_the_pool_normaliser_holds_the_mass_exactly_over_past_batches():
+    """w = m · s_i / μ(φ), μ the mean score of earlier batches' synthetic trajectories: a trajectory's
+    weight does not depend on its batch-mates, and the pool's mean weight is m whatever the head."""
+    head = ReweightingHead(5, HeadConfig(init_mass=0.7, pool_size=6))
+    with torch.no_grad():
+        head.mlp[-1].weight.normal_()
+    gen = torch.Generator().manual_seed(3)
+    first = _features(gen=gen)
+    w_first = head(first).detach()  # the first batch: the pool is empty, its own mean
+    assert math.isclose(float(w_first[first.synthetic].mean()), 0.7, rel_tol=1e-6)
+    assert int(head.pool_count) == 4
+    second = _features(gen=gen)
+    head.eval()
+    alone = head(TrajectoryFeatures(*(t[1:2] for t in second[:4])))
+    assert torch.allclose(alone, head(second)[1:2])
+    head.train()
+    head(second)
+    head(_features(gen=gen))  # 12 pushed into a pool of 6: the FIFO keeps the last 6
+    assert int(head.pool_count) == 6
+    pool = head._pool()
+    assert math.isclose(float(head(pool, update=False).detach().mean()), 0.7, rel_tol=1e-5)
+    state = head.state_dict()  # the pool travels with a checkpoint
+    restored = ReweightingHead(5, HeadConfig(init_mass=0.7, pool_size=6))
+    restored.load_state_dict(state)
+    assert torch.equal(restored(second, update=False), head(second, update=False))
+
+
+@pytest.mark.parametrize("normalizer", ["pool", "running"])
+def test_the_normaliser_gives_a_score_gradient_in_single_source_batches(normalizer):
     """A two-source toy: every batch holds one synthetic source only and the features differ only by
     source. With the per-batch mean the weights are m whatever the head does, so the scores get no
     gradient; with the running mean they do, and training separates the sources."""
@@ -101,13 +129,14 @@ def test_the_running_normaliser_gives_a_score_gradient_in_single_source_batches(
         )
         with torch.no_grad():
             head.mlp[-1].weight.normal_()
+        head(batch(0))  # an earlier batch, of the other source
         f = batch(1)
         obj = outer_objective(head, head(f), torch.full((n,), hyper_by_source[1]), f.synthetic)
         params = [p for name, p in head.named_parameters() if name != "log_mass"]
         return [g for g in torch.autograd.grad(obj.loss, params, allow_unused=True) if g is not None]
 
     assert max(float(g.abs().max()) for g in score_grads("batch")) <= 1e-5  # zero up to rounding
-    assert max(float(g.abs().max()) for g in score_grads("running")) > 1e-3
+    assert max(float(g.abs().max()) for g in score_grads(normalizer)) > 1e-3
 
     def train(normalizer):
         torch.manual_seed(0)
@@ -127,7 +156,7 @@ def test_the_running_normaliser_gives_a_score_gradient_in_single_source_batches(
         with torch.no_grad():
             return float(head(batch(0))[0]), float(head(batch(1))[0])
 
-    good, bad = train("running")
+    good, bad = train(normalizer)
     assert good > 3 * bad, (good, bad)
     good, bad = train("batch")
     assert good == pytest.approx(1.0, abs=1e-5) and bad == pytest.approx(1.0, abs=1e-5)  # nothing learned
