@@ -117,10 +117,12 @@ class HeadConfig:
     use_returns: bool = False
     init_mass: float = 1.0  # m at initialisation: synthetic weights start at mean m
     real_weight: float = 1.0  # weight of every real training trajectory
-    # λ_conc on 1/√n_eff and λ_shift on Σ_syn w_i d_i / S; the defaults are the toy's choice on its
-    # validation loss (benchmarks/RESULTS.md, "Toy: honest arms"), not tuned for a real model
-    concentration: float = 0.3
-    task_shift: float = 0.03
+    # λ_conc on 1/√n_eff and λ_shift on Σ_syn w_i d_i / S, in units of the outer surrogate (the
+    # first-order change of the validation loss per outer step). Defaults: the toy study's choice on
+    # its tuning split of real data (benchmarks/RESULTS.md, "Toy: honest arms"; docs/toy/sweep.md);
+    # not tuned for an LLM run, whose surrogate has another scale: sweep them on its validation tasks
+    concentration: float = 1e-3
+    task_shift: float = 1e-2
     normalizer: str = (
         "pool"  # "pool", "running" or "batch": what μ in w_i = m · s_i / μ is (module docstring)
     )

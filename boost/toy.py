@@ -70,7 +70,7 @@ class ToyConfig:
     tuning: int = 64  # real trajectories for choosing learning rates and λ (fixed, never the test)
     test: int = 256  # held-out real trajectories for the reported numbers (fixed)
     rounds: int = 150  # one inner step (and, for BOOST, one outer step) per round
-    inner_lr: float = 0.5
+    inner_lr: float = 1.0  # BOOST's tuned rate in the toy study (each arm's own: boost.toy_study)
     head_lr: float = 0.05
     solver: SolverConfig = field(default_factory=lambda: SolverConfig("identity"))
     head: HeadConfig = field(default_factory=lambda: HeadConfig(hidden_size=16, num_sources=len(SOURCES)))

@@ -113,63 +113,79 @@ def run_study(
 
 
 def _mean_std(values: list[float]) -> str:
-    return f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.4f}"
+    return f"{statistics.fmean(values):+.4f} ± {statistics.stdev(values):.4f}".lstrip("+")
+
+
+def _paired(runs: list[dict], reference: list[dict]) -> list[float]:
+    """Per-seed test-loss differences run − reference (the seeds are in the same order)."""
+    return [r["test_loss"] - b["test_loss"] for r, b in zip(runs, reference)]
 
 
 def table(study: dict) -> str:
-    boost = [r["test_loss"] for r in study["arms"]["boost"]["runs"]]
+    boost = study["arms"]["boost"]["runs"]
     lines = [
-        "| arm | inner lr (tuned) | test loss, mean ± std | BOOST better in | synthetic mass | weight clean / "
-        "shifted / corrupt | n_eff |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | inner lr (tuned) | test loss, mean ± std | minus BOOST's, same seed: mean ± std | BOOST better in | "
+        "synthetic mass | weight clean / shifted / corrupt | n_eff |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for arm, entry in study["arms"].items():
         runs = entry["runs"]
-        test = [r["test_loss"] for r in runs]
-        wins = "" if arm == "boost" else f"{sum(b < t for b, t in zip(boost, test))}/{len(test)} seeds"
+        diff = _paired(runs, boost)
+        paired = "–" if arm == "boost" else f"{_mean_std(diff)}"
+        wins = "–" if arm == "boost" else f"{sum(d > 0 for d in diff)}/{len(diff)} seeds"
         weights = " / ".join(f"{_mean(runs, f'weight_{k}'):.2f}" for k in ("clean", "shifted", "corrupt"))
         lines.append(
-            f"| {arm} | {entry['lr']:g} | {_mean_std(test)} | {wins} | {_mean(runs, 'synthetic_mass'):.3f} | "
-            f"{weights} | {_mean(runs, 'n_eff'):.1f} |"
+            f"| {arm} | {entry['lr']:g} | {_mean_std([r['test_loss'] for r in runs])} | {paired} | {wins} | "
+            f"{_mean(runs, 'synthetic_mass'):.3f} | {weights} | {_mean(runs, 'n_eff'):.1f} |"
         )
     return "\n".join(lines)
 
 
 def sweep_table(study: dict) -> str:
-    lines = ["| λ_conc | λ_shift | lr | tuning loss | test loss | n_eff | synthetic mass | weight clean / shifted / corrupt |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    real_only = study["arms"]["real_only"]["runs"]
+    lines = ["| λ_conc | λ_shift | lr | tuning loss | test loss | minus real-only's, same seed | n_eff | "
+             "synthetic mass | weight clean / shifted / corrupt |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for p in study["sweep"]:
         runs = p["runs"]
         weights = " / ".join(f"{_mean(runs, f'weight_{k}'):.2f}" for k in ("clean", "shifted", "corrupt"))
         lines.append(
             f"| {p['concentration']:g} | {p['task_shift']:g} | {p['lr']:g} | {_mean(runs, 'tuning_loss'):.4f} | "
-            f"{_mean_std([r['test_loss'] for r in runs])} | {_mean(runs, 'n_eff'):.1f} | "
-            f"{_mean(runs, 'synthetic_mass'):.3f} | {weights} |"
+            f"{_mean_std([r['test_loss'] for r in runs])} | {_mean_std(_paired(runs, real_only))} | "
+            f"{_mean(runs, 'n_eff'):.1f} | {_mean(runs, 'synthetic_mass'):.3f} | {weights} |"
         )
     return "\n".join(lines)
 
 
 def plot_sweep(study: dict, path: Path) -> Path | None:
+    """Held-out loss (paired with real-only's, same seed) against n_eff and the synthetic mass."""
     plt = pyplot()
     if plt is None:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    real_only = study["arms"]["real_only"]["runs"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), sharey=True)
     shifts = sorted({p["task_shift"] for p in study["sweep"]})
     concs = sorted({p["concentration"] for p in study["sweep"]})
     colors = plt.cm.viridis([i / max(1, len(shifts) - 1) for i in range(len(shifts))])
     markers = "osD^v<>"
     for p in study["sweep"]:
         runs = p["runs"]
-        y = _mean(runs, "test_loss")
-        err = statistics.stdev(r["test_loss"] for r in runs) / len(runs) ** 0.5
+        diff = _paired(runs, real_only)
+        err = statistics.stdev(diff) / len(diff) ** 0.5
         c = colors[shifts.index(p["task_shift"])]
         m = markers[concs.index(p["concentration"]) % len(markers)]
         for ax, key in zip(axes, ("n_eff", "synthetic_mass")):
-            ax.errorbar(_mean(runs, key), y, yerr=err, fmt=m, color=c, ms=7, capsize=2)
-    for ax, label in zip(axes, ("n_eff over all trajectories of a batch (mean, last 20 rounds)",
-                                "synthetic mass (mean synthetic weight, last 20 rounds)")):  # fmt: skip
-        ax.set_xlabel(label)
-    axes[0].set_ylabel("held-out real loss (test), mean ± s.e. over seeds")
+            ax.errorbar(_mean(runs, key), statistics.fmean(diff), yerr=err, fmt=m, color=c, ms=7, capsize=2)
+    for name, style in (("uniform", "--"), ("oracle", ":")):
+        level = statistics.fmean(_paired(study["arms"][name]["runs"], real_only))
+        for ax in axes:
+            ax.axhline(level, color="gray", ls=style, lw=1)
+        axes[0].text(axes[0].get_xlim()[1], level, f" {name} (tuned)", va="center", ha="right", fontsize=7)
+    for ax in axes:
+        ax.axhline(0.0, color="black", lw=0.8)
+    axes[0].set_xlabel("n_eff over all trajectories of a batch (mean of the last 20 rounds, of 18)")
+    axes[1].set_xlabel("synthetic mass (mean synthetic weight, last 20 rounds)")
+    axes[0].set_ylabel("held-out loss − real-only's (same seed)\nmean ± s.e. over seeds; < 0: better")
     for i, s in enumerate(shifts):
         axes[1].plot([], [], "s", color=colors[i], label=f"λ_shift={s:g}")
     for i, c in enumerate(concs):
@@ -178,6 +194,14 @@ def plot_sweep(study: dict, path: Path) -> Path | None:
     fig.suptitle("BOOST on the toy: the λ_conc × λ_shift sweep (each point at its tuned inner lr)")
     fig.tight_layout()
     return save_png(fig, path, dpi=110)
+
+
+def write_outputs(study: dict, out: Path, header: str) -> Path | None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", study)
+    write_text_atomic(out / "table.md", header + "\n\n" + table(study) + "\n")
+    write_text_atomic(out / "sweep.md", sweep_table(study) + "\n")
+    return plot_sweep(study, out / "sweep.png")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -194,14 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)  # tiny tensors: threads only add overhead
     base = ToyConfig(rounds=args.rounds, solver=SolverConfig("identity"))
     study = run_study(base, list(range(args.seeds)), args.lrs, args.conc, args.shift)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(args.out / "results.json", study)
     chosen = study["chosen"]
     header = (f"{args.seeds} seeds, {args.rounds} rounds, inner lr from {args.lrs} per arm; BOOST's λ_conc="
               f"{chosen['concentration']:g}, λ_shift={chosen['task_shift']:g} (chosen on the tuning split).")  # fmt: skip
-    write_text_atomic(args.out / "table.md", header + "\n\n" + table(study) + "\n")
-    write_text_atomic(args.out / "sweep.md", sweep_table(study) + "\n")
-    plot = plot_sweep(study, args.out / "sweep.png")
+    plot = write_outputs(study, args.out, header)
     print(header)
     print(table(study))
     print(sweep_table(study))

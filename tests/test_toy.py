@@ -15,10 +15,19 @@ from boost import toy, toy_study
 from tests.kernels.cases import fresh_seed
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The toy's tensors are tiny: one thread is ~4x faster than two on a busy 2-core box."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def test_the_loss_of_a_trained_student_separates_corrupt_trajectories_poorly():
     """What a loss filter sees: after uniform training, the chance that a corrupt trajectory has a
     higher loss than a clean one (the AUC of a loss threshold) is far from 1 (measured over 8 seeds:
-    0.56 to 0.76), while the shifted source, another task, stands out more than it."""
+    0.56 to 0.76)."""
     seed = fresh_seed()
     cfg = toy.ToyConfig(seed=seed)
     task = toy.ToyTask(cfg, torch.Generator().manual_seed(seed))
@@ -35,7 +44,6 @@ def test_the_loss_of_a_trained_student_separates_corrupt_trajectories_poorly():
         losses[name] = toy._loss(batch, weight.detach()).per_trajectory
     auc = float((losses["corrupt"][:, None] > losses["clean"][None, :]).float().mean())
     assert 0.4 < auc < 0.85, f"AUC {auc:.3f}: seed={seed}"
-    assert float(losses["shifted"].mean()) > float(losses["corrupt"].mean()), f"seed={seed}"
 
 
 def test_boost_downweights_plausible_wrong_trajectories_of_unseen_batches_and_beats_uniform():
