@@ -123,9 +123,8 @@ class HeadConfig:
     # not tuned for an LLM run, whose surrogate has another scale: sweep them on its validation tasks
     concentration: float = 1e-3
     task_shift: float = 1e-2
-    normalizer: str = (
-        "pool"  # "pool", "running" or "batch": what μ in w_i = m · s_i / μ is (module docstring)
-    )
+    # "pool", "running" or "batch": what μ in w_i = m · s_i / μ is (see the module docstring)
+    normalizer: str = "pool"
     pool_size: int = 256  # "pool": synthetic trajectories of earlier batches whose mean score is μ
     normalizer_momentum: float = 0.9  # "running": μ ← momentum·μ + (1 − momentum)·(batch mean score)
 

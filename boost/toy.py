@@ -180,9 +180,9 @@ def run_arm(
     learned = arm in ("boost", "boost_frozen")
     head = ReweightingHead(cfg.dim, cfg.head)
     if learned:
-        if cfg.head.task_shift:
-            head.update_reference(_features(val, _loss(val, torch.zeros(cfg.vocab, cfg.dim)), torch.zeros(
-                cfg.validation, dtype=torch.long)).pooled)  # fmt: skip
+        if cfg.head.task_shift:  # the real validation trajectories' pooled states (fixed here)
+            real = torch.zeros(cfg.validation, dtype=torch.long)
+            head.update_reference(_features(val, _loss(val, torch.zeros(cfg.vocab, cfg.dim)), real).pooled)
         head.log_mass.requires_grad_(arm == "boost")
         head_opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=cfg.head_lr)
     weight = torch.nn.Parameter(torch.zeros(cfg.vocab, cfg.dim))
@@ -255,7 +255,7 @@ def write_report(cfg: ToyConfig, results: list[dict], out: Path) -> Path:
         "# BOOST on a toy LM head",
         "",
         f"Teacher head V={cfg.vocab}, D={cfg.dim}; per batch {cfg.real} real, {cfg.clean} clean, {cfg.shifted} "
-        f"shifted and {cfg.corrupt} corrupt (permuted-label) synthetic trajectories of "
+        f"shifted and {cfg.corrupt} corrupt (runner-up label) synthetic trajectories of "
         f"{cfg.tokens_per_trajectory} tokens; {cfg.rounds} rounds of one inner SGD step; seed {cfg.seed}; "
         f"solver {cfg.solver.method}. One seed, learning rates as given (tuned ones: python -m boost.toy_study).",
         "",
