@@ -51,8 +51,10 @@ def test_ids_with_one_key_are_one_task():
     split = split_by_task(data, validation=0.3, test=0.3, key=same)
     for part in (split.train_tasks, split.validation_tasks, split.test_tasks):
         assert {same[t] for t in part}.isdisjoint(
-            same[t] for other in (split.train_tasks, split.validation_tasks, split.test_tasks)
-            if other is not part for t in other
+            same[t]
+            for other in (split.train_tasks, split.validation_tasks, split.test_tasks)
+            if other is not part
+            for t in other
         )
 
 
