@@ -167,6 +167,24 @@ def test_a_nonfinite_validation_loss_or_head_weight_skips_the_update(assets, tmp
     assert _unchanged(before, trainer) and record.get("skipped") == ["loss", "head_weights"]
 
 
+def test_a_run_with_one_bad_step_finishes_and_reports_it(assets, tmp_path, monkeypatch):
+    trainer = Trainer(_fast(assets, tmp_path, "reweight=true", "steps=3", "solver.steps=1"), progress=False)
+    calls, forward = [], trainer.head.forward
+
+    def nan_once(features):  # the head's weights are NaN at step 2 only
+        calls.append(1)
+        return forward(features) * (float("nan") if len(calls) == 2 else 1.0)
+
+    monkeypatch.setattr(trainer.head, "forward", nan_once)
+    trainer.train()
+    rows = _strict_rows(tmp_path)
+    assert [r.get("skipped") for r in rows] == [None, ["loss", "head_weights"], None]
+    assert "val_loss" not in rows[1] and rows[2]["val_loss"] is not None
+    from boost.train.report import write_report
+
+    assert "Skipped 1 steps with a non-finite number (steps 2)." in write_report(tmp_path, []).read_text()
+
+
 def test_lr_1e30_stops_after_max_bad_steps_and_keeps_the_last_good_checkpoint(assets, tmp_path):
     run = ("optim.lr=1e30", "reweight=false", "steps=10", "checkpoint_every=1", "max_bad_steps=3")
     message = (
