@@ -1,9 +1,10 @@
 """Guards of a training run: the device, non-finite steps, and JSON-safe metrics.
 
-A step whose loss, head weights, gradient norm, validation loss, hypergradient or outer objective
-is not finite is *skipped*: the optimiser step that would apply it is not taken, so the model and
-the head stay as they were (an AdamW step on a NaN gradient would poison its moments too). The
-step is logged (its non-finite numbers as JSON ``null``, the names in ``"skipped"``) and counted;
+A non-finite number *skips* the update that would use it: a non-finite loss, head weight or
+gradient norm skips the model's optimiser step (and the step's outer step), a non-finite
+validation loss, hypergradient or outer objective skips the head's; parameters and optimiser states
+stay as they were (an AdamW step on a NaN gradient would poison its moments too). The step is
+logged (its non-finite numbers as JSON ``null``, the names in ``"skipped"``) and counted;
 :class:`BadStepCounter` stops the run after ``max_bad_steps`` in a row with
 :class:`NonFiniteStepError`. The loop saves no checkpoint while steps are failing, so the last one
 on disk is from a good step.
@@ -76,11 +77,11 @@ def json_safe(value: Any) -> Any:
 class BadStepCounter:
     """Counts skipped steps; :meth:`update` raises after ``max_bad_steps`` of them in a row."""
 
-    def __init__(self, max_bad_steps: int):
+    def __init__(self, max_bad_steps: int, start: int = 0):
         self.max_bad_steps = max_bad_steps
         self.streak = 0  # bad steps in a row, up to now
         self.total = 0
-        self.last_good_step = 0
+        self.last_good_step = start  # the step the run started (or resumed) from counts as good
 
     def update(self, step: int, bad: list[str], kept: str) -> None:
         """Record ``step`` (``bad``: what was non-finite, empty for a good step).

@@ -331,7 +331,7 @@ class Trainer:
             log.info(line)
         batches = _cycle(self.data.train, skip=self.step)
         val_batches = _cycle(self.data.validation, skip=self.step // cfg.outer_every)
-        guard, saved = BadStepCounter(cfg.max_bad_steps), self.step
+        guard, saved = BadStepCounter(cfg.max_bad_steps, start=self.step), self.step
         with MetricsLog(self.out, resume_step=self.step) as metrics:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="boost" if cfg.reweight else "uniform",
                        disable=not self.progress)  # fmt: skip
