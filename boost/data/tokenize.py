@@ -181,7 +181,7 @@ class TokenizeReport:
             lines.append(
                 f"  truncation cut {self.messages_cut} messages ({self.tokens_cut} tokens"
                 + (
-                    f"; {self.messages_cut_untokenised} messages too long to tokenise)"
+                    f" of tokenised messages; {self.messages_cut_untokenised} messages past the limit never tokenised)"
                     if self.messages_cut_untokenised
                     else ")"
                 )
