@@ -1,0 +1,220 @@
+"""kill -9 a short training run at a random moment, resume it, and check what survived.
+
+    python benchmarks/kill_resume.py --repeats 20 --out runs/kill_resume
+
+Each repeat starts ``python -m boost.train`` (the tiny chat model of the tests, gridnav data, 8 steps,
+a checkpoint every step, BOOST reweighting on) and kills it with SIGKILL: odd repeats at a uniformly
+random moment of a whole run's wall time, even repeats while a checkpoint is being written (the
+first time a temporary ``.checkpoint.pt.*`` file appears). Then it checks, and counts violations of:
+
+- after the kill: ``checkpoint.pt``, if there is one, loads with ``torch.load``;
+- ``python -m boost.train ... --resume`` exits 0; afterwards no temporary file is left,
+  ``metrics.jsonl`` parses line by line as strict JSON with steps 1..8 each exactly once, and
+  (with ``--reference``, the default here) its rows (timings aside) and the final model equal those
+  of an uninterrupted run bit for bit.
+
+Prints one line per repeat and a summary, and writes ``kill_resume.json`` under ``--out``.
+:func:`kill_and_resume` is what ``tests/test_train_kill.py`` runs once in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+STEPS = 8
+TIMINGS = ("inner_seconds", "outer_seconds")
+
+
+def make_assets(root: Path) -> tuple[Path, Path]:
+    """The tiny chat model and gridnav data (real 24, corrupt 16, eps0.3 16) under ``root``."""
+    from boost.data.generate import main as generate
+    from tests.envs.tiny_chat_lm import save_tiny_chat_model
+
+    data = root / "data.jsonl"
+    if not data.exists():
+        generate(
+            [
+                "--env",
+                "gridnav",
+                "--out",
+                str(data),
+                "--sources",
+                "real:24,corrupt:16,eps0.3:16",
+                "--no-progress",
+            ]
+        )
+    model = root / "model"
+    if not (model / "config.json").exists():
+        save_tiny_chat_model(model)
+    return model, data
+
+
+def command(model: Path, data: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    """``python -m boost.train`` on the tiny model; ``extra``: more settings or options."""
+    return [sys.executable, "-m", "boost.train", f"data.path={data}", f"model.name={model}", f"out_dir={out}",
+            "data.token_budget=384", "data.max_length=192", f"steps={steps}", "checkpoint_every=1",
+            "solver.steps=1", "--quiet", *extra]  # fmt: skip
+
+
+def _strict(line: str) -> dict:
+    def refuse(name):
+        raise ValueError(f"{name} in metrics.jsonl")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def _rows(out: Path) -> list[dict]:
+    return [_strict(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _temporaries(out: Path) -> list[str]:
+    return sorted(p.name for p in out.glob(".*.tmp*")) if out.exists() else []
+
+
+def _kill_while_checkpointing(proc: subprocess.Popen, out: Path, deadline: float) -> bool:
+    """SIGKILL ``proc`` as soon as a temporary checkpoint file exists; False if none appeared in time."""
+    while time.monotonic() < deadline and proc.poll() is None:
+        if out.exists() and any(out.glob(".checkpoint.pt.*")):
+            proc.send_signal(signal.SIGKILL)
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def kill_and_resume(
+    model: Path,
+    data: Path,
+    out: Path,
+    mode: str,
+    seconds: float,
+    reference: dict | None,
+    steps: int = STEPS,
+    settings: tuple[str, ...] = (),
+) -> dict:
+    """One repeat: start, SIGKILL (``mode`` "random" within ``seconds`` or "checkpoint"), resume, check.
+
+    ``steps`` and ``settings`` (more ``key=value``) shape the run; the killed run's log goes to
+    ``<out>.killed.log``. Returns what happened and ``"problems"``, empty when everything held.
+    """
+    import torch
+
+    problems: list[str] = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.parent / f"{out.name}.killed.log", "wb") as log:
+        proc = subprocess.Popen(
+            command(model, data, out, *settings, steps=steps), env=env, stdout=log, stderr=log
+        )
+    started = time.monotonic()
+    if mode == "checkpoint":
+        killed = _kill_while_checkpointing(proc, out, started + 4 * seconds)
+    else:
+        try:
+            proc.wait(timeout=random.uniform(0, seconds))
+            killed = False
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            killed = True
+    proc.wait()
+    result: dict = {"mode": mode, "killed": killed, "after_s": round(time.monotonic() - started, 3)}
+    result["temporaries_left"] = _temporaries(out)
+    result["rows_before_resume"] = (
+        len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+    )
+    checkpoint = out / "checkpoint.pt"
+    result["checkpoint_step"] = None
+    if checkpoint.exists():
+        try:
+            result["checkpoint_step"] = torch.load(checkpoint, weights_only=False)["step"]
+        except Exception as err:  # noqa: BLE001 (any failure to load is the finding)
+            problems.append(f"checkpoint does not load after the kill: {type(err).__name__}: {err}")
+    resumed = subprocess.run(
+        command(model, data, out, *settings, "--resume", steps=steps), env=env, capture_output=True, text=True
+    )
+    if resumed.returncode != 0:
+        problems.append(f"--resume exited {resumed.returncode}: {resumed.stderr.strip().splitlines()[-1:]}")
+        return {**result, "problems": problems}
+    if _temporaries(out):
+        problems.append(f"temporary files left after the resume: {_temporaries(out)}")
+    try:
+        rows = _rows(out)
+    except ValueError as err:
+        problems.append(f"metrics.jsonl is not strict JSON after the resume: {err}")
+        return {**result, "problems": problems}
+    if [r["step"] for r in rows] != list(range(1, steps + 1)):
+        problems.append(f"steps after the resume: {[r['step'] for r in rows]}")
+    final = torch.load(checkpoint, weights_only=False)
+    if final["step"] != steps:
+        problems.append(f"final checkpoint at step {final['step']}")
+    if reference is not None:
+        if [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows] != reference["rows"]:
+            problems.append("metrics rows differ from the uninterrupted run")
+        if not all(torch.equal(final["model"][k], v) for k, v in reference["model"].items()):
+            problems.append("final model differs from the uninterrupted run")
+    return {**result, "problems": problems}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", default="runs/kill_resume")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    import shutil
+
+    import torch
+
+    random.seed(args.seed)
+    root = Path(args.out)
+    root.mkdir(parents=True, exist_ok=True)
+    model, data = make_assets(root)
+    ref_out = root / "reference"
+    shutil.rmtree(ref_out, ignore_errors=True)
+    started = time.monotonic()
+    subprocess.run(command(model, data, ref_out), check=True, stdout=subprocess.DEVNULL)
+    seconds = time.monotonic() - started
+    reference = {
+        "rows": [{k: v for k, v in r.items() if k not in TIMINGS} for r in _rows(ref_out)],
+        "model": torch.load(ref_out / "checkpoint.pt", weights_only=False)["model"],
+    }
+    print(f"uninterrupted run: {seconds:.1f} s wall (start-up included)")
+    results = []
+    for i in range(args.repeats):
+        out = root / f"run{i}"
+        shutil.rmtree(out, ignore_errors=True)
+        result = kill_and_resume(
+            model, data, out, "checkpoint" if i % 2 == 0 else "random", seconds, reference
+        )
+        results.append(result)
+        print(f"{i:3d} {result['mode']:<10} killed={result['killed']!s:<5} at {result['after_s']:6.2f}s "
+              f"checkpoint step {result['checkpoint_step']} temporaries {len(result['temporaries_left'])} "
+              f"rows {result['rows_before_resume']} -> problems: {result['problems'] or 'none'}")  # fmt: skip
+    summary = {
+        "repeats": len(results),
+        "killed": sum(r["killed"] for r in results),
+        "killed_while_checkpointing": sum(r["killed"] and r["mode"] == "checkpoint" for r in results),
+        "temporaries_left_by_the_kill": sum(bool(r["temporaries_left"]) for r in results),
+        "rows_past_the_checkpoint_at_the_kill": sum(
+            r["rows_before_resume"] > (r["checkpoint_step"] or 0) for r in results
+        ),
+        "with_problems": sum(bool(r["problems"]) for r in results),
+        "uninterrupted_run_s": round(seconds, 2),
+    }
+    print(json.dumps(summary))
+    (root / "kill_resume.json").write_text(
+        json.dumps({"summary": summary, "repeats": results}, indent=2) + "\n"
+    )
+    return 1 if summary["with_problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.envs.tiny_chat_lm
+    raise SystemExit(main())
