@@ -4,8 +4,9 @@
 
 Each repeat starts ``python -m boost.train`` (the tiny chat model of the tests, gridnav data, 8 steps,
 a checkpoint every step, BOOST reweighting on) and kills it with SIGKILL: odd repeats at a uniformly
-random moment of a whole run's wall time, even repeats while a checkpoint is being written (the
-first time a temporary ``.checkpoint.pt.*`` file appears). Then it checks, and counts violations of:
+random moment between the first checkpoint of an uninterrupted run and its end, even repeats while
+the k-th checkpoint is being written (k uniform in 1..8: as soon as its temporary
+``.checkpoint.pt.*`` file appears). Then it checks, and counts violations of:
 
 - after the kill: ``checkpoint.pt``, if there is one, loads with ``torch.load``;
 - ``python -m boost.train ... --resume`` exits 0; afterwards no temporary file is left,
@@ -79,12 +80,15 @@ def _temporaries(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob(".*.tmp*")) if out.exists() else []
 
 
-def _kill_while_checkpointing(proc: subprocess.Popen, out: Path, deadline: float) -> bool:
-    """SIGKILL ``proc`` as soon as a temporary checkpoint file exists; False if none appeared in time."""
+def _kill_while_checkpointing(proc: subprocess.Popen, out: Path, deadline: float, nth: int) -> bool:
+    """SIGKILL ``proc`` as soon as the ``nth`` temporary checkpoint file exists; False if it never did."""
+    seen: set[str] = set()
     while time.monotonic() < deadline and proc.poll() is None:
-        if out.exists() and any(out.glob(".checkpoint.pt.*")):
-            proc.send_signal(signal.SIGKILL)
-            return True
+        if out.exists():
+            seen.update(p.name for p in out.glob(".checkpoint.pt.*"))
+            if len(seen) >= nth:
+                proc.send_signal(signal.SIGKILL)
+                return True
         time.sleep(0.001)
     return False
 
@@ -94,14 +98,17 @@ def kill_and_resume(
     data: Path,
     out: Path,
     mode: str,
-    seconds: float,
+    seconds: tuple[float, float],
     reference: dict | None,
     steps: int = STEPS,
     settings: tuple[str, ...] = (),
 ) -> dict:
-    """One repeat: start, SIGKILL (``mode`` "random" within ``seconds`` or "checkpoint"), resume, check.
+    """One repeat: start, SIGKILL, resume, check.
 
-    ``steps`` and ``settings`` (more ``key=value``) shape the run; the killed run's log goes to
+    ``mode``: ``"checkpoint"`` kills during the write of a checkpoint (the first, or with
+    ``mode="checkpoint:K"`` the K-th); ``"random"`` at a moment drawn uniformly from ``seconds``, a
+    ``(low, high)`` pair of seconds after the start. ``steps`` and ``settings`` (more ``key=value``)
+    shape the run; the killed run's log goes to
     ``<out>.killed.log``. Returns what happened and ``"problems"``, empty when everything held.
     """
     import torch
@@ -114,11 +121,12 @@ def kill_and_resume(
             command(model, data, out, *settings, steps=steps), env=env, stdout=log, stderr=log
         )
     started = time.monotonic()
-    if mode == "checkpoint":
-        killed = _kill_while_checkpointing(proc, out, started + 4 * seconds)
+    if mode.startswith("checkpoint"):
+        nth = int(mode.partition(":")[2] or 1)
+        killed = _kill_while_checkpointing(proc, out, started + 4 * seconds[1], nth)
     else:
         try:
-            proc.wait(timeout=random.uniform(0, seconds))
+            proc.wait(timeout=random.uniform(*seconds))
             killed = False
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
@@ -179,20 +187,26 @@ def main(argv: list[str] | None = None) -> int:
     ref_out = root / "reference"
     shutil.rmtree(ref_out, ignore_errors=True)
     started = time.monotonic()
-    subprocess.run(command(model, data, ref_out), check=True, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        command(model, data, ref_out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    while not (ref_out / "checkpoint.pt").exists() and proc.poll() is None:
+        time.sleep(0.005)
+    first_checkpoint = time.monotonic() - started
+    if proc.wait() != 0:
+        raise SystemExit(f"the uninterrupted run failed: {command(model, data, ref_out)}")
     seconds = time.monotonic() - started
     reference = {
         "rows": [{k: v for k, v in r.items() if k not in TIMINGS} for r in _rows(ref_out)],
         "model": torch.load(ref_out / "checkpoint.pt", weights_only=False)["model"],
     }
-    print(f"uninterrupted run: {seconds:.1f} s wall (start-up included)")
+    print(f"uninterrupted run: {seconds:.1f} s wall, first checkpoint after {first_checkpoint:.1f} s")
     results = []
     for i in range(args.repeats):
         out = root / f"run{i}"
         shutil.rmtree(out, ignore_errors=True)
-        result = kill_and_resume(
-            model, data, out, "checkpoint" if i % 2 == 0 else "random", seconds, reference
-        )
+        mode = f"checkpoint:{random.randint(1, STEPS)}" if i % 2 == 0 else "random"
+        result = kill_and_resume(model, data, out, mode, (first_checkpoint, seconds), reference)
         results.append(result)
         print(f"{i:3d} {result['mode']:<10} killed={result['killed']!s:<5} at {result['after_s']:6.2f}s "
               f"checkpoint step {result['checkpoint_step']} temporaries {len(result['temporaries_left'])} "
@@ -200,13 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = {
         "repeats": len(results),
         "killed": sum(r["killed"] for r in results),
-        "killed_while_checkpointing": sum(r["killed"] and r["mode"] == "checkpoint" for r in results),
+        "killed_while_checkpointing": sum(
+            r["killed"] and r["mode"].startswith("checkpoint") for r in results
+        ),
         "temporaries_left_by_the_kill": sum(bool(r["temporaries_left"]) for r in results),
         "rows_past_the_checkpoint_at_the_kill": sum(
             r["rows_before_resume"] > (r["checkpoint_step"] or 0) for r in results
         ),
         "with_problems": sum(bool(r["problems"]) for r in results),
         "uninterrupted_run_s": round(seconds, 2),
+        "first_checkpoint_s": round(first_checkpoint, 2),
     }
     print(json.dumps(summary))
     (root / "kill_resume.json").write_text(
