@@ -62,7 +62,7 @@ def command(model: Path, data: Path, out: Path, *extra: str, steps: int = STEPS)
     """``python -m boost.train`` on the tiny model; ``extra``: more settings or options."""
     return [sys.executable, "-m", "boost.train", f"data.path={data}", f"model.name={model}", f"out_dir={out}",
             "data.token_budget=384", "data.max_length=192", f"steps={steps}", "checkpoint_every=1",
-            "solver.steps=1", "--quiet", *extra]  # fmt: skip
+            "solver.steps=1", *extra, "--quiet"]  # fmt: skip
 
 
 def _strict(line: str) -> dict:
@@ -78,6 +78,30 @@ def _rows(out: Path) -> list[dict]:
 
 def _temporaries(out: Path) -> list[str]:
     return sorted(p.name for p in out.glob(".*.tmp*")) if out.exists() else []
+
+
+# Loaded by the killed run's interpreter (PYTHONPATH) for mode "save:K": the K-th torch.save writes a
+# few bytes of its file and then the process sends itself SIGKILL, mid-write, deterministically.
+KILL_HOOK = """
+import os, signal
+import torch
+_save, _calls = torch.save, [0]
+def _save_then_die(obj, f, *args, **kwargs):
+    _calls[0] += 1
+    if _calls[0] == int(os.environ["BOOST_KILL_AT_SAVE"]):
+        with open(f, "wb") as half:
+            half.write(b"half a checkpoint")
+        os.kill(os.getpid(), signal.SIGKILL)
+    return _save(obj, f, *args, **kwargs)
+torch.save = _save_then_die
+"""
+
+
+def _kill_hook_env(env: dict, hook_dir: Path, nth: int) -> dict:
+    hook_dir.mkdir(parents=True, exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(KILL_HOOK)
+    path = os.pathsep.join(filter(None, [str(hook_dir), env.get("PYTHONPATH", "")]))
+    return {**env, "PYTHONPATH": path, "BOOST_KILL_AT_SAVE": str(nth)}
 
 
 def _kill_while_checkpointing(proc: subprocess.Popen, out: Path, deadline: float, nth: int) -> bool:
@@ -106,8 +130,10 @@ def kill_and_resume(
     """One repeat: start, SIGKILL, resume, check.
 
     ``mode``: ``"checkpoint"`` kills during the write of a checkpoint (the first, or with
-    ``mode="checkpoint:K"`` the K-th); ``"random"`` at a moment drawn uniformly from ``seconds``, a
-    ``(low, high)`` pair of seconds after the start. ``steps`` and ``settings`` (more ``key=value``)
+    ``mode="checkpoint:K"`` the K-th), seen from outside by polling for its temporary file;
+    ``"save:K"`` makes the K-th ``torch.save`` kill its own process mid-write (deterministic);
+    ``"random"`` at a moment drawn uniformly from ``seconds``, a ``(low, high)`` pair of seconds
+    after the start. ``steps`` and ``settings`` (more ``key=value``)
     shape the run; the killed run's log goes to
     ``<out>.killed.log``. Returns what happened and ``"problems"``, empty when everything held.
     """
@@ -116,14 +142,19 @@ def kill_and_resume(
     problems: list[str] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     out.parent.mkdir(parents=True, exist_ok=True)
+    killed_env = env
+    if mode.startswith("save:"):
+        killed_env = _kill_hook_env(env, out.parent / f"{out.name}.hook", int(mode.partition(":")[2]))
     with open(out.parent / f"{out.name}.killed.log", "wb") as log:
         proc = subprocess.Popen(
-            command(model, data, out, *settings, steps=steps), env=env, stdout=log, stderr=log
+            command(model, data, out, *settings, steps=steps), env=killed_env, stdout=log, stderr=log
         )
     started = time.monotonic()
     if mode.startswith("checkpoint"):
         nth = int(mode.partition(":")[2] or 1)
         killed = _kill_while_checkpointing(proc, out, started + 4 * seconds[1], nth)
+    elif mode.startswith("save:"):
+        killed = proc.wait() == -signal.SIGKILL
     else:
         try:
             proc.wait(timeout=random.uniform(*seconds))

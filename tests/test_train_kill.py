@@ -1,5 +1,6 @@
-"""kill -9 while a checkpoint is being written, then --resume (once here; benchmarks/kill_resume.py
-repeats it at random moments and compares with an uninterrupted run)."""
+"""kill -9 while a checkpoint is being written, then --resume (once here, the process killing itself
+in its second torch.save; benchmarks/kill_resume.py kills from outside at random moments and during
+checkpoint writes, 20 times, and compares with an uninterrupted run)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,11 @@ def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint_and_unique_step
         model,
         data,
         tmp_path / "run",
-        "checkpoint:2",
+        "save:2",
         (0.0, 120.0),
         None,
         steps=3,
         settings=("reweight=false",),
     )
-    assert result["killed"], "the run finished before a checkpoint write could be interrupted"
+    assert result["killed"] and result["temporaries_left"], "not killed in the middle of a checkpoint write"
     assert result["problems"] == []

@@ -288,7 +288,7 @@ def test_cli_data_errors_are_one_line_with_exit_2_before_the_model_loads(tmp_pat
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
     no_model = f"model.name={tmp_path / 'no-such-model'}"  # loading it would fail: the data fails first
-    code, line = _cli(capsys, f"data.path={empty}", no_model, f"out_dir={tmp_path / 'run'}", "--quiet")
+    code, line = _cli(capsys, f"data.path={empty}", "--quiet", no_model, f"out_dir={tmp_path / 'run'}")
     assert code == 2 and line.endswith(
         f"{empty}: the file is empty (no record in it); point data.path at the data or regenerate it"
     )
