@@ -302,7 +302,7 @@ def test_cli_data_errors_are_one_line_with_exit_2_before_the_model_loads(tmp_pat
         and f"{bad}:2: malformed_json" in line
         and "(fix: write exactly one complete JSON object" in line
     )
-    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+    assert not (tmp_path / "run").exists()  # nothing was created for a run that could not start
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -121,8 +121,8 @@ class Trainer:
         device = resolve_device(cfg.device)
         self.device = torch.device(device)
         self.out = Path(cfg.out_dir)
-        self.out.mkdir(parents=True, exist_ok=True)
         selection = select_trajectories(cfg.data)  # bad data fails here, before the model loads
+        self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = load_model(cfg.model.name, device=device)
         self.model.train()
         self.trunk = self.model.get_decoder()
