@@ -397,12 +397,13 @@ class TurnTokenizer:
         self,
         trajectories: Sequence[Trajectory],
         report: TokenizeReport,
-        first_index: int = 0,
+        first_index: int | Sequence[int] = 0,
         num_messages: Sequence[int] | None = None,
     ) -> list[_Encoded]:
         """Token ids and agent masks of trajectories (one batched tokenizer call per piece kind).
 
-        ``first_index`` is the position of ``trajectories[0]`` in the caller's list (for error messages);
+        ``first_index`` is the position of ``trajectories[0]`` in the caller's list, or the positions of
+        all of them (for error messages, which name the file and line instead where it is known);
         ``num_messages`` (default: all) how many leading messages of each to tokenise.
         """
         template_text: list[str] = []
@@ -411,12 +412,13 @@ class TurnTokenizer:
             list[tuple[str, int, int]]
         ] = []  # per trajectory, per message: role, lead idx, content idx
         for t, traj in enumerate(trajectories):
+            index = first_index[t] if isinstance(first_index, Sequence) else first_index + t
             messages = traj.messages if num_messages is None else traj.messages[: num_messages[t]]
             try:
                 pieces = self.split_turns(messages)
             except Exception as err:  # the template's own raise_exception(...) gives a jinja2 error
                 raise ChatTemplateError(
-                    f"trajectory {first_index + t} (source {traj.source!r}): {type(err).__name__}: {err}"
+                    f"{traj.origin or f'trajectory {index}'} (source {traj.source!r}): {type(err).__name__}: {err}"
                 ) from err
             turns = []
             for message, (lead, content, tail) in zip(messages, pieces):
@@ -522,7 +524,10 @@ def tokenize_trajectories(
             else:
                 chunk.append((index, traj, limit))
         encoded = turn_tokenizer.encode(
-            [traj for _, traj, _ in chunk], report, start, num_messages=[limit for *_, limit in chunk]
+            [traj for _, traj, _ in chunk],
+            report,
+            [index for index, *_ in chunk],
+            num_messages=[limit for *_, limit in chunk],
         )
         for (index, traj, _), enc in zip(chunk, encoded):
             keep = _apply_length_policy(enc, traj, index, config, report)
