@@ -88,12 +88,13 @@ def select_trajectories(cfg: DataConfig) -> Selection:
             excluded.append(traj)
         else:
             kept.append(traj)
-    content_keyed = sum(keys[t] != t for t in {t.task_id for t in real})
+    real_ids = {t.task_id for t in real}
+    content_keyed = sum(keys[task] != task for task in real_ids)
     summary = [
         report.summary(),
         f"real tasks: {len(split.train_tasks)} train, {len(split.validation_tasks)} validation, "
         f"{len(split.test_tasks)} test (by a hash of each task's key: the environment's content key "
-        f"for {content_keyed} of {len(keys.keys() & {t.task_id for t in real})} ids, else the id); "
+        f"for {content_keyed} of {len(real_ids)} ids, else the id); "
         f"{len(synthetic)} synthetic trajectories",
     ]
     if excluded:
