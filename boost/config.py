@@ -5,11 +5,16 @@
 Nested dataclass fields are YAML mappings; override values are parsed as YAML scalars (``1e-4``,
 ``true``, ``null``, ``[1, 2]``). Unknown keys and values of the wrong type raise a ``ValueError``
 that names the file (or the override) and the key, with the keys that exist.
+
+Booleans are ``true`` and ``false`` only (YAML 1.2): PyYAML follows YAML 1.1, where ``no``, ``off``,
+``yes`` and ``on`` are booleans too, so ``reweight=no`` would pass silently and ``name: off`` would
+become ``False``. Here those words are strings, and a boolean setting given one is an error.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -18,6 +23,27 @@ from typing import Any, TypeVar
 import yaml
 
 C = TypeVar("C")
+
+_BOOL = "tag:yaml.org,2002:bool"
+_YAML11_BOOLS = frozenset({"yes", "no", "on", "off"})
+
+
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 booleans: only true/false (any case), not yes/no/on/off."""
+
+
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Yaml12Loader.add_implicit_resolver(
+    _BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def parse_yaml(text: str) -> Any:
+    """YAML text -> Python values, with YAML 1.2 booleans (see the module docstring)."""
+    return yaml.load(text, Loader=_Yaml12Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 def _coerce(value: Any, annotation: Any, origin: str, key: str) -> Any:
@@ -49,7 +75,8 @@ def _coerce(value: Any, annotation: Any, origin: str, key: str) -> Any:
         return value
     if annotation is bool:
         if not isinstance(value, bool):
-            raise ValueError(f"{where}: expected true or false, got {value!r}")
+            hint = " (yes/no/on/off are not booleans here)" if str(value).lower() in _YAML11_BOOLS else ""
+            raise ValueError(f"{where}: expected true or false, got {value!r}{hint}")
         return value
     if annotation is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
@@ -108,7 +135,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.
     if path is not None:
         where = str(path)
         try:
-            loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+            loaded = parse_yaml(Path(path).read_text(encoding="utf-8"))
         except FileNotFoundError:
             raise FileNotFoundError(f"{path}: no such config file") from None
         except yaml.YAMLError as exc:
@@ -122,7 +149,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: typing.
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r}: write it as key=value (nested: group.key=value)")
-        _set(tree, key.strip(), yaml.safe_load(text))
+        _set(tree, key.strip(), parse_yaml(text))
     return from_dict(cls, tree, f"{where} with overrides" if overrides else where)
 
 

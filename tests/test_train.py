@@ -152,7 +152,7 @@ def test_data_without_real_trajectories_is_refused(assets, tmp_path):
     only_synthetic = tmp_path / "synthetic.jsonl"
     lines = [line for line in assets[1].read_text().splitlines() if '"source": "real"' not in line]
     only_synthetic.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ValueError, match="no trajectory has source 'real'"):
+    with pytest.raises(ValueError, match="none of the 32 trajectories has source 'real'"):
         Trainer(_config(assets, tmp_path, f"data.path={only_synthetic}"), progress=False)
 
 

@@ -17,15 +17,22 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
+
+from boost.atomic import replace_atomic
 
 ROLES = ("system", "user", "assistant", "tool")
 
 # Top-level keys of a record that the format defines; anything else is reported by the readers.
 KNOWN_KEYS = frozenset({"messages", "source", "reward", "return", "task_id", "meta"})
+
+# Message keys the trainer reads. Other keys (e.g. "name") are kept and passed to the chat template,
+# and the readers count them; the keys below carry agent output that the tokeniser would never train
+# on (templates render them outside the content, or drop them), so such a message is refused.
+MESSAGE_KEYS = frozenset({"role", "content"})
+UNSUPPORTED_MESSAGE_KEYS = frozenset({"tool_calls", "function_call"})
 
 # reason tag -> how to fix it. Readers print the hint next to the file and line.
 REASONS: dict[str, str] = {
@@ -42,12 +49,25 @@ REASONS: dict[str, str] = {
     "invalid_unicode": "the text holds a lone surrogate (unpaired \\ud800-\\udfff escape); fix the writer",
     "no_assistant_turn": "a trajectory needs at least one assistant turn to train on; drop it upstream",
     "missing_source": "add 'source' (\"real\" or the generator name), or pass default_source= to the reader",
-    "bad_source": "'source' must be a non-empty string",
+    "bad_source": "'source' must be a non-empty string (\"real\" exactly for real data)",
+    "unsupported_message_key": "write the tool call as the message's text content: the trainer only "
+    "trains on 'content'",
     "bad_reward": "'reward' must be a finite number (or absent/null when unknown)",
     "bad_task_id": "'task_id' must be a string or an integer",
     "bad_meta": "'meta' must be a JSON object",
+    "empty_file": "the file holds no record: check the path, or the program that wrote it",
     "bad_lmrl_step": "each LMRL-Gym step is {state: str, action: str, reward: finite number, done: bool}",
 }
+
+
+def normalize_source(source: Any) -> Any:
+    """A source name as written in a file, normalised: outer whitespace removed, and any spelling of
+    ``real`` in another case (``"Real"``, ``" REAL "``) becomes ``"real"``. Non-strings pass through
+    (the format check rejects them)."""
+    if not isinstance(source, str):
+        return source
+    source = source.strip()
+    return "real" if source.casefold() == "real" else source
 
 
 class TrajectoryFormatError(ValueError):
@@ -104,6 +124,7 @@ class Trajectory:
         reward: the episode return, a finite float, or ``None`` when unknown.
         task_id: identifies the task instance; splits never put one task id in two splits.
         meta: free-form metadata (ground truth for analysis; the trainer never reads it).
+        origin: where it was read (``"path:line"``), for messages about it; not part of the data.
     """
 
     messages: list[dict[str, str]]
@@ -111,6 +132,7 @@ class Trajectory:
     reward: float | None = None
     task_id: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    origin: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -132,6 +154,13 @@ class Trajectory:
                 )
             if "role" not in m or m["role"] is None:
                 raise TrajectoryFormatError(f"messages[{k}] has no 'role'", "missing_role")
+            unsupported = sorted(UNSUPPORTED_MESSAGE_KEYS & m.keys())
+            if unsupported:
+                raise TrajectoryFormatError(
+                    f"messages[{k}] carries {unsupported[0]!r}, which the chat template would render outside "
+                    "the trained content or drop",
+                    "unsupported_message_key",
+                )
             if m["role"] not in ROLES:
                 raise TrajectoryFormatError(
                     f"messages[{k}] has unknown role {m['role']!r}; expected one of {', '.join(ROLES)}",
@@ -149,8 +178,14 @@ class Trajectory:
             raise TrajectoryFormatError(
                 "trajectory has no assistant turn: nothing to train on", "no_assistant_turn"
             )
-        if not isinstance(self.source, str) or not self.source:
+        if not isinstance(self.source, str) or not self.source.strip():
             raise TrajectoryFormatError("'source' must be a non-empty string", "bad_source")
+        if normalize_source(self.source) != self.source:
+            raise TrajectoryFormatError(
+                f"'source' {self.source!r} differs from {normalize_source(self.source)!r} only in case or "
+                "outer whitespace; write the normalised name (the readers normalise it for you)",
+                "bad_source",
+            )
         _check_encodable(self.source, "'source'")
         if self.reward is not None:
             self.reward = check_finite_number(self.reward, "'reward'")
@@ -183,7 +218,7 @@ class Trajectory:
             raise TrajectoryFormatError(
                 f"'reward' ({reward!r}) and its alias 'return' ({ret!r}) disagree; give one", "bad_reward"
             )
-        source = obj.get("source")
+        source = normalize_source(obj.get("source"))
         if source is None:
             if default_source is None:
                 raise TrajectoryFormatError("missing 'source'", "missing_source")
@@ -213,19 +248,14 @@ class Trajectory:
 
 def write_jsonl(path: str | os.PathLike, trajectories: Iterable[Trajectory]) -> int:
     """Write trajectories as JSONL atomically (temp file, then rename). Returns the count written."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    n = 0
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+    written = 0
+
+    def write(tmp: str) -> None:
+        nonlocal written
+        with open(tmp, "w", encoding="utf-8") as f:
             for traj in trajectories:
                 f.write(json.dumps(traj.to_dict(), ensure_ascii=False) + "\n")
-                n += 1
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return n
+                written += 1
+
+    replace_atomic(path, write)
+    return written

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from boost.data.format import Trajectory, TrajectoryFormatError, check_finite_number
+from boost.data.format import Trajectory, TrajectoryFormatError, check_finite_number, normalize_source
 
 LMRL_KEYS = frozenset({"steps", "source", "task_id", "meta", "system"})
 STEP_KEYS = ("state", "action", "reward", "done")
@@ -95,7 +95,7 @@ def parse_lmrl_record(obj: Any, *, default_source: str | None) -> Trajectory:
                 f"an LMRL-Gym record carries per-step rewards; a top-level {key!r} would be ambiguous",
                 "bad_reward",
             )
-    source = obj.get("source")
+    source = normalize_source(obj.get("source"))
     if source is None:
         if default_source is None:
             raise TrajectoryFormatError("missing 'source'", "missing_source")

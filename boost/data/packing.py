@@ -76,6 +76,8 @@ class PackedBatch:
         rewards: float32 episode return, NaN where unknown (see ``has_reward``).
         has_reward: bool.
         is_real: bool, ``source == "real"``.
+        truncated: bool, the trajectory was cut to fit ``max_length`` (its reward is the whole
+            episode's, not the kept prefix's); None when the batch was built without this flag.
         sources, task_ids: lists of str (task ids may be None).
 
     token_budget: the budget the batch was packed under.
@@ -96,6 +98,7 @@ class PackedBatch:
     sources: list[str]
     task_ids: list[str | None]
     token_budget: int
+    truncated: torch.Tensor | None = None
 
     @property
     def num_segments(self) -> int:
@@ -294,4 +297,5 @@ class TrajectoryPacker:
             sources=[t.source for t in items],
             task_ids=[t.task_id for t in items],
             token_budget=self.config.token_budget,
+            truncated=torch.tensor([t.truncated for t in items], dtype=torch.bool),
         )

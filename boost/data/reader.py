@@ -4,15 +4,19 @@ Supported inputs (``format="auto"`` picks by file extension):
 
 - ``.jsonl``: one record per line. A record is TRL's conversational object (see
   :mod:`boost.data.format`) or an LMRL-Gym step list (see :mod:`boost.data.lmrl`).
-- ``.json``: a whole-document JSON array of records (HF ``datasets`` ``to_json(lines=False)``),
-  or, when the file is not one JSON document, JSON Lines (``to_json()``'s default).
+- ``.json``: a whole-document JSON array of records (HF ``datasets`` ``to_json(lines=False)``; a
+  bad element costs that element only), a single record (an object, or one LMRL-Gym step list: an
+  array whose objects hold ``state``/``action`` and none holds ``messages``/``steps``), or, when the
+  file is not one JSON document, JSON Lines (``to_json()``'s default).
 - ``.parquet``: rows with the same columns (HF ``datasets`` ``to_parquet``); needs ``pyarrow``.
 - In-memory rows (e.g. a ``datasets.Dataset``): :func:`read_records`.
 
 Each bad record raises :class:`TrajectoryReadError` naming the file, the line (or row), the reason
 and the fix. With ``strict=True`` the first one is raised; otherwise it is skipped, counted in the
 :class:`ReadReport` per reason, and the report is logged at WARNING level (printed to stderr
-unless logging is configured otherwise). Blank lines are counted too.
+unless logging is configured otherwise). Blank lines are counted too. A file without any record is
+an error under ``strict=True`` and says so in the report otherwise. Source names are normalised
+(``"Real "`` -> ``"real"``, counted), and message keys other than ``role``/``content`` are counted.
 """
 
 from __future__ import annotations
@@ -25,8 +29,15 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from boost.data.format import KNOWN_KEYS, REASONS, Trajectory, TrajectoryFormatError
-from boost.data.lmrl import LMRL_KEYS, is_lmrl_record, parse_lmrl_record
+from boost.data.format import (
+    KNOWN_KEYS,
+    MESSAGE_KEYS,
+    REASONS,
+    Trajectory,
+    TrajectoryFormatError,
+    normalize_source,
+)
+from boost.data.lmrl import LMRL_KEYS, STEP_KEYS, is_lmrl_record, parse_lmrl_record
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,8 @@ class ReadReport:
         skipped: reason tag -> number of records skipped for it.
         unknown_fields: top-level key outside the format -> number of records carrying it (ignored).
         defaulted_source: records without ``source`` that got ``default_source``.
+        normalized_source: source as written -> records read with it normalised (``"Real"`` -> ``"real"``).
+        message_keys: message key other than role/content -> messages carrying it (passed to the template).
         examples: the first :data:`MAX_EXAMPLES` error messages, verbatim.
     """
 
@@ -67,6 +80,8 @@ class ReadReport:
     skipped: Counter[str] = field(default_factory=Counter)
     unknown_fields: Counter[str] = field(default_factory=Counter)
     defaulted_source: int = 0
+    normalized_source: Counter[str] = field(default_factory=Counter)
+    message_keys: Counter[str] = field(default_factory=Counter)
     examples: list[str] = field(default_factory=list)
 
     @property
@@ -76,18 +91,34 @@ class ReadReport:
     @property
     def clean(self) -> bool:
         """True when nothing was skipped, ignored or defaulted."""
-        return not (self.skipped or self.unknown_fields or self.defaulted_source)
+        return not (
+            self.skipped
+            or self.unknown_fields
+            or self.defaulted_source
+            or self.normalized_source
+            or self.message_keys
+            or not self.records
+        )
 
     def summary(self) -> str:
         lines = [f"{self.origin}: read {self.read} of {self.records} records, skipped {self.num_skipped}"]
         if self.blank_lines:
             lines[0] += f" ({self.blank_lines} blank lines ignored)"
+        if not self.records:
+            lines.append(f"  the file holds no record (fix: {REASONS['empty_file']})")
         for reason, n in sorted(self.skipped.items()):
             lines.append(f"  skipped {n} x {reason} (fix: {REASONS.get(reason, 'fix the record')})")
         for key, n in sorted(self.unknown_fields.items()):
             lines.append(f"  ignored unknown field {key!r} in {n} records")
         if self.defaulted_source:
             lines.append(f"  {self.defaulted_source} records had no 'source' and were given the default")
+        for raw, n in sorted(self.normalized_source.items()):
+            lines.append(f"  source {raw!r} read as {normalize_source(raw)!r} in {n} records")
+        for key, n in sorted(self.message_keys.items()):
+            lines.append(
+                f"  {n} messages carry {key!r}: passed to the chat template, which may ignore it; "
+                "the trainer trains on 'content' only"
+            )
         if self.examples:
             lines.append("  first errors:")
             lines.extend(f"    {e}" for e in self.examples)
@@ -143,11 +174,19 @@ def _decode_json_document(path: str) -> Iterator[tuple[str, Any]]:
     except (UnicodeDecodeError, ValueError, RecursionError):
         yield from _decode_jsonl(path)  # not one document: JSON Lines, with per-line errors
         return
-    if isinstance(doc, list) and all(isinstance(r, dict) for r in doc):
+    if isinstance(doc, list) and not _is_step_list(doc):
         for i, rec in enumerate(doc):
             yield f"{path} record {i}", rec
     else:
         yield f"{path}:1", doc
+
+
+def _is_step_list(doc: list) -> bool:
+    """True for one LMRL-Gym step list, False for an array of records (see the module docstring)."""
+    objects = [item for item in doc if isinstance(item, dict)]
+    if any("messages" in item or "steps" in item for item in objects):
+        return False
+    return any(key in item for item in objects for key in STEP_KEYS[:2])
 
 
 def _decode_parquet(path: str) -> Iterator[tuple[str, Any]]:
@@ -192,10 +231,17 @@ def _collect(
         if isinstance(obj, dict):
             known = LMRL_KEYS if is_lmrl_record(obj) else KNOWN_KEYS
             report.unknown_fields.update(k for k in obj if k not in known)
-        if isinstance(obj, list) or obj.get("source") is None:
+        raw_source = None if isinstance(obj, list) else obj.get("source")
+        if raw_source is None:
             report.defaulted_source += 1
+        elif raw_source != traj.source:
+            report.normalized_source[raw_source] += 1
+        report.message_keys.update(k for m in traj.messages for k in m if k not in MESSAGE_KEYS)
+        traj.origin = where
         trajectories.append(traj)
         report.read += 1
+    if not report.records and strict:
+        raise TrajectoryReadError(origin, "empty_file", f"no record in {report.blank_lines} lines")
     if report.clean:
         log.info(report.summary())
     else:

@@ -29,6 +29,7 @@ Qwen, SmolLM) do not.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections import Counter
@@ -43,6 +44,7 @@ from boost.data.format import Trajectory
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+MAX_DROPPED_EXAMPLES = 20  # dropped trajectories named one by one in a report; the rest are counted
 
 # A plain ChatML template. Never applied silently: pass it as TokenizeConfig(chat_template=...) to
 # opt in for a tokenizer that ships without a template and whose model was trained on ChatML.
@@ -141,6 +143,10 @@ class TokenizeReport:
         tokens, counted_tokens: tokens kept, and those that carry a label.
         special_text_messages: messages whose content holds a special-token string (encoded as text).
         assistant_turns_without_eot: assistant turns whose tail had no special token to count.
+        messages_cut_untokenised: cut messages that were never tokenised (their text alone is too long).
+        truncated_by_source: source -> truncated trajectories (they keep the whole episode's reward).
+        dropped_examples: ``"path:line (source): reason: detail"`` of the first
+            :data:`MAX_DROPPED_EXAMPLES` dropped trajectories; the counts in ``dropped`` cover all.
     """
 
     trajectories: int = 0
@@ -153,6 +159,9 @@ class TokenizeReport:
     counted_tokens: int = 0
     special_text_messages: int = 0
     assistant_turns_without_eot: int = 0
+    messages_cut_untokenised: int = 0
+    truncated_by_source: Counter[str] = field(default_factory=Counter)
+    dropped_examples: list[str] = field(default_factory=list)
 
     @property
     def num_dropped(self) -> int:
@@ -165,8 +174,23 @@ class TokenizeReport:
         ]
         for reason, n in sorted(self.dropped.items()):
             lines.append(f"  dropped {n} x {reason}")
+        lines.extend(f"    {example}" for example in self.dropped_examples)
+        if self.num_dropped > len(self.dropped_examples):
+            lines.append(f"    ... and {self.num_dropped - len(self.dropped_examples)} more")
         if self.truncated:
-            lines.append(f"  truncation cut {self.messages_cut} messages ({self.tokens_cut} tokens)")
+            lines.append(
+                f"  truncation cut {self.messages_cut} messages ({self.tokens_cut} tokens"
+                + (
+                    f" of tokenised messages; {self.messages_cut_untokenised} messages past the limit never tokenised)"
+                    if self.messages_cut_untokenised
+                    else ")"
+                )
+            )
+            per_source = ", ".join(f"{source} {n}" for source, n in sorted(self.truncated_by_source.items()))
+            lines.append(
+                f"  truncated per source: {per_source} (their reward is the whole episode's; the batch "
+                "marks them in PackedBatch.truncated)"
+            )
         if self.special_text_messages:
             lines.append(f"  {self.special_text_messages} messages hold special-token text (encoded as text)")
         if self.assistant_turns_without_eot:
@@ -341,12 +365,46 @@ class TurnTokenizer:
                 return i + 1
         return 0
 
-    def encode(
-        self, trajectories: Sequence[Trajectory], report: TokenizeReport, first_index: int = 0
-    ) -> list[_Encoded]:
-        """Token ids and agent masks of whole trajectories (one batched tokenizer call per piece kind).
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens of ``text``, without tokenising it (O(len(text)), no BPE).
 
-        ``first_index`` is the position of ``trajectories[0]`` in the caller's list (for error messages).
+        Every token stands for at most :attr:`max_token_bytes` bytes of (normalised) text.
+        """
+        normalizer = getattr(getattr(self.tokenizer, "backend_tokenizer", None), "normalizer", None)
+        if normalizer is not None:
+            text = normalizer.normalize_str(text)
+        return -(-len(text.encode("utf-8", "surrogatepass")) // self.max_token_bytes)
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest vocabulary entry in UTF-8 bytes: an upper bound on the text bytes of one token
+        (byte-level and byte-fallback entries spell a byte with one or more characters)."""
+        return max(
+            1, max(len(token.encode("utf-8", "surrogatepass")) for token in self.tokenizer.get_vocab())
+        )
+
+    def messages_that_may_fit(self, messages: Sequence[dict[str, Any]]) -> int:
+        """How many leading messages could fit ``max_length`` tokens by :meth:`min_tokens` of their
+        content alone; the messages after them cannot, so they are never tokenised."""
+        total = 0
+        for k, message in enumerate(messages):
+            total += self.min_tokens(message["content"])
+            if total > self.config.max_length:
+                return k
+        return len(messages)
+
+    def encode(
+        self,
+        trajectories: Sequence[Trajectory],
+        report: TokenizeReport,
+        first_index: int | Sequence[int] = 0,
+        num_messages: Sequence[int] | None = None,
+    ) -> list[_Encoded]:
+        """Token ids and agent masks of trajectories (one batched tokenizer call per piece kind).
+
+        ``first_index`` is the position of ``trajectories[0]`` in the caller's list, or the positions of
+        all of them (for error messages, which name the file and line instead where it is known);
+        ``num_messages`` (default: all) how many leading messages of each to tokenise.
         """
         template_text: list[str] = []
         content_text: list[str] = []
@@ -354,14 +412,16 @@ class TurnTokenizer:
             list[tuple[str, int, int]]
         ] = []  # per trajectory, per message: role, lead idx, content idx
         for t, traj in enumerate(trajectories):
+            index = first_index[t] if isinstance(first_index, Sequence) else first_index + t
+            messages = traj.messages if num_messages is None else traj.messages[: num_messages[t]]
             try:
-                pieces = self.split_turns(traj.messages)
+                pieces = self.split_turns(messages)
             except Exception as err:  # the template's own raise_exception(...) gives a jinja2 error
                 raise ChatTemplateError(
-                    f"trajectory {first_index + t} (source {traj.source!r}): {type(err).__name__}: {err}"
+                    f"{traj.origin or f'trajectory {index}'} (source {traj.source!r}): {type(err).__name__}: {err}"
                 ) from err
             turns = []
-            for message, (lead, content, tail) in zip(traj.messages, pieces):
+            for message, (lead, content, tail) in zip(messages, pieces):
                 turns.append((message["role"], len(template_text), len(content_text)))
                 template_text += [lead, tail]
                 content_text.append(content)
@@ -393,15 +453,30 @@ class TurnTokenizer:
         return encoded
 
 
+def _first_assistant(messages: Sequence[dict[str, Any]], limit: int) -> bool:
+    return any(m["role"] == "assistant" for m in messages[:limit])
+
+
+def _drop(traj: Trajectory, index: int, reason: str, detail: str, report: TokenizeReport) -> None:
+    report.dropped[reason] += 1
+    if len(report.dropped_examples) < MAX_DROPPED_EXAMPLES:
+        where = traj.origin or f"trajectory {index}"
+        report.dropped_examples.append(f"{where} (source {traj.source!r}): {reason}: {detail}")
+
+
 def _apply_length_policy(
-    enc: _Encoded, traj: Trajectory, config: TokenizeConfig, report: TokenizeReport
+    enc: _Encoded, traj: Trajectory, index: int, config: TokenizeConfig, report: TokenizeReport
 ) -> int | None:
-    """How many messages to keep, or None to drop the trajectory (counted in ``report``)."""
-    num_messages = len(enc.message_ends)
-    if enc.message_ends[-1] <= config.max_length:
+    """How many messages to keep, or None to drop the trajectory (counted in ``report``).
+
+    ``enc`` may cover only the leading messages that could fit (see :meth:`TurnTokenizer.messages_that_may_fit`).
+    """
+    num_messages = len(traj.messages)
+    encoded = len(enc.message_ends)
+    if encoded == num_messages and enc.message_ends[-1] <= config.max_length:
         return num_messages
     if config.on_too_long == "drop":
-        report.dropped["too_long"] += 1
+        _drop(traj, index, "too_long", f"more than max_length={config.max_length} tokens", report)
         return None
     keep = 0
     for k, end in enumerate(enc.message_ends):
@@ -410,11 +485,15 @@ def _apply_length_policy(
         if traj.messages[k]["role"] == "assistant":
             keep = k + 1
     if keep == 0:
-        report.dropped["first_assistant_turn_too_long"] += 1
+        _drop(traj, index, "first_assistant_turn_too_long",
+              f"the messages up to the first assistant turn exceed max_length={config.max_length} tokens",
+              report)  # fmt: skip
         return None
     report.truncated += 1
     report.messages_cut += num_messages - keep
+    report.messages_cut_untokenised += num_messages - encoded
     report.tokens_cut += enc.message_ends[-1] - enc.message_ends[keep - 1]
+    report.truncated_by_source[traj.source] += 1
     return keep
 
 
@@ -432,16 +511,33 @@ def tokenize_trajectories(
     report = TokenizeReport(trajectories=len(trajectories))
     out: list[TokenizedTrajectory] = []
     for start in range(0, len(trajectories), config.batch_size):
-        chunk = trajectories[start : start + config.batch_size]
-        for offset, (traj, enc) in enumerate(zip(chunk, turn_tokenizer.encode(chunk, report, start))):
-            keep = _apply_length_policy(enc, traj, config, report)
+        chunk = []  # (index, trajectory, messages to tokenise): the rest cannot fit max_length
+        for index in range(start, min(start + config.batch_size, len(trajectories))):
+            traj = trajectories[index]
+            limit = turn_tokenizer.messages_that_may_fit(traj.messages)
+            if limit < len(traj.messages) and config.on_too_long == "drop":
+                _drop(traj, index, "too_long", f"more than max_length={config.max_length} tokens", report)
+            elif not _first_assistant(traj.messages, limit):
+                _drop(traj, index, "first_assistant_turn_too_long",
+                      f"the text up to the first assistant turn alone exceeds max_length={config.max_length} "
+                      "tokens (not tokenised)", report)  # fmt: skip
+            else:
+                chunk.append((index, traj, limit))
+        encoded = turn_tokenizer.encode(
+            [traj for _, traj, _ in chunk],
+            report,
+            [index for index, *_ in chunk],
+            num_messages=[limit for *_, limit in chunk],
+        )
+        for (index, traj, _), enc in zip(chunk, encoded):
+            keep = _apply_length_policy(enc, traj, index, config, report)
             if keep is None:
                 continue
             length = enc.message_ends[keep - 1]
             item = TokenizedTrajectory(
                 input_ids=np.asarray(enc.ids[:length], dtype=np.int32),
                 agent_mask=np.asarray(enc.agent[:length], dtype=bool),
-                index=start + offset,
+                index=index,
                 source=traj.source,
                 reward=traj.reward,
                 task_id=traj.task_id,

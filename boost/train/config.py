@@ -15,9 +15,18 @@ class DataConfig:
     test: float = 0.25  # fraction of the real tasks held out for the final report
     token_budget: int = 2048  # tokens per packed batch
     max_length: int = 1024  # longer trajectories are dropped (counted in the tokenise report)
-    seed: int = 0
+    seed: int = 0  # seed of the task split (a hash of each task, see boost/data/split.py) and of packing
+    strict: bool = False  # stop at the first bad record (file:line and the fix) instead of skipping it
+    format: str = "auto"  # "auto" (by extension), "jsonl", "json" or "parquet"
+    default_source: str | None = None  # source of records without one (e.g. bare LMRL-Gym step lists)
+    # Synthetic trajectories of a validation or test task (same task id, or the same content key in
+    # its environment) are left out of training and counted; true keeps them, with a warning: the
+    # outer objective and the test loss then measure tasks the model has trained on.
+    keep_held_out_synthetic: bool = False
 
     def __post_init__(self):
+        if self.format not in ("auto", "jsonl", "json", "parquet"):
+            raise ValueError(f"data.format must be auto, jsonl, json or parquet; got {self.format!r}")
         if not (0 < self.validation < 1 and 0 <= self.test < 1 and self.validation + self.test < 1):
             raise ValueError(
                 f"data.validation must be in (0, 1), data.test in [0, 1) and their sum < 1; "
@@ -68,12 +77,16 @@ class TrainConfig:
     outer_every: int = 1  # an outer step after every this many inner steps
     log_every: int = 1
     checkpoint_every: int = 50  # 0: only at the end
+    # A step with a non-finite loss, validation loss, hypergradient, head weight or gradient is
+    # skipped (model and head untouched) and logged; this many in a row stop the run, keeping the
+    # last good checkpoint.
+    max_bad_steps: int = 5
     out_dir: str = "runs/boost"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "outer_every", "log_every"):
+        for name in ("steps", "outer_every", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:

@@ -27,12 +27,13 @@ two forwards for the scores). ``reweight=False`` trains with weight 1 everywhere
 
 Writes under ``out_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoint.pt`` (written
 to a temporary file and renamed: a crash never leaves a half-written checkpoint), ``config.yaml``
-and, at the end, ``report.md`` with ``training.png``.
+and, at the end, ``report.md`` with ``training.png``. An ``out_dir`` that holds a run is refused
+unless resumed or overwritten, and a step with a non-finite number is skipped, logged and counted
+(:mod:`boost.train.checkpoint`, :mod:`boost.train.guards`).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -48,24 +49,18 @@ from tqdm import tqdm
 import boost_kernels as bk
 from boost.atomic import replace_atomic, write_json_atomic, write_text_atomic
 from boost.config import to_dict
-from boost.data import (
-    PackedBatch,
-    PackingConfig,
-    TokenizeConfig,
-    TrajectoryPacker,
-    read_trajectories,
-    split_by_task,
-    tokenize_trajectories,
-)
+from boost.data import PackedBatch, PackingConfig, TokenizeConfig, TrajectoryPacker, tokenize_trajectories
 from boost.hypergradient import HeadBatch, head_hypergradient
 from boost.hypergradient_trainable import trainable_hypergradient
 from boost.reweighting import ReweightingHead, outer_objective, trajectory_features, weight_summary
 from boost.rollout import load_model
 from boost.step_response import ClipRecord, optimizer_response
+from boost.train.checkpoint import CHECKPOINT, MetricsLog, RunDirError, config_differences, prepare_out_dir
 from boost.train.config import DataConfig, TrainConfig
+from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
+from boost.train.selection import DataError, Selection, select_trajectories
 
 log = logging.getLogger(__name__)
-CHECKPOINT = "checkpoint.pt"
 
 
 @dataclass
@@ -77,29 +72,22 @@ class TrainData:
     summary: list[str]  # what was read, split, tokenised and dropped
 
 
-def prepare_data(cfg: DataConfig, tokenizer) -> TrainData:
-    """Read, split real data by task, tokenise and pack; every drop is counted in ``summary``."""
-    trajectories, report = read_trajectories(cfg.path)
-    real = [t for t in trajectories if t.source == "real"]
-    synthetic = [t for t in trajectories if t.source != "real"]
-    if not real:
-        raise ValueError(
-            f"{cfg.path}: no trajectory has source 'real'; BOOST's outer objective needs real "
-            "validation tasks (generate some with --sources real:N)"
-        )
-    split = split_by_task(real, validation=cfg.validation, test=cfg.test, seed=cfg.seed)
-    summary = [report.summary(), f"real tasks: {len(split.train_tasks)} train, "
-               f"{len(split.validation_tasks)} validation, {len(split.test_tasks)} test; "
-               f"{len(synthetic)} synthetic trajectories"]  # fmt: skip
+def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None) -> TrainData:
+    """Read, split real data by task, tokenise and pack; every drop is counted in ``summary``.
+
+    ``selection``: the trajectories already read and split (:func:`select_trajectories`), if any.
+    """
+    selection = selection or select_trajectories(cfg)
+    summary = list(selection.summary)
     tok_cfg = TokenizeConfig(max_length=cfg.max_length)
     pack_cfg = PackingConfig(
         token_budget=cfg.token_budget, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id or 0
     )
     packers = {}
     for name, items in (
-        ("train", split.train + synthetic),
-        ("validation", split.validation),
-        ("test", split.test),
+        ("train", selection.train),
+        ("validation", selection.validation),
+        ("test", selection.test),
     ):
         if not items:
             packers[name] = None
@@ -107,11 +95,11 @@ def prepare_data(cfg: DataConfig, tokenizer) -> TrainData:
         tokenized, tok_report = tokenize_trajectories(items, tokenizer, tok_cfg)
         summary.append(f"{name}: {tok_report.summary()}")
         if not tokenized:
-            raise ValueError(
+            raise DataError(
                 f"{cfg.path}: no {name} trajectory survived tokenisation; see: {tok_report.summary()}"
             )
         packers[name] = TrajectoryPacker(tokenized, pack_cfg)
-    sources = sorted({t.source for t in split.train + synthetic})
+    sources = sorted({t.source for t in selection.train})
     return TrainData(packers["train"], packers["validation"], packers["test"], sources, summary)
 
 
@@ -153,9 +141,10 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         torch.manual_seed(cfg.seed)
-        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(cfg.device)
         self.device = torch.device(device)
         self.out = Path(cfg.out_dir)
+        selection = select_trajectories(cfg.data)  # bad data fails here, before the model loads
         self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = load_model(cfg.model.name, device=device)
         self.model.train()
@@ -163,7 +152,7 @@ class Trainer:
         self.lm_head = self.model.get_output_embeddings()
         impl = getattr(self.model.config, "_attn_implementation", "sdpa")
         self.mask_dtype = self.model.dtype if impl == "eager" else torch.bool
-        self.data = prepare_data(cfg.data, self.tokenizer)
+        self.data = prepare_data(cfg.data, self.tokenizer, selection)
         if cfg.head.num_sources and cfg.head.num_sources < len(self.data.sources):
             raise ValueError(
                 f"head.num_sources={cfg.head.num_sources} but the training data has {len(self.data.sources)} "
@@ -177,7 +166,7 @@ class Trainer:
         )
         self.head_opt = torch.optim.Adam(self.head.parameters(), lr=cfg.optim.head_lr)
         self.step = 0
-        self.last_v = None  # the previous outer step's v: warm start of Neumann / CG (not checkpointed)
+        self.last_v = None  # the previous outer step's v: warm start of Neumann / CG (checkpointed)
 
     # ------------------------------------------------------------------ pieces
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
@@ -215,25 +204,32 @@ class Trainer:
             w = torch.ones(batch.num_segments, device=self.device)
         loss = (w.detach() * out.per_trajectory).sum() / batch.num_segments
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = None
-        if cfg.optim.grad_clip:
-            total = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.optim.grad_clip)
-            clip = ClipRecord(cfg.optim.grad_clip, float(total))
-        # θ_t for the outer step: the hidden states above were computed with it (the look-ahead
-        # linearises there), so keep the head / the trained parameters it had before the step
-        outer_follows = cfg.reweight and (self.step + 1) % cfg.outer_every == 0
-        pre_step = None
-        if outer_follows:
-            params = [self.lm_head.weight] if cfg.block == "head" else self._trained()
-            pre_step = [p.detach().clone() for p in params]
-        self.opt.step()
+        clip = pre_step = None
+        bad = nonfinite(loss=loss, head_weights=w)  # a bad step is skipped: no optimiser step
+        if not bad:
+            loss.backward()
+            params = self._trained()
+            total = gradient_norm(params, cfg.optim.grad_clip)
+            bad = nonfinite(gradient=total)
+            if bad:
+                self.opt.zero_grad(set_to_none=True)
+            else:
+                if cfg.optim.grad_clip:
+                    clip = ClipRecord(cfg.optim.grad_clip, float(total))
+                # θ_t for the outer step: the hidden states above were computed with it (the
+                # look-ahead linearises there), so keep the head / the trained parameters it had
+                # before the step
+                if cfg.reweight and (self.step + 1) % cfg.outer_every == 0:
+                    kept = [self.lm_head.weight] if cfg.block == "head" else params
+                    pre_step = [p.detach().clone() for p in kept]
+                self.opt.step()
         per = out.per_trajectory.detach()
         real_loss = float(per[batch.is_real].mean()) if bool(batch.is_real.any()) else None  # JSON null
         record = {
             "loss": float(loss.detach()),
             "real_train_loss": real_loss,
             "trajectories": batch.num_segments,
+            **({"skipped": bad} if bad else {}),
         }
         state = {"hidden": hidden.detach(), "w": w, "synthetic": synthetic, "clip": clip, "pre_step": pre_step,
                  "pooled": features.pooled if cfg.reweight else None}  # fmt: skip
@@ -312,16 +308,23 @@ class Trainer:
     def outer_step(self, batch: PackedBatch, state: dict, val: PackedBatch) -> dict:
         block = self._head_block if self.cfg.block == "head" else self._trainable_block
         val_loss, hyper = block(batch, state, val)
-        self.last_v = hyper.v if self.cfg.solver.warm_start else None
         objective = outer_objective(
             self.head, state["w"], hyper.traj_weights, state["synthetic"], pooled=state["pooled"]
         )
         self.head_opt.zero_grad(set_to_none=True)
-        objective.loss.backward()
-        self.head_opt.step()
+        bad = nonfinite(
+            validation_loss=val_loss, hypergradient=hyper.traj_weights, outer_objective=objective.loss
+        )
+        if not bad:  # a bad outer step is skipped: the head (and the warm start) are untouched
+            # a batch without synthetic trajectories gives the head no gradient (real weights are fixed)
+            if objective.loss.requires_grad:
+                objective.loss.backward()
+                self.head_opt.step()
+            self.last_v = hyper.v if self.cfg.solver.warm_start else None
         residual = hyper.residual if math.isfinite(hyper.residual) else None  # None: identity, no solve
         shift = float(objective.shift) if math.isfinite(float(objective.shift)) else None
         return {
+            **({"skipped": bad} if bad else {}),
             "val_loss": float(val_loss),
             "n_eff": float(objective.n_eff.detach()),
             "mass": float(objective.mass.detach()),
@@ -354,6 +357,8 @@ class Trainer:
             "head": self.head.state_dict(),
             "opt": self.opt.state_dict(),
             "head_opt": self.head_opt.state_dict(),
+            # the warm start of Neumann / CG: without it a resumed run would solve cold and differ
+            "last_v": self.last_v,
         }
         path = self.out / CHECKPOINT
         replace_atomic(path, lambda tmp: torch.save(state, tmp))
@@ -365,18 +370,17 @@ class Trainer:
         if not path.exists():
             return False
         state = torch.load(path, map_location=self.device, weights_only=False)
-        ours, theirs = to_dict(self.cfg), dict(state["config"])
-        ours.pop("steps"), theirs.pop("steps", None)
-        if ours != theirs:
-            differing = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
-            raise ValueError(
-                f"{path}: written with another config (differs in {', '.join(differing)}); "
-                "resume with the same config, or use another out_dir"
+        differing = config_differences(self.cfg, dict(state["config"]))
+        if differing:
+            raise RunDirError(
+                f"{path}: written with another config ({'; '.join(differing)}); resume with the same "
+                "config, or start another run (another out_dir, or --overwrite)"
             )
         self.model.load_state_dict(state["model"])
         self.head.load_state_dict(state["head"])
         self.opt.load_state_dict(state["opt"])
         self.head_opt.load_state_dict(state["head_opt"])
+        self.last_v = state.get("last_v")
         self.step = int(state["step"])
         return True
 
@@ -386,8 +390,17 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - started
 
-    def train(self, resume: bool = False) -> dict:
+    def train(self, resume: bool = False, overwrite: bool = False) -> dict:
+        """Run to ``cfg.steps``. ``resume``: continue from ``out_dir``'s checkpoint if there is one;
+        ``overwrite``: replace the run in ``out_dir``. Without either, a folder holding a run is refused.
+
+        Raises:
+            RunDirError: see :func:`boost.train.checkpoint.prepare_out_dir`, or a resume with another config.
+            NonFiniteStepError: ``max_bad_steps`` steps in a row were non-finite (the last good
+                checkpoint is kept).
+        """
         cfg = self.cfg
+        prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
         if resume and self.resume():
             log.info("resumed from %s at step %d", self.out / CHECKPOINT, self.step)
         write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg)))
@@ -395,8 +408,8 @@ class Trainer:
             log.info(line)
         batches = _cycle(self.data.train, skip=self.step)
         val_batches = _cycle(self.data.validation, skip=self.step // cfg.outer_every)
-        mode = "a" if self.step else "w"
-        with open(self.out / "metrics.jsonl", mode, encoding="utf-8") as metrics:
+        guard, saved = BadStepCounter(cfg.max_bad_steps, start=self.step), self.step
+        with MetricsLog(self.out, resume_step=self.step) as metrics:
             bar = tqdm(total=cfg.steps, initial=self.step, desc="boost" if cfg.reweight else "uniform",
                        disable=not self.progress)  # fmt: skip
             while self.step < cfg.steps:
@@ -406,22 +419,28 @@ class Trainer:
                 record["inner_seconds"] = self._elapsed(started)
                 self.step += 1
                 if cfg.reweight and self.step % cfg.outer_every == 0:
-                    started = time.perf_counter()
-                    record.update(self.outer_step(batch, state, next(val_batches).to(self.device)))
-                    record["outer_seconds"] = self._elapsed(started)
-                if not math.isfinite(record["loss"]):
-                    self.save_checkpoint()
-                    raise FloatingPointError(f"step {self.step}: the training loss is {record['loss']}")
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    metrics.write(json.dumps({"step": self.step, **record}) + "\n")
-                    metrics.flush()
+                    val = next(val_batches).to(self.device)  # drawn even when skipped: resume stays exact
+                    if "skipped" not in record:  # the head weights may be NaN: no outer step on them
+                        started = time.perf_counter()
+                        record.update(self.outer_step(batch, state, val))
+                        record["outer_seconds"] = self._elapsed(started)
+                bad = record.get("skipped", [])
+                if bad or self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                    metrics.write({"step": self.step, **record})
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "n_eff", "mass") if k in record})
-                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                kept = (
+                    f"the checkpoint {self.out / CHECKPOINT} of step {saved} is intact (--resume continues from it)"
+                    if saved
+                    else "no checkpoint was saved yet"
+                )
+                guard.update(self.step, bad, kept)
+                if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and not guard.streak:
                     self.save_checkpoint()
+                    saved = self.step
                 bar.update(1)
             bar.close()
         self.save_checkpoint()
         final = {"step": self.step, "validation_loss": self.evaluate(self.data.validation),
                  "test_loss": self.evaluate(self.data.test)}  # fmt: skip
-        write_json_atomic(self.out / "final.json", final)
+        write_json_atomic(self.out / "final.json", json_safe(final))
         return final

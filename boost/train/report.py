@@ -20,6 +20,15 @@ def _median(values) -> float:
     return ordered[len(ordered) // 2]
 
 
+def _nan(x: float | None) -> float:
+    return float("nan") if x is None else x
+
+
+def _outer_steps(metrics: list[dict]) -> list[dict]:
+    """The rows of outer steps that were taken (a skipped one logs null numbers)."""
+    return [m for m in metrics if "val_loss" in m and not m.get("skipped")]
+
+
 def read_metrics(out: Path) -> list[dict]:
     path = out / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -31,10 +40,10 @@ def _plot(metrics: list[dict], path: Path) -> Path | None:
         return None
     steps = [m["step"] for m in metrics]
     fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    axes[0].plot(steps, [m["loss"] for m in metrics], label="weighted training loss")
-    real = [float("nan") if m["real_train_loss"] is None else m["real_train_loss"] for m in metrics]
+    axes[0].plot(steps, [_nan(m["loss"]) for m in metrics], label="weighted training loss")
+    real = [_nan(m["real_train_loss"]) for m in metrics]
     axes[0].plot(steps, real, ".", label="real training trajectories in the batch")
-    outer = [m for m in metrics if "val_loss" in m]
+    outer = _outer_steps(metrics)
     if outer:
         axes[0].plot([m["step"] for m in outer], [m["val_loss"] for m in outer], label="real validation")
         axes[1].plot([m["step"] for m in outer], [m["n_eff"] for m in outer], label="n_eff (synthetic)")
@@ -64,7 +73,13 @@ def write_report(out: Path, data_summary: list[str]) -> Path:
         f"Steps: {final['step']}. Held-out real tasks, mean per-trajectory loss: validation "
         f"{_number(final['validation_loss'])}, test {_number(final['test_loss'])}.",
     ]
-    outer = [m for m in metrics if "val_loss" in m]
+    outer = _outer_steps(metrics)
+    skipped = [m["step"] for m in metrics if m.get("skipped")]
+    if skipped:
+        lines += [
+            "",
+            f"Skipped {len(skipped)} steps with a non-finite number (steps {', '.join(map(str, skipped))}).",
+        ]
     if outer:
         last = outer[-1]
         residual = last["solver_residual"]

@@ -27,8 +27,35 @@ def test_no_task_in_two_splits_and_nothing_lost():
     train, val, test = task_sets(split)
     assert not (train & val or train & test or val & test)
     assert len(split.train) + len(split.validation) + len(split.test) == len(data)
-    assert (len(val), len(test), len(train)) == (10, 5, 35)
     assert sorted(train) == split.train_tasks and sorted(val) == split.validation_tasks
+
+
+def test_fractions_hold_in_expectation():
+    split = split_by_task(make(4000, per_task=1), validation=0.2, test=0.1, seed=3)
+    # binomial counts: 800 +- 25 and 400 +- 19 (one standard deviation)
+    assert abs(len(split.validation_tasks) - 800) < 100 and abs(len(split.test_tasks) - 400) < 80
+
+
+def test_a_lost_task_moves_no_other_task_between_splits():
+    data = make(60)
+    full = split_by_task(data, validation=0.25, test=0.25, seed=0)
+    for lost in ("task-0", "task-17", "task-42"):
+        part = split_by_task([t for t in data if t.task_id != lost], validation=0.25, test=0.25, seed=0)
+        for name in ("train_tasks", "validation_tasks", "test_tasks"):
+            assert getattr(part, name) == [t for t in getattr(full, name) if t != lost], (lost, name)
+
+
+def test_ids_with_one_key_are_one_task():
+    data = make(30)
+    same = {f"task-{t}": f"instance-{t // 2}" for t in range(30)}  # pairs of ids build one instance
+    split = split_by_task(data, validation=0.3, test=0.3, key=same)
+    for part in (split.train_tasks, split.validation_tasks, split.test_tasks):
+        assert {same[t] for t in part}.isdisjoint(
+            same[t]
+            for other in (split.train_tasks, split.validation_tasks, split.test_tasks)
+            if other is not part
+            for t in other
+        )
 
 
 def test_deterministic_from_seed_and_independent_of_order():
@@ -46,8 +73,9 @@ def test_deterministic_from_seed_and_independent_of_order():
 def test_every_positive_fraction_gets_a_task():
     split = split_by_task(make(3), validation=0.01, test=0.01)
     assert [len(s) for s in task_sets(split)] == [1, 1, 1]
-    split = split_by_task(make(4), validation=0.5, test=0.0)
-    assert [len(s) for s in task_sets(split)] == [2, 2, 0]
+    for seed in range(20):  # whatever the hashes, no split with a positive fraction is empty
+        sizes = [len(s) for s in task_sets(split_by_task(make(4), validation=0.5, test=0.0, seed=seed))]
+        assert sizes[0] >= 1 and sizes[1] >= 1 and sizes[2] == 0 and sum(sizes) == 4
 
 
 def test_too_few_tasks_is_an_error_not_an_empty_split():
