@@ -31,11 +31,33 @@ class BlockConfig:
     num_stages: int
 
 
-# (kernel, tangent/HVP mode, float32 inputs) -> blocks on a GPU. Each entry is the largest of the
-# candidate tiles tried that compiles for sm_80 and sm_90 with zero local-memory spills
-# (tests/kernels/test_aot_compile.py checks every variant). Not yet timed on a GPU. float32 runs exact
-# IEEE dots (no tensor cores), hence much smaller tiles.
-GPU_CONFIGS = {
+@dataclass(frozen=True)
+class DeviceInfo:
+    """What the launchers need to know of the GPU: compute capability (major·10 + minor) and SM count."""
+
+    arch: int
+    num_sms: int
+
+
+# Set by boost_kernels.launch_capture to plan launches for a GPU that is not there; None otherwise.
+FORCED_DEVICE: DeviceInfo | None = None
+
+
+def device_info(device: torch.device) -> DeviceInfo:
+    if FORCED_DEVICE is not None:
+        return FORCED_DEVICE
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return DeviceInfo(props.major * 10 + props.minor, props.multi_processor_count)
+    return DeviceInfo(0, 2)  # the interpreter
+
+
+# (kernel, tangent/HVP mode, float32 inputs) -> blocks on a GPU, per architecture family
+# (80: Ampere/Ada, mma.sync; 90: Hopper, wgmma). Each entry compiles with zero local-memory spills
+# at its launch-time specialisation (tests/kernels/test_aot_compile.py; `python -m boost_kernels.aot`
+# prints them). Not yet timed on a GPU. float32 runs exact IEEE dots (no tensor cores), hence much
+# smaller tiles.
+_AMPERE_CONFIGS = {
     ("stats", False, False): BlockConfig(64, 128, 64, 8, 3),
     ("stats", True, False): BlockConfig(32, 128, 32, 8, 2),
     ("grads", False, False): BlockConfig(64, 128, 32, 8, 2),
@@ -45,25 +67,24 @@ GPU_CONFIGS = {
     ("grads", False, True): BlockConfig(32, 32, 32, 4, 1),
     ("grads", True, True): BlockConfig(32, 32, 16, 4, 1),
 }
+GPU_CONFIGS = {80: _AMPERE_CONFIGS, 90: dict(_AMPERE_CONFIGS)}
 # The interpreter runs each program in numpy: larger blocks mean fewer, faster programs.
 INTERPRETER_CONFIG = BlockConfig(32, 64, 32, 4, 1)
 
 
-def block_config(kernel: str, tangent: bool, dtype: torch.dtype) -> BlockConfig:
+def arch_family(arch: int) -> int:
+    return 90 if arch >= 90 else 80
+
+
+def block_config(kernel: str, tangent: bool, dtype: torch.dtype, arch: int) -> BlockConfig:
     if interpreting():
         return INTERPRETER_CONFIG
-    return GPU_CONFIGS[(kernel, tangent, dtype == torch.float32)]
+    return GPU_CONFIGS[arch_family(arch)][(kernel, tangent, dtype == torch.float32)]
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
     # float32 inputs must not silently drop to tf32: the op promises float32 accuracy.
     return "ieee" if dtype == torch.float32 else "tf32"
-
-
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 2
 
 
 def _require_plain(*tensors) -> None:
@@ -111,11 +132,12 @@ def token_losses(
     T, D = hidden.shape
     V = weight.shape[0]
     with_tangent = any(x is not None for x in (tangent_weight, tangent_hidden, tangent_bias))
-    cfg = block_config("stats", with_tangent, hidden.dtype)
+    gpu = device_info(hidden.device)
+    cfg = block_config("stats", with_tangent, hidden.dtype, gpu.arch)
     t_blocks = triton.cdiv(T, cfg.block_t)
     v_blocks = triton.cdiv(V, cfg.block_v)
     # Enough programs to fill the card about four times over, never an empty vocabulary split.
-    wanted = max(1, triton.cdiv(4 * _num_sms(hidden.device), t_blocks))
+    wanted = max(1, triton.cdiv(4 * gpu.num_sms, t_blocks))
     blocks_per_split = triton.cdiv(v_blocks, min(wanted, v_blocks))
     v_per_split = blocks_per_split * cfg.block_v
     num_splits = triton.cdiv(V, v_per_split)
@@ -188,7 +210,7 @@ def _launch_grads(
     hvp = tangents is not None
     tangent_weight, tangent_hidden, tangent_bias = tangents if hvp else (None, None, None)
     tangent_bias = _vec(tangent_bias)
-    cfg = block_config("grads", hvp, hidden.dtype)
+    cfg = block_config("grads", hvp, hidden.dtype, device_info(hidden.device).arch)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     exact = hidden.dtype == torch.float32
     t_slab = _slab_rows(T, D, hidden.dtype, cfg.block_t)
