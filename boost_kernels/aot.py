@@ -66,23 +66,48 @@ def calls(variants: bool = False) -> dict:
             x["hidden"], x["weight"], None, x["labels"], None, tangent_weight=x["tangent_weight"]
         ),
         "hvp": lambda x: t.token_loss_hvp(
-            x["hidden"], x["weight"], None, x["labels"], None, x["coef"], x["tangent_weight"], None, None,
-            need_hidden=False, need_weight=True, need_bias=False,
+            x["hidden"],
+            x["weight"],
+            None,
+            x["labels"],
+            None,
+            x["coef"],
+            x["tangent_weight"],
+            None,
+            None,
+            need_hidden=False,
+            need_weight=True,
+            need_bias=False,
         ),  # fmt: skip
     }
     if variants:
         out |= {
-            "loss_fwd+bias+softcap": lambda x: t.token_losses(x["hidden"], x["weight"], x["bias"], x["labels"], 30.0),
+            "loss_fwd+bias+softcap": lambda x: t.token_losses(
+                x["hidden"], x["weight"], x["bias"], x["labels"], 30.0
+            ),
             "loss_bwd+bias+softcap": lambda x: t.token_loss_grads(
                 x["hidden"], x["weight"], x["bias"], x["labels"], 30.0, x["coef"], x["lse"]
             ),
             "jvp+all_tangents+softcap": lambda x: t.token_losses(
-                x["hidden"], x["weight"], x["bias"], x["labels"], 30.0,
-                x["tangent_weight"], x["tangent_hidden"], x["tangent_bias"],
+                x["hidden"],
+                x["weight"],
+                x["bias"],
+                x["labels"],
+                30.0,
+                x["tangent_weight"],
+                x["tangent_hidden"],
+                x["tangent_bias"],
             ),  # fmt: skip
             "hvp+all_tangents+softcap": lambda x: t.token_loss_hvp(
-                x["hidden"], x["weight"], x["bias"], x["labels"], 30.0, x["coef"],
-                x["tangent_weight"], x["tangent_hidden"], x["tangent_bias"],
+                x["hidden"],
+                x["weight"],
+                x["bias"],
+                x["labels"],
+                30.0,
+                x["coef"],
+                x["tangent_weight"],
+                x["tangent_hidden"],
+                x["tangent_bias"],
             ),  # fmt: skip
         }
     return out
@@ -114,7 +139,8 @@ class CallReport:
         T, D, V = self.shape
         distinct = {(lu.kernel, lu.grid) for lu in self.launches}
         grids = ", ".join(
-            f"{k}{list(g)} {w:.2f} waves" for k, g, w in sorted({(lu.kernel, lu.grid, lu.waves) for lu in self.launches})
+            f"{k}{list(g)} {w:.2f} waves"
+            for k, g, w in sorted({(lu.kernel, lu.grid, lu.waves) for lu in self.launches})
         )
         head = (
             f"[{self.call}] T={T} D={D} V={V} {self.dtype} sm_{self.arch} ({self.num_sms} SMs): "
@@ -167,7 +193,9 @@ def run(shapes, dtypes, archs, variants=False):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description="Launch-time compile report of the Triton kernels (no GPU needed).")
+    parser = argparse.ArgumentParser(
+        description="Launch-time compile report of the Triton kernels (no GPU needed)."
+    )
     parser.add_argument("--shape", type=int, nargs=3, action="append", metavar=("T", "D", "V"))
     parser.add_argument("--dtypes", nargs="+", default=["bf16"], choices=sorted(DTYPES))
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=sorted(NUM_SMS))

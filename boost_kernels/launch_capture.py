@@ -125,11 +125,15 @@ class _Recorder:
     def run(self, fn: JITFunction, args, grid, kwargs) -> None:
         binder = self.binders.get(id(fn))
         if binder is None:
-            binder = self.binders[id(fn)] = create_function_from_signature(fn.signature, fn.params, self.backend)
+            binder = self.binders[id(fn)] = create_function_from_signature(
+                fn.signature, fn.params, self.backend
+            )
         seen = [_DevicePointer(a) if isinstance(a, torch.Tensor) else a for a in args]
         seen_kw = {k: _DevicePointer(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         bound, specialization, options = binder(*seen, **seen_kw)
-        options, signature, constexprs, attrs = fn._pack_args(self.backend, seen_kw, bound, specialization, options)
+        options, signature, constexprs, attrs = fn._pack_args(
+            self.backend, seen_kw, bound, specialization, options
+        )
         names = fn.arg_names
         values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
         described = {

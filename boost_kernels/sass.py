@@ -74,7 +74,9 @@ class KernelReport:
 
 
 def _tool(name: str, *args: str) -> str:
-    return subprocess.run([os.path.join(_TOOLS, name), *args], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        [os.path.join(_TOOLS, name), *args], capture_output=True, text=True, check=True
+    ).stdout
 
 
 _INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*);")
@@ -162,7 +164,7 @@ def analyse(launch: Launch, cubin: bytes, shared: int) -> KernelReport:
         launch.name, arch, describe_config(launch), regs, spills, shared,
         blocks_per_sm(arch, regs, shared, launch.options["num_warps"]),
     )  # fmt: skip
-    for _, op, rest, in_loop in parse_sass(sass):
+    for _, op, _operands, in_loop in parse_sass(sass):
         name = _mma_name(op)
         if name:
             rep.mma[name] = rep.mma.get(name, 0) + 1

@@ -68,6 +68,8 @@ _AMPERE_CONFIGS = {
     ("grads", True, True): BlockConfig(32, 32, 16, 4, 1),
 }
 GPU_CONFIGS = {80: _AMPERE_CONFIGS, 90: dict(_AMPERE_CONFIGS)}
+# Token blocks that sweep the vocabulary together in the gradient kernel (L2 reuse of W tiles).
+GROUP_T = 8
 # The interpreter runs each program in numpy: larger blocks mean fewer, faster programs.
 INTERPRETER_CONFIG = BlockConfig(32, 64, 32, 4, 1)
 
@@ -235,7 +237,7 @@ def _launch_grads(
                 w_scratch.zero_()
             dw_out = d_weight[v0:v1] if exact and need_weight else w_scratch
             shifted = slab_labels if v0 == 0 else torch.where(slab_labels >= 0, slab_labels - v0, -1)
-            grid = (triton.cdiv(t1 - t0, cfg.block_t), triton.cdiv(v1 - v0, cfg.block_v))
+            grid = (triton.cdiv(t1 - t0, cfg.block_t) * triton.cdiv(v1 - v0, cfg.block_v),)
             token_grads_kernel[grid](
                 hidden[t0:t1], weight[v0:v1], _rows(bias, v0, v1) if bias is not None else hidden,
                 shifted, coef[t0:t1], lse[t0:t1],
@@ -254,7 +256,7 @@ def _launch_grads(
                 HAS_BETA=tangent_bias is not None,
                 NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
                 UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
-                BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d,
+                BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_T=GROUP_T,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             )  # fmt: skip
             if w_scratch is not None:

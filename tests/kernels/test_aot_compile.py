@@ -59,7 +59,9 @@ def target_calls() -> list[dict]:
 @pytest.fixture(scope="module")
 def variant_calls() -> list[dict]:
     """bias, softcap and every tangent, 16-bit and float32, at a small shape."""
-    return _report("--shape", "4096", "2048", "32000", "--dtypes", "bf16", "fp32", "--arch", "80", "90", "--variants")
+    return _report(
+        "--shape", "4096", "2048", "32000", "--dtypes", "bf16", "fp32", "--arch", "80", "90", "--variants"
+    )
 
 
 def _kernels(calls):
@@ -81,7 +83,9 @@ def test_hot_loop_dots_are_wgmma_on_sm90(target_calls):
         if c["arch"] != 90:
             continue
         in_loops = {name.split(".")[0] for name, n in k["mma_in_loops"].items() if n}
-        assert in_loops == {"HGMMA"}, f"{c['call']} {k['kernel']} {k['config']}: loop dots {k['mma_in_loops']}"
+        assert in_loops == {"HGMMA"}, (
+            f"{c['call']} {k['kernel']} {k['config']}: loop dots {k['mma_in_loops']}"
+        )
 
 
 def test_16bit_kernels_use_tensor_cores_on_sm80(target_calls):
@@ -99,11 +103,15 @@ def test_launches_per_call_do_not_grow_with_tokens_or_vocabulary(target_calls):
     by_call: dict[tuple, set[int]] = {}
     for c in target_calls:
         n = c["triton_launches"] + c["torch_kernels"]
-        assert n <= MAX_LAUNCHES, f"{c['call']} {c['shape']} sm_{c['arch']}: {n} launches {c['torch_kernel_ops']}"
+        assert n <= MAX_LAUNCHES, (
+            f"{c['call']} {c['shape']} sm_{c['arch']}: {n} launches {c['torch_kernel_ops']}"
+        )
         by_call.setdefault((c["call"], c["arch"]), set()).add(n)
     assert all(len(v) == 1 for v in by_call.values()), by_call
 
 
 def test_extra_memory_within_64_mib(target_calls):
     for c in target_calls:
-        assert c["extra_bytes"] <= EXTRA_BYTES, f"{c['call']} {c['shape']}: {c['extra_bytes'] / 2**20:.1f} MiB"
+        assert c["extra_bytes"] <= EXTRA_BYTES, (
+            f"{c['call']} {c['shape']}: {c['extra_bytes'] / 2**20:.1f} MiB"
+        )
