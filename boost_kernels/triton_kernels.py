@@ -2,19 +2,22 @@
 
 Two kernels, each specialised by constexpr flags:
 
-* ``token_stats_kernel`` — grid (token blocks, vocabulary splits). Each program streams its
-  vocabulary range in ``BLOCK_V`` tiles, computing logit tiles ``h Wᵀ`` on the tensor cores and an
-  online softmax: running max ``m``, ``s = Σ exp(z - m)``, the label logit ``z[y]`` and, with a
-  tangent, ``q = Σ exp(z - m)·dz`` and ``dz[y]``. It writes these per split; the host combines
-  the splits in O(T·splits).
-* ``token_grads_kernel`` — grid (token blocks, vocabulary blocks). Each program recomputes one logit
-  tile, forms ``g = coef·(p - e_y)`` (GRAD mode) or the Hessian-vector tiles ``s``/``g`` (HVP mode),
-  and accumulates ``g W`` into d_hidden and ``gᵀ h`` into d_weight with relaxed float32 atomics
-  (``REDG``: no GPU-wide fence per atomic, unlike Triton's default ``acq_rel``). Programs run in
-  grouped order (``GROUP_T`` token blocks sweep the vocabulary together) for L2 reuse.
+* ``token_stats_kernel`` — one program per (token block, vocabulary split), 1-D grid with the
+  splits of a token block adjacent. Each program streams its vocabulary range in ``BLOCK_V``
+  tiles, computing logit tiles ``h Wᵀ`` on the tensor cores and an online softmax: running max
+  ``m``, ``s = Σ exp(z - m)``, the label logit ``z[y]`` and, with a tangent,
+  ``q = Σ exp(z - m)·dz`` and ``dz[y]``. It writes these per split; the host combines the splits
+  in O(T·splits).
+* ``token_grads_kernel`` — one program per (token block, vocabulary block), 1-D grid in grouped
+  order (``GROUP_T`` token blocks sweep the vocabulary together, for L2 reuse). Each program
+  recomputes one logit tile, forms ``p - e_y`` (GRAD mode) or the Hessian-vector tiles (HVP mode)
+  and accumulates into d_hidden and d_weight with relaxed float32 atomics (``REDG``: no GPU-wide
+  fence per atomic, unlike Triton's default ``acq_rel``). 16-bit dot operands are built so that
+  nothing underflows (see the comment at the gradient tile).
 
 No [T, V] buffer exists anywhere. Interpreter pitfalls (DESIGN.md): under TRITON_INTERPRET=1 the
-operands are upcast to float32 before ``tl.dot`` (``UPCAST``), tanh is written with ``exp``, and
+operands are upcast to float32 before ``tl.dot`` (``UPCAST``; computed operands are
+first rounded to the input dtype, as on a GPU), tanh is written with ``exp``, and
 block sizes come from explicit tables rather than ``@triton.autotune``.
 """
 
@@ -92,7 +95,7 @@ def _logit_tiles(
 def token_stats_kernel(
     H, W, B, Y, U, DH, BETA,  # inputs
     M_OUT, S_OUT, ZY_OUT, Q_OUT, DZY_OUT,  # [num_splits, T] float32 partials
-    T, V, D, V_PER_SPLIT,
+    T, V, D, V_PER_SPLIT, NUM_SPLITS,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -100,8 +103,10 @@ def token_stats_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # The splits of one token block are neighbours in launch order: they run together and share
+    # the block's hidden rows in L2, while the token blocks in flight share each split's W tiles.
+    pid_t = tl.program_id(0) // NUM_SPLITS
+    pid_s = tl.program_id(0) % NUM_SPLITS
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     y = tl.load(Y + offs_t, mask=t_mask, other=-1)
