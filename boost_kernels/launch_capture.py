@@ -95,12 +95,23 @@ class Launch:
 
 
 @dataclass
+class TorchOp:
+    """One PyTorch device kernel: bytes of its tensor inputs and outputs, FLOPs of a matmul."""
+
+    name: str
+    read_bytes: int
+    write_bytes: int
+    flops: int
+
+
+@dataclass
 class LaunchPlan:
     """Everything one call runs on the device."""
 
     arch: int
     launches: list[Launch] = field(default_factory=list)
     torch_kernels: dict[str, int] = field(default_factory=dict)  # aten op -> count
+    torch_ops: list[TorchOp] = field(default_factory=list)
     peak_extra_bytes: int = 0  # peak of live tensors allocated by the call and not returned
 
     @property
@@ -120,6 +131,7 @@ class _Recorder:
         self.arch = arch
         self.backend = make_backend(GPUTarget("cuda", arch, 32))
         self.binders: dict[int, object] = {}
+        self.packed: dict[tuple, tuple] = {}
         self.launches: list[Launch] = []
 
     def run(self, fn: JITFunction, args, grid, kwargs) -> None:
@@ -131,9 +143,10 @@ class _Recorder:
         seen = [_DevicePointer(a) if isinstance(a, torch.Tensor) else a for a in args]
         seen_kw = {k: _DevicePointer(v) if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
         bound, specialization, options = binder(*seen, **seen_kw)
-        options, signature, constexprs, attrs = fn._pack_args(
-            self.backend, seen_kw, bound, specialization, options
-        )
+        key = (id(fn), repr(specialization), repr(sorted(options.items())))
+        if key not in self.packed:  # _pack_args is slow; a slab loop launches one binary thousands of times
+            self.packed[key] = fn._pack_args(self.backend, seen_kw, bound, specialization, options)
+        options, signature, constexprs, attrs = self.packed[key]
         names = fn.arg_names
         values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
         described = {
@@ -149,18 +162,40 @@ class _Recorder:
 _NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias"}
 
 
-class _DeviceWork(TorchDispatchMode):
-    """Counts PyTorch device kernels and tracks the bytes of the tensors the call allocates."""
+def _nbytes(x) -> int:
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, (tuple, list)):
+        return sum(_nbytes(y) for y in x)
+    return 0
 
-    def __init__(self):
+
+def _matmul_flops(name: str, args) -> int:
+    if name in ("mm", "addmm", "bmm", "baddbmm"):
+        a, b = (args[0], args[1]) if name in ("mm", "bmm") else (args[1], args[2])
+        return 2 * a.numel() * b.shape[-1]
+    return 0
+
+
+class _DeviceWork(TorchDispatchMode):
+    """Counts PyTorch device kernels and tracks the bytes of the tensors the call allocates.
+
+    ``scalar``: what ``.item()`` on a meta tensor returns (meta tensors hold no values), and then
+    ``torch.equal`` answers True; None makes both an error. Only other libraries' host logic needs
+    it (a count of valid tokens, a check that the incoming gradient is 1).
+    """
+
+    def __init__(self, scalar=None):
         super().__init__()
+        self.scalar = scalar
+        self.ops: list[TorchOp] = []
         self.kernels: dict[str, int] = {}
-        self.live: dict[int, int] = {}  # id of an allocated tensor -> bytes
-        self.events: list[tuple[int, int]] = []  # (+bytes or -bytes, tensor id) in order
+        self.live: dict[int, int] = {}  # storage of an allocated tensor -> bytes
+        self.events: list[tuple[int, int]] = []  # (+bytes or -bytes, storage) in order
 
     def _allocated(self, t: torch.Tensor) -> None:
-        key = id(t)
-        nbytes = t.untyped_storage().nbytes()
+        storage = t.untyped_storage()
+        key, nbytes = storage._cdata, storage.nbytes()  # the StorageImpl, shared by every view
         self.live[key] = nbytes
         self.events.append((nbytes, key))
 
@@ -168,9 +203,13 @@ class _DeviceWork(TorchDispatchMode):
             self.live.pop(key, None)
             self.events.append((-nbytes, key))
 
-        weakref.finalize(t, freed)
+        weakref.finalize(t, freed)  # views keep their base tensor (and so t) alive
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and self.scalar is not None:
+            return self.scalar
+        if func is torch.ops.aten.equal.default and self.scalar is not None:
+            return True
         out = func(*args, **(kwargs or {}))
         name = func.overloadpacket.__name__
         schema = func._schema
@@ -178,6 +217,8 @@ class _DeviceWork(TorchDispatchMode):
         writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
         if not is_view and name not in _NO_KERNEL:
             self.kernels[name] = self.kernels.get(name, 0) + 1
+            read = _nbytes(list(args)) + _nbytes(list((kwargs or {}).values()))
+            self.ops.append(TorchOp(name, read, _nbytes(out), _matmul_flops(name, args)))
         if not is_view and not writes:
             for t in out if isinstance(out, (tuple, list)) else (out,):
                 if isinstance(t, torch.Tensor):
@@ -205,10 +246,11 @@ def _forced_device(arch: int):
         triton_ops.FORCED_DEVICE = saved
 
 
-def capture(arch: int, fn, *args, **kwargs) -> tuple[LaunchPlan, object]:
+def capture(arch: int, fn, *args, scalar=None, **kwargs) -> tuple[LaunchPlan, object]:
     """Run ``fn(*args, **kwargs)`` (a launcher on meta tensors) recording what it would run on ``arch``.
 
-    Returns the plan and fn's result (meta tensors). Nothing is compiled or launched here.
+    Returns the plan and fn's result (meta tensors); tensors fn returns do not count as extra
+    memory. Nothing is compiled or launched here. ``scalar``: see ``_DeviceWork``.
     """
     recorder = _Recorder(arch)
     original = JITFunction.run
@@ -219,7 +261,7 @@ def capture(arch: int, fn, *args, **kwargs) -> tuple[LaunchPlan, object]:
         recorder.run(self, a, grid, kw)
         return None
 
-    work = _DeviceWork()
+    work = _DeviceWork(scalar)
     JITFunction.run = run
     try:
         with _forced_device(arch), work:
@@ -227,6 +269,6 @@ def capture(arch: int, fn, *args, **kwargs) -> tuple[LaunchPlan, object]:
     finally:
         JITFunction.run = original
     returned = result if isinstance(result, (tuple, list)) else (result,)
-    kept = {id(t) for t in returned if isinstance(t, torch.Tensor)}
-    plan = LaunchPlan(arch, recorder.launches, dict(work.kernels), work.peak_excluding(kept))
+    kept = {t.untyped_storage()._cdata for t in returned if isinstance(t, torch.Tensor)}
+    plan = LaunchPlan(arch, recorder.launches, dict(work.kernels), work.ops, work.peak_excluding(kept))
     return plan, result
