@@ -185,7 +185,7 @@ def _grouped_tile(pid, num_t, num_v, GROUP_T: tl.constexpr):
 def token_grads_kernel(
     H, W, B, Y, COEF, LSE, U, DH, BETA, PDZ,  # inputs
     DH_OUT, DW_OUT, DB_OUT,  # float32 accumulators: [T, D], [V, D], [V] (contiguous)
-    T, V, D,
+    T, V, D, V0,  # V0: the vocabulary id of W's first row (labels are global ids)
     stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HVP: tl.constexpr,
@@ -215,7 +215,7 @@ def token_grads_kernel(
     y = tl.load(Y + offs_t, mask=t_mask, other=-1)
     valid = t_mask[:, None] & v_mask[None, :]
     p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
-    g = p - tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0)
+    g = p - tl.where((V0 + offs_v)[None, :] == y[:, None], 1.0, 0.0)
     if HVP:
         pdz = tl.load(PDZ + offs_t, mask=t_mask, other=0.0)
         a = p * (dz - pdz[:, None])  # tangent of p

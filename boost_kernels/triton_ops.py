@@ -189,16 +189,16 @@ def token_losses(
     return loss, lse, dloss, pdz
 
 
-# 16-bit inputs accumulate in two float32 scratch buffers of at most this many bytes each: d_hidden
-# one token slab at a time, d_weight one vocabulary slab at a time. Every logit tile is still
-# computed exactly once; d_hidden is rounded to the input dtype once, d_weight once per token slab.
-# float32 inputs accumulate straight into the gradients (no scratch, one launch).
-SCRATCH_BYTES = 28 * 2**20  # two buffers + O(T) statistics stay under the issue's 64 MiB budget
+# 16-bit gradients accumulate in float32 scratch of at most this many bytes and are rounded to the
+# input dtype once, at the end. When d_hidden and d_weight fit together, one launch covers every
+# tile. Otherwise two passes each recompute the logit tiles: d_hidden one token slab at a time (each
+# launch sweeps the whole vocabulary), then d_weight one vocabulary slab at a time (each launch
+# sweeps every token). float32 inputs accumulate straight into the gradients (no scratch, one launch).
+SCRATCH_BYTES = 56 * 2**20  # + O(T) statistics stays under the issue's 64 MiB of extra memory
 
 
-def _slab_rows(n: int, D: int, dtype: torch.dtype, block: int) -> int:
-    if dtype == torch.float32:
-        return n
+def _slab_rows(n: int, D: int, block: int) -> int:
+    """Rows of a [rows, D] float32 slab within SCRATCH_BYTES (a multiple of the block, at least one)."""
     return min(n, max(block, SCRATCH_BYTES // (4 * D) // block * block))
 
 
@@ -212,7 +212,7 @@ def _launch_grads(
     """Accumulate (d_hidden [T, D], d_weight [V, D], d_bias float32 [V]).
 
     d_hidden and d_weight come back in float32 for float32 inputs and in the input dtype for 16-bit
-    inputs (see SCRATCH_BYTES for how those are accumulated).
+    inputs, rounded once (see SCRATCH_BYTES for how those are accumulated).
     """
     T, D = hidden.shape
     V = weight.shape[0]
@@ -223,58 +223,69 @@ def _launch_grads(
     tangent_bias = _vec(tangent_bias)
     cfg = block_config("grads", hvp, hidden.dtype, device_info(hidden.device).arch)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    exact = hidden.dtype == torch.float32
-    t_slab = _slab_rows(T, D, hidden.dtype, cfg.block_t)
-    v_slab = _slab_rows(V, D, weight.dtype, cfg.block_v)
-    out = dict(dtype=torch.float32 if exact else hidden.dtype, device=hidden.device)
-    d_hidden = (torch.zeros(T, D, **out) if exact else torch.empty(T, D, **out)) if need_hidden else None
-    d_weight = torch.zeros(V, D, **out) if need_weight else None
-    d_bias = torch.zeros(V, **f32) if need_bias else None
-    h_scratch = None if exact or not need_hidden else torch.empty(t_slab, D, **f32)
-    w_scratch = None if exact or not need_weight else torch.empty(v_slab, D, **f32)
     dummy = coef
 
-    for t0 in range(0, T, t_slab):
-        t1 = min(t0 + t_slab, T)
-        if h_scratch is not None:
-            h_scratch.zero_()
-        dh_out = d_hidden[t0:t1] if exact and need_hidden else h_scratch
-        slab_labels = labels[t0:t1]
-        for v0 in range(0, V, v_slab):
-            v1 = min(v0 + v_slab, V)
-            if w_scratch is not None:
-                w_scratch.zero_()
-            dw_out = d_weight[v0:v1] if exact and need_weight else w_scratch
-            shifted = slab_labels if v0 == 0 else torch.where(slab_labels >= 0, slab_labels - v0, -1)
-            grid = (triton.cdiv(t1 - t0, cfg.block_t) * triton.cdiv(v1 - v0, cfg.block_v),)
-            token_grads_kernel[grid](
-                hidden[t0:t1], weight[v0:v1], _rows(bias, v0, v1) if bias is not None else hidden,
-                shifted, coef[t0:t1], lse[t0:t1],
-                _rows(tangent_weight, v0, v1) if tangent_weight is not None else hidden,
-                _rows(tangent_hidden, t0, t1) if tangent_hidden is not None else hidden,
-                _rows(tangent_bias, v0, v1) if tangent_bias is not None else hidden,
-                pdz[t0:t1] if pdz is not None else dummy,
-                dh_out if need_hidden else dummy,
-                dw_out if need_weight else dummy,
-                d_bias[v0:v1] if need_bias else dummy,
-                t1 - t0, v1 - v0, D,
-                *_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden),
-                float(softcap) if softcap is not None else 1.0,
-                HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HVP=hvp,
-                HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
-                HAS_BETA=tangent_bias is not None,
-                NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
-                UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
-                BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_T=GROUP_T,
-                num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            )  # fmt: skip
-            if w_scratch is not None:
-                part = w_scratch[: v1 - v0]
-                if t0 > 0:
-                    part.add_(d_weight[v0:v1])  # one rounding per token slab
-                d_weight[v0:v1].copy_(part)
-        if h_scratch is not None:
-            d_hidden[t0:t1].copy_(h_scratch[: t1 - t0])
+    def launch(t0, t1, v0, v1, dh_out, dw_out, db_out):
+        """One launch over tokens [t0, t1) x vocabulary [v0, v1); None outputs are not computed."""
+        grid = (triton.cdiv(t1 - t0, cfg.block_t) * triton.cdiv(v1 - v0, cfg.block_v),)
+        token_grads_kernel[grid](
+            hidden[t0:t1], weight[v0:v1], _rows(bias, v0, v1) if bias is not None else hidden,
+            labels[t0:t1], coef[t0:t1], lse[t0:t1],
+            _rows(tangent_weight, v0, v1) if tangent_weight is not None else hidden,
+            _rows(tangent_hidden, t0, t1) if tangent_hidden is not None else hidden,
+            _rows(tangent_bias, v0, v1) if tangent_bias is not None else hidden,
+            pdz[t0:t1] if pdz is not None else dummy,
+            dh_out if dh_out is not None else dummy,
+            dw_out if dw_out is not None else dummy,
+            db_out[v0:v1] if db_out is not None else dummy,
+            t1 - t0, v1 - v0, D, v0,
+            *_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden),
+            float(softcap) if softcap is not None else 1.0,
+            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HVP=hvp,
+            HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
+            HAS_BETA=tangent_bias is not None,
+            NEED_DH=dh_out is not None, NEED_DW=dw_out is not None, NEED_DB=db_out is not None,
+            UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+            BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_T=GROUP_T,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+
+    d_bias = torch.zeros(V, **f32) if need_bias else None
+    if hidden.dtype == torch.float32:
+        d_hidden = torch.zeros(T, D, **f32) if need_hidden else None
+        d_weight = torch.zeros(V, D, **f32) if need_weight else None
+        launch(0, T, 0, V, d_hidden, d_weight, d_bias)
+        return d_hidden, d_weight, d_bias
+
+    out = dict(dtype=hidden.dtype, device=hidden.device)
+    d_hidden = torch.empty(T, D, **out) if need_hidden else None
+    d_weight = torch.empty(V, D, **out) if need_weight else None
+    if (need_hidden * T + need_weight * V) * D * 4 <= SCRATCH_BYTES:  # one pass, one launch
+        h_acc = torch.zeros(T, D, **f32) if need_hidden else None
+        w_acc = torch.zeros(V, D, **f32) if need_weight else None
+        launch(0, T, 0, V, h_acc, w_acc, d_bias)
+        for acc, grad in ((h_acc, d_hidden), (w_acc, d_weight)):
+            if acc is not None:
+                grad.copy_(acc)
+        return d_hidden, d_weight, d_bias
+
+    if need_hidden:  # token slabs, each against the whole vocabulary
+        rows = _slab_rows(T, D, cfg.block_t)
+        scratch = torch.empty(rows, D, **f32)
+        for t0 in range(0, T, rows):
+            t1 = min(t0 + rows, T)
+            scratch.zero_()
+            launch(t0, t1, 0, V, scratch, None, d_bias)
+            d_hidden[t0:t1].copy_(scratch[: t1 - t0])
+        del scratch  # freed before the vocabulary pass allocates its own
+    if need_weight:  # vocabulary slabs, each against every token
+        rows = _slab_rows(V, D, cfg.block_v)
+        scratch = torch.empty(rows, D, **f32)
+        for v0 in range(0, V, rows):
+            v1 = min(v0 + rows, V)
+            scratch.zero_()
+            launch(0, T, v0, v1, None, scratch, None if need_hidden else d_bias)
+            d_weight[v0:v1].copy_(scratch[: v1 - v0])
     return d_hidden, d_weight, d_bias
 
 
