@@ -69,3 +69,23 @@ def test_small_coefficients_do_not_underflow(dtype, coefs):
     assert err <= floor + TOL[dtype], (
         f"d_weight rows of non-target tokens {err:.2e} (floor {floor:.2e}), seed={seed}"
     )
+
+
+def test_slabbed_16bit_gradients_are_rounded_once(monkeypatch):
+    """With scratch for one block of rows only, the two slab passes must give the one-launch result:
+    each gradient row accumulated in float32 and rounded once (not once per slab)."""
+    if not triton_ops.interpreting():
+        pytest.skip("compares interpreter runs")
+    seed = fresh_seed()
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(70, 24, generator=g).to(torch.bfloat16)
+    weight = (torch.randn(200, 24, generator=g) / 24**0.5).to(torch.bfloat16)
+    labels = torch.randint(0, 200, (70,), generator=g)
+    coef = torch.rand(70, generator=g) / 70
+    whole = triton_ops.token_loss_grads(hidden, weight, None, labels, None, coef, need_bias=False)
+    monkeypatch.setattr(triton_ops, "SCRATCH_BYTES", 1)  # slabs of one block: 3 token, 4 vocabulary
+    slabbed = triton_ops.token_loss_grads(hidden, weight, None, labels, None, coef, need_bias=False)
+    assert torch.equal(whole[0], slabbed[0]), f"d_hidden differs, seed={seed}"
+    assert torch.equal(whole[1], slabbed[1]), f"d_weight differs, seed={seed}"
+    ref_hidden, ref_weight = _reference_grads(hidden, weight, labels, coef)
+    assert reference.rel_err(slabbed[1], ref_weight) <= TOL[torch.bfloat16], f"seed={seed}"
