@@ -53,8 +53,8 @@ def calls(variants: bool = False) -> dict:
     """name -> fn(inputs) calling a launcher exactly as the public op does.
 
     The default calls are the ones the targets are about (no bias, no softcap; the JVP and HVP
-    along the head, as the hypergradient uses them). ``variants`` adds bias, softcap and every
-    tangent, so every kernel specialisation gets compiled and checked for spills.
+    along the head, as the hypergradient uses them). ``variants`` adds bias, softcap, every
+    tangent and the deterministic mode, so every kernel specialisation gets compiled and checked for spills.
     """
     t = triton_ops
     out = {
@@ -97,6 +97,28 @@ def calls(variants: bool = False) -> dict:
                 x["tangent_weight"],
                 x["tangent_hidden"],
                 x["tangent_bias"],
+            ),  # fmt: skip
+            "loss_bwd+deterministic": lambda x: t.token_loss_grads(
+                x["hidden"],
+                x["weight"],
+                x["bias"],
+                x["labels"],
+                None,
+                x["coef"],
+                x["lse"],
+                deterministic=True,
+            ),
+            "hvp+deterministic": lambda x: t.token_loss_hvp(
+                x["hidden"],
+                x["weight"],
+                None,
+                x["labels"],
+                None,
+                x["coef"],
+                x["tangent_weight"],
+                None,
+                None,
+                deterministic=True,
             ),  # fmt: skip
             "hvp+all_tangents+softcap": lambda x: t.token_loss_hvp(
                 x["hidden"],
@@ -177,8 +199,9 @@ def config_table() -> list[str]:
     for family, table in triton_ops.GPU_CONFIGS.items():
         for (kernel, tangent, fp32), c in table.items():
             mode = ("tangent" if kernel == "stats" else "hvp") if tangent else "plain"
+            kernel = kernel.replace("grads_ordered", "grads-deterministic")
             out.append(
-                f"config sm_{family}+ {kernel:<5} {mode:<7} {'fp32' if fp32 else '16-bit':<6} "
+                f"config sm_{family}+ {kernel:<19} {mode:<7} {'fp32' if fp32 else '16-bit':<6} "
                 f"BLOCK_T={c.block_t} BLOCK_V={c.block_v} BLOCK_D={c.block_d} warps={c.num_warps} stages={c.num_stages}"
             )
     return out

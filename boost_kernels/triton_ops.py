@@ -8,7 +8,9 @@ interpreter's bf16 dot is wrong.
 
 from __future__ import annotations
 
+import functools
 import os
+import types
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +69,9 @@ _AMPERE_CONFIGS = {
     ("grads", False, True): BlockConfig(32, 32, 32, 4, 1),
     ("grads", True, True): BlockConfig(32, 32, 16, 4, 1),
 }
+# deterministic=True runs the gradient kernel with one program per row block sweeping the other axis
+# ("grads_ordered"): same tiles unless they spill there.
+_AMPERE_CONFIGS |= {("grads_ordered", *key[1:]): c for key, c in _AMPERE_CONFIGS.items() if key[0] == "grads"}
 # Hopper: wgmma needs 64 rows per warpgroup; 128x128 logit tiles double the forward's FLOPs per byte
 # of the 64x128 ones (64 vs 43), the tangent kernels move from 32-row mma.sync tiles to wgmma, and
 # every 16-bit kernel pipelines 3 stages. 128x256 tiles spill (registers), so they are not used.
@@ -75,6 +80,8 @@ _HOPPER_CONFIGS = dict(_AMPERE_CONFIGS) | {
     ("stats", True, False): BlockConfig(64, 128, 64, 8, 3),
     ("grads", False, False): BlockConfig(128, 128, 32, 8, 3),
     ("grads", True, False): BlockConfig(64, 128, 32, 8, 3),
+    ("grads_ordered", False, False): BlockConfig(64, 128, 32, 8, 3),  # 128x128 spills (OWNER=2)
+    ("grads_ordered", True, False): BlockConfig(64, 128, 32, 8, 3),
 }
 GPU_CONFIGS = {80: _AMPERE_CONFIGS, 90: _HOPPER_CONFIGS}
 # Token blocks that sweep the vocabulary together in the gradient kernel (L2 reuse of W tiles).
@@ -207,12 +214,16 @@ def _rows(x: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
 
 
 def _launch_grads(
-    hidden, weight, bias, labels, softcap, coef, lse, pdz, tangents, need_hidden, need_weight, need_bias
-):
+    hidden, weight, bias, labels, softcap, coef, lse, pdz, tangents, need_hidden, need_weight, need_bias,
+    deterministic=False,
+):  # fmt: skip
     """Accumulate (d_hidden [T, D], d_weight [V, D], d_bias float32 [V]).
 
     d_hidden and d_weight come back in float32 for float32 inputs and in the input dtype for 16-bit
-    inputs, rounded once (see SCRATCH_BYTES for how those are accumulated).
+    inputs, rounded once (see SCRATCH_BYTES for how those are accumulated). ``deterministic``: no
+    atomics; one program owns each token block (d_hidden) or vocabulary block (d_weight, d_bias)
+    and adds its tiles in a fixed order, so the result is bitwise the same run to run (two passes
+    over the logits, and fewer programs in flight for d_hidden: slower).
     """
     T, D = hidden.shape
     V = weight.shape[0]
@@ -221,13 +232,15 @@ def _launch_grads(
     hvp = tangents is not None
     tangent_weight, tangent_hidden, tangent_bias = tangents if hvp else (None, None, None)
     tangent_bias = _vec(tangent_bias)
-    cfg = block_config("grads", hvp, hidden.dtype, device_info(hidden.device).arch)
+    kernel = "grads_ordered" if deterministic else "grads"
+    cfg = block_config(kernel, hvp, hidden.dtype, device_info(hidden.device).arch)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     dummy = coef
 
-    def launch(t0, t1, v0, v1, dh_out, dw_out, db_out):
+    def launch(t0, t1, v0, v1, dh_out, dw_out, db_out, owner=0):
         """One launch over tokens [t0, t1) x vocabulary [v0, v1); None outputs are not computed."""
-        grid = (triton.cdiv(t1 - t0, cfg.block_t) * triton.cdiv(v1 - v0, cfg.block_v),)
+        t_blocks, v_blocks = triton.cdiv(t1 - t0, cfg.block_t), triton.cdiv(v1 - v0, cfg.block_v)
+        grid = ((t_blocks * v_blocks, t_blocks, v_blocks)[owner],)
         token_grads_kernel[grid](
             hidden[t0:t1], weight[v0:v1], _rows(bias, v0, v1) if bias is not None else hidden,
             labels[t0:t1], coef[t0:t1], lse[t0:t1],
@@ -246,53 +259,70 @@ def _launch_grads(
             HAS_BETA=tangent_bias is not None,
             NEED_DH=dh_out is not None, NEED_DW=dw_out is not None, NEED_DB=db_out is not None,
             UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
-            BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_T=GROUP_T,
+            BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_T=GROUP_T, OWNER=owner,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
 
     d_bias = torch.zeros(V, **f32) if need_bias else None
-    if hidden.dtype == torch.float32:
+    exact = hidden.dtype == torch.float32
+    out = dict(dtype=hidden.dtype, device=hidden.device)
+    if exact:  # float32 gradients are their own accumulators
         d_hidden = torch.zeros(T, D, **f32) if need_hidden else None
         d_weight = torch.zeros(V, D, **f32) if need_weight else None
-        launch(0, T, 0, V, d_hidden, d_weight, d_bias)
-        return d_hidden, d_weight, d_bias
+    else:
+        d_hidden = torch.empty(T, D, **out) if need_hidden else None
+        d_weight = torch.empty(V, D, **out) if need_weight else None
+    if not deterministic:
+        if exact:
+            launch(0, T, 0, V, d_hidden, d_weight, d_bias)
+            return d_hidden, d_weight, d_bias
+        if (need_hidden * T + need_weight * V) * D * 4 <= SCRATCH_BYTES:  # one pass, one launch
+            h_acc = torch.zeros(T, D, **f32) if need_hidden else None
+            w_acc = torch.zeros(V, D, **f32) if need_weight else None
+            launch(0, T, 0, V, h_acc, w_acc, d_bias)
+            for acc, grad in ((h_acc, d_hidden), (w_acc, d_weight)):
+                if acc is not None:
+                    grad.copy_(acc)
+            return d_hidden, d_weight, d_bias
 
-    out = dict(dtype=hidden.dtype, device=hidden.device)
-    d_hidden = torch.empty(T, D, **out) if need_hidden else None
-    d_weight = torch.empty(V, D, **out) if need_weight else None
-    if (need_hidden * T + need_weight * V) * D * 4 <= SCRATCH_BYTES:  # one pass, one launch
-        h_acc = torch.zeros(T, D, **f32) if need_hidden else None
-        w_acc = torch.zeros(V, D, **f32) if need_weight else None
-        launch(0, T, 0, V, h_acc, w_acc, d_bias)
-        for acc, grad in ((h_acc, d_hidden), (w_acc, d_weight)):
-            if acc is not None:
-                grad.copy_(acc)
-        return d_hidden, d_weight, d_bias
-
-    if need_hidden:  # token slabs, each against the whole vocabulary
-        rows = _slab_rows(T, D, cfg.block_t)
-        scratch = torch.empty(rows, D, **f32)
+    # Two passes: token slabs against the whole vocabulary, then vocabulary slabs against every
+    # token. The bias gradient rides with the first pass that visits every tile (the second when
+    # deterministic: only a program owning a vocabulary block may add into it without atomics).
+    bias_in_first = need_hidden and not deterministic
+    if need_hidden:
+        rows = T if exact else _slab_rows(T, D, cfg.block_t)
+        scratch = None if exact else torch.empty(rows, D, **f32)
         for t0 in range(0, T, rows):
             t1 = min(t0 + rows, T)
-            scratch.zero_()
-            launch(t0, t1, 0, V, scratch, None, d_bias)
-            d_hidden[t0:t1].copy_(scratch[: t1 - t0])
-        del scratch  # freed before the vocabulary pass allocates its own
-    if need_weight:  # vocabulary slabs, each against every token
-        rows = _slab_rows(V, D, cfg.block_v)
-        scratch = torch.empty(rows, D, **f32)
+            acc = d_hidden[t0:t1] if exact else scratch
+            if not exact:
+                acc.zero_()
+            launch(
+                t0, t1, 0, V, acc, None, d_bias if bias_in_first else None, owner=1 if deterministic else 0
+            )
+            if not exact:
+                d_hidden[t0:t1].copy_(scratch[: t1 - t0])
+        del scratch, acc  # freed before the vocabulary pass allocates its own
+    if need_weight or (need_bias and not bias_in_first):
+        rows = V if exact or not need_weight else _slab_rows(V, D, cfg.block_v)
+        scratch = None if exact or not need_weight else torch.empty(rows, D, **f32)
         for v0 in range(0, V, rows):
             v1 = min(v0 + rows, V)
-            scratch.zero_()
-            launch(0, T, v0, v1, None, scratch, None if need_hidden else d_bias)
-            d_weight[v0:v1].copy_(scratch[: v1 - v0])
+            acc = d_weight[v0:v1] if exact and need_weight else scratch
+            if scratch is not None:
+                acc.zero_()
+            db = None if bias_in_first else d_bias
+            launch(0, T, v0, v1, None, acc, db, owner=2 if deterministic else 0)
+            if scratch is not None:
+                d_weight[v0:v1].copy_(scratch[: v1 - v0])
     return d_hidden, d_weight, d_bias
 
 
 def token_loss_grads(
-    hidden, weight, bias, labels, softcap, coef, lse=None, need_hidden=True, need_weight=True, need_bias=True
-):
-    """Triton version of :func:`boost_kernels.chunked.token_loss_grads`."""
+    hidden, weight, bias, labels, softcap, coef, lse=None, need_hidden=True, need_weight=True, need_bias=True,
+    deterministic=False,
+):  # fmt: skip
+    """Triton version of :func:`boost_kernels.chunked.token_loss_grads` (``deterministic``: see _launch_grads)."""
     if lse is None:
         lse = token_losses(hidden, weight, bias, labels, softcap)[1]
     return _launch_grads(
@@ -308,12 +338,13 @@ def token_loss_grads(
         need_hidden,
         need_weight,
         need_bias and bias is not None,
+        deterministic,
     )
 
 
 def token_loss_hvp(
     hidden, weight, bias, labels, softcap, coef, tangent_weight, tangent_hidden, tangent_bias,
-    need_hidden=True, need_weight=True, need_bias=True,
+    need_hidden=True, need_weight=True, need_bias=True, deterministic=False,
 ):  # fmt: skip
     """Triton version of :func:`boost_kernels.chunked.token_loss_hvp`.
 
@@ -325,5 +356,14 @@ def token_loss_hvp(
     return _launch_grads(
         hidden, weight, bias, labels, softcap, coef.float().contiguous(), lse, pdz,
         (tangent_weight, tangent_hidden, tangent_bias),
-        need_hidden, need_weight, need_bias and bias is not None,
+        need_hidden, need_weight, need_bias and bias is not None, deterministic,
     )  # fmt: skip
+
+
+# The same primitives with bitwise-reproducible gradients (ops: ``deterministic=True``). The
+# forward and the JVP have no atomics and are deterministic as they are.
+DETERMINISTIC = types.SimpleNamespace(
+    token_losses=token_losses,
+    token_loss_grads=functools.partial(token_loss_grads, deterministic=True),
+    token_loss_hvp=functools.partial(token_loss_hvp, deterministic=True),
+)

@@ -133,3 +133,10 @@ def test_extra_memory_within_64_mib(target_calls):
         assert c["extra_bytes"] <= EXTRA_BYTES, (
             f"{c['call']} {c['shape']}: {c['extra_bytes'] / 2**20:.1f} MiB"
         )
+
+
+def test_deterministic_mode_has_no_atomics(variant_calls):
+    calls = [c for c in variant_calls if "deterministic" in c["call"]]
+    assert len(calls) == 2 * 2 * 2  # (loss_bwd, hvp) x (bf16, fp32) x archs
+    for c, k in _kernels(calls):
+        assert not k["atomics"], f"{c['call']} {c['dtype']} sm_{c['arch']} {k['kernel']}: {k['atomics']}"
