@@ -49,88 +49,54 @@ def _inputs(T: int, D: int, V: int, dtype: torch.dtype) -> dict:
     )
 
 
+def _fwd(x, bias=None, softcap=None, tangents=()):
+    return triton_ops.token_losses(x["hidden"], x["weight"], bias, x["labels"], softcap, *tangents)
+
+
+def _bwd(x, bias=None, softcap=None, **kw):
+    return triton_ops.token_loss_grads(
+        x["hidden"],
+        x["weight"],
+        bias,
+        x["labels"],
+        softcap,
+        x["coef"],
+        x["lse"],
+        need_bias=bias is not None,
+        **kw,
+    )
+
+
+def _hvp(x, bias=None, softcap=None, tangents=None, **kw):
+    tangents = tangents or (x["tangent_weight"], None, None)
+    return triton_ops.token_loss_hvp(
+        x["hidden"], x["weight"], bias, x["labels"], softcap, x["coef"], *tangents, **kw
+    )
+
+
 def calls(variants: bool = False) -> dict:
     """name -> fn(inputs) calling a launcher exactly as the public op does.
 
     The default calls are the ones the targets are about (no bias, no softcap; the JVP and HVP
     along the head, as the hypergradient uses them). ``variants`` adds bias, softcap, every
-    tangent and the deterministic mode, so every kernel specialisation gets compiled and checked for spills.
+    tangent and the deterministic mode, so every kernel specialisation gets compiled and checked.
     """
-    t = triton_ops
+    head_only = dict(need_hidden=False, need_weight=True, need_bias=False)
     out = {
-        "loss_fwd": lambda x: t.token_losses(x["hidden"], x["weight"], None, x["labels"], None)[:2],
-        "loss_bwd": lambda x: t.token_loss_grads(
-            x["hidden"], x["weight"], None, x["labels"], None, x["coef"], x["lse"], need_bias=False
-        ),
-        "jvp": lambda x: t.token_losses(
-            x["hidden"], x["weight"], None, x["labels"], None, tangent_weight=x["tangent_weight"]
-        ),
-        "hvp": lambda x: t.token_loss_hvp(
-            x["hidden"],
-            x["weight"],
-            None,
-            x["labels"],
-            None,
-            x["coef"],
-            x["tangent_weight"],
-            None,
-            None,
-            need_hidden=False,
-            need_weight=True,
-            need_bias=False,
-        ),  # fmt: skip
+        "loss_fwd": lambda x: _fwd(x)[:2],
+        "loss_bwd": _bwd,
+        "jvp": lambda x: _fwd(x, tangents=(x["tangent_weight"],)),
+        "hvp": lambda x: _hvp(x, **head_only),
     }
     if variants:
+        every = ("tangent_weight", "tangent_hidden", "tangent_bias")
         out |= {
-            "loss_fwd+bias+softcap": lambda x: t.token_losses(
-                x["hidden"], x["weight"], x["bias"], x["labels"], 30.0
-            ),
-            "loss_bwd+bias+softcap": lambda x: t.token_loss_grads(
-                x["hidden"], x["weight"], x["bias"], x["labels"], 30.0, x["coef"], x["lse"]
-            ),
-            "jvp+all_tangents+softcap": lambda x: t.token_losses(
-                x["hidden"],
-                x["weight"],
-                x["bias"],
-                x["labels"],
-                30.0,
-                x["tangent_weight"],
-                x["tangent_hidden"],
-                x["tangent_bias"],
-            ),  # fmt: skip
-            "loss_bwd+deterministic": lambda x: t.token_loss_grads(
-                x["hidden"],
-                x["weight"],
-                x["bias"],
-                x["labels"],
-                None,
-                x["coef"],
-                x["lse"],
-                deterministic=True,
-            ),
-            "hvp+deterministic": lambda x: t.token_loss_hvp(
-                x["hidden"],
-                x["weight"],
-                None,
-                x["labels"],
-                None,
-                x["coef"],
-                x["tangent_weight"],
-                None,
-                None,
-                deterministic=True,
-            ),  # fmt: skip
-            "hvp+all_tangents+softcap": lambda x: t.token_loss_hvp(
-                x["hidden"],
-                x["weight"],
-                x["bias"],
-                x["labels"],
-                30.0,
-                x["coef"],
-                x["tangent_weight"],
-                x["tangent_hidden"],
-                x["tangent_bias"],
-            ),  # fmt: skip
+            "loss_fwd+bias+softcap": lambda x: _fwd(x, x["bias"], 30.0),
+            "loss_bwd+bias+softcap": lambda x: _bwd(x, x["bias"], 30.0),
+            "jvp+all_tangents+softcap": lambda x: _fwd(x, x["bias"], 30.0, tuple(x[k] for k in every)),
+            "loss_bwd+deterministic": lambda x: _bwd(x, x["bias"], deterministic=True),
+            "hvp+deterministic": lambda x: _hvp(x, deterministic=True, **head_only),
+            "hvp+all_tangents+softcap": lambda x: _hvp(x, x["bias"], 30.0, tuple(x[k] for k in every)),
         }
     return out
 
