@@ -61,7 +61,7 @@ class Work:
 
 
 def _esize(launch, name: str) -> int:
-    return torch.tensor([], dtype=launch.args[name].dtype).element_size()
+    return launch.args[name].dtype.itemsize
 
 
 def _cdiv(a: int, b: int) -> int:

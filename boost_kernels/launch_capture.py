@@ -55,13 +55,6 @@ class TensorArg:
     stride: tuple[int, ...]
     dtype: torch.dtype
 
-    @property
-    def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * torch.tensor([], dtype=self.dtype).element_size()
-
 
 @dataclass
 class Launch:
