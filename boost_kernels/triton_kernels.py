@@ -12,8 +12,10 @@ Two kernels, each specialised by constexpr flags:
   order (``GROUP_T`` token blocks sweep the vocabulary together, for L2 reuse). Each program
   recomputes one logit tile, forms ``p - e_y`` (GRAD mode) or the Hessian-vector tiles (HVP mode)
   and accumulates into d_hidden and d_weight with relaxed float32 atomics (``REDG``: no GPU-wide
-  fence per atomic, unlike Triton's default ``acq_rel``). 16-bit dot operands are built so that
-  nothing underflows (see the comment at the gradient tile).
+  fence per atomic, unlike Triton's default ``acq_rel``); or, with ``OWNER`` 1 / 2 (the
+  deterministic mode), one program per token / vocabulary block adds its tiles in a fixed order
+  without atomics. 16-bit dot operands are built so that nothing underflows (see the comment at
+  the gradient tile).
 
 No [T, V] buffer exists anywhere. Interpreter pitfalls (DESIGN.md): under TRITON_INTERPRET=1 the
 operands are upcast to float32 before ``tl.dot`` (``UPCAST``; computed operands are
