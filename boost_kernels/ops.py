@@ -48,8 +48,11 @@ class HeadHVP(NamedTuple):
     bias: torch.Tensor | None  # [V]: d(dL/db)
 
 
-def select_impl(backend: str, hidden: torch.Tensor) -> types.ModuleType:
-    """The module implementing the three primitives for this backend and these tensors."""
+def select_impl(backend: str, hidden: torch.Tensor, deterministic: bool = False) -> types.ModuleType:
+    """The module implementing the three primitives for this backend and these tensors.
+
+    ``deterministic``: Triton gradients without atomics, bitwise the same run to run (the PyTorch
+    path is deterministic already)."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "torch":
@@ -65,7 +68,7 @@ def select_impl(backend: str, hidden: torch.Tensor) -> types.ModuleType:
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on CPU"
         )
-    return triton_ops
+    return triton_ops.DETERMINISTIC if deterministic else triton_ops
 
 
 class _Prepared(NamedTuple):
@@ -77,7 +80,16 @@ class _Prepared(NamedTuple):
 
 
 def _prepare(
-    hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate
+    hidden,
+    weight,
+    labels,
+    segment_ids,
+    num_segments,
+    bias,
+    ignore_index,
+    backend,
+    validate,
+    deterministic=False,
 ) -> _Prepared:
     _validate.check_float("hidden", hidden, 2)
     _validate.check_float("weight", weight, 2)
@@ -100,7 +112,7 @@ def _prepare(
     safe_labels = torch.where(counted, labels, -1)
     segments = torch.where(counted, segment_ids, 0)
     num_tokens = torch.bincount(segment_ids[counted], minlength=num_segments)
-    impl = select_impl(backend, hidden)
+    impl = select_impl(backend, hidden, deterministic)
     if T == 0:
         impl = chunked  # nothing to launch; the PyTorch path returns empty results
     return _Prepared(safe_labels, segments, counted, num_tokens, impl)
@@ -154,6 +166,7 @@ def trajectory_cross_entropy(
     backend: str = "auto",
     validate: bool = True,
     precompute_grad: bool = True,
+    deterministic: bool = False,
 ) -> TrajectoryLoss:
     """Fused LM head + cross-entropy, reduced per trajectory and weighted, without [T, V] logits.
 
@@ -163,9 +176,22 @@ def trajectory_cross_entropy(
     only): when a backward can follow, compute the gradient of ``loss`` during the forward, which
     saves the backward a pass over the logits; pass False when you will backpropagate through
     ``per_trajectory`` rather than ``loss`` (the precomputed gradient would go unused).
+    ``deterministic`` (Triton path): gradients without atomics, bitwise the same run to run,
+    slower (two passes over the logits; the PyTorch path is deterministic already).
     """
     _validate.check_options(normalize, softcap, num_segments, normalizer)
-    prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
+    prep = _prepare(
+        hidden,
+        weight,
+        labels,
+        segment_ids,
+        num_segments,
+        bias,
+        ignore_index,
+        backend,
+        validate,
+        deterministic,
+    )
     w = _weights(traj_weights, num_segments, hidden.device)
     scale = _token_scale(prep, normalize, chunked.compute_dtype(hidden.dtype))
     coef = _token_coef(prep, scale, w, _normalizer(normalizer, num_segments))
@@ -249,16 +275,29 @@ def trajectory_hvp(
     need_bias: bool | None = None,
     backend: str = "auto",
     validate: bool = True,
+    deterministic: bool = False,
 ) -> HeadHVP:
     """Hessian-vector product of the weighted loss Σ_i w_i L_i / Z along (U, dh, beta).
 
     Returns the tangent of (dL/dW, dL/dh, dL/db), exact including the W-h cross terms. The weights
     w_i are held fixed. By default d(dL/dh) is returned only when tangent_hidden is given, and
     d(dL/db) only when there is a bias. For the head block alone (dh = 0, no softcap) H is
-    positive semi-definite, so Neumann series and conjugate gradients apply.
+    positive semi-definite, so Neumann series and conjugate gradients apply. ``deterministic``:
+    as in :func:`trajectory_cross_entropy`.
     """
     _validate.check_options(normalize, softcap, num_segments, normalizer)
-    prep = _prepare(hidden, weight, labels, segment_ids, num_segments, bias, ignore_index, backend, validate)
+    prep = _prepare(
+        hidden,
+        weight,
+        labels,
+        segment_ids,
+        num_segments,
+        bias,
+        ignore_index,
+        backend,
+        validate,
+        deterministic,
+    )
     _check_tangents("trajectory_hvp", hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias)
     w = _weights(traj_weights, num_segments, hidden.device)
     need_hidden = tangent_hidden is not None if need_hidden is None else need_hidden

@@ -2,17 +2,24 @@
 
 Two kernels, each specialised by constexpr flags:
 
-* ``token_stats_kernel`` — grid (token blocks, vocabulary splits). Each program streams its
-  vocabulary range in ``BLOCK_V`` tiles, computing logit tiles ``h Wᵀ`` on the tensor cores and an
-  online softmax: running max ``m``, ``s = Σ exp(z - m)``, the label logit ``z[y]`` and, with a
-  tangent, ``q = Σ exp(z - m)·dz`` and ``dz[y]``. It writes these per split; the host combines
-  the splits in O(T·splits).
-* ``token_grads_kernel`` — grid (token blocks, vocabulary blocks). Each program recomputes one logit
-  tile, forms ``g = coef·(p - e_y)`` (GRAD mode) or the Hessian-vector tiles ``s``/``g`` (HVP mode),
-  and accumulates ``g W`` into d_hidden and ``gᵀ h`` into d_weight with float32 atomics.
+* ``token_stats_kernel`` — one program per (token block, vocabulary split), 1-D grid with the
+  splits of a token block adjacent. Each program streams its vocabulary range in ``BLOCK_V``
+  tiles, computing logit tiles ``h Wᵀ`` on the tensor cores and an online softmax: running max
+  ``m``, ``s = Σ exp(z - m)``, the label logit ``z[y]`` and, with a tangent,
+  ``q = Σ exp(z - m)·dz`` and ``dz[y]``. It writes these per split; the host combines the splits
+  in O(T·splits).
+* ``token_grads_kernel`` — one program per (token block, vocabulary block), 1-D grid in grouped
+  order (``GROUP_T`` token blocks sweep the vocabulary together, for L2 reuse). Each program
+  recomputes one logit tile, forms ``p - e_y`` (GRAD mode) or the Hessian-vector tiles (HVP mode)
+  and accumulates into d_hidden and d_weight with relaxed float32 atomics (``REDG``: no GPU-wide
+  fence per atomic, unlike Triton's default ``acq_rel``); or, with ``OWNER`` 1 / 2 (the
+  deterministic mode), one program per token / vocabulary block adds its tiles in a fixed order
+  without atomics. 16-bit dot operands are built so that nothing underflows (see the comment at
+  the gradient tile).
 
 No [T, V] buffer exists anywhere. Interpreter pitfalls (DESIGN.md): under TRITON_INTERPRET=1 the
-operands are upcast to float32 before ``tl.dot`` (``UPCAST``), tanh is written with ``exp``, and
+operands are upcast to float32 before ``tl.dot`` (``UPCAST``; computed operands are
+first rounded to the input dtype, as on a GPU), tanh is written with ``exp``, and
 block sizes come from explicit tables rather than ``@triton.autotune``.
 """
 
@@ -90,7 +97,7 @@ def _logit_tiles(
 def token_stats_kernel(
     H, W, B, Y, U, DH, BETA,  # inputs
     M_OUT, S_OUT, ZY_OUT, Q_OUT, DZY_OUT,  # [num_splits, T] float32 partials
-    T, V, D, V_PER_SPLIT,
+    T, V, D, V_PER_SPLIT, NUM_SPLITS,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -98,8 +105,10 @@ def token_stats_kernel(
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    # The splits of one token block are neighbours in launch order: they run together and share
+    # the block's hidden rows in L2, while the token blocks in flight share each split's W tiles.
+    pid_t = tl.program_id(0) // NUM_SPLITS
+    pid_s = tl.program_id(0) % NUM_SPLITS
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     t_mask = offs_t < T
     y = tl.load(Y + offs_t, mask=t_mask, other=-1)
@@ -143,10 +152,51 @@ def token_stats_kernel(
 
 
 @triton.jit
-def token_grads_kernel(
-    H, W, B, Y, COEF, LSE, U, DH, BETA, PDZ,  # inputs
-    DH_OUT, DW_OUT, DB_OUT,  # float32 accumulators: [T, D], [V, D], [V] (contiguous)
-    T, V, D,
+def _operand(x, dtype, UPCAST: tl.constexpr):
+    """A computed tile as a dot operand: rounded to the input dtype, as the GPU's tensor cores see it.
+
+    Under the interpreter (UPCAST) it is rounded and then widened again, because the interpreter's
+    16-bit dot is wrong; the rounding itself is kept, so interpreter runs carry the GPU's error.
+    """
+    if UPCAST:
+        return x.to(dtype).to(tl.float32)
+    return x.to(dtype)
+
+
+@triton.jit
+def _operand_scale(x):
+    """A power of two s with max|x|·s in [2^13, 2^14): x·s is exact and, rounded to fp16, keeps its
+    small entries (probabilities ~1/V) out of fp16's subnormal range. 1 for an all-zero tile."""
+    big = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    return tl.where(big > 0.0, tl.exp2(13.0 - tl.floor(tl.log2(tl.maximum(big, 1e-30)))), 1.0)
+
+
+@triton.jit
+def _grouped_tile(pid, num_t, num_v, GROUP_T: tl.constexpr):
+    """(token block, vocabulary block) of program ``pid``: GROUP_T token blocks sweep the vocabulary
+    together, so programs running at the same time share their W tiles and hidden rows in L2."""
+    per_group = GROUP_T * num_v
+    first_t = (pid // per_group) * GROUP_T
+    rows = tl.minimum(num_t - first_t, GROUP_T)
+    pid_t = first_t + (pid % per_group) % rows
+    pid_v = (pid % per_group) // rows
+    return pid_t, pid_v
+
+
+@triton.jit
+def _accumulate(ptr, value, mask, ATOMIC: tl.constexpr):
+    """Add ``value`` into float32 memory: a relaxed atomic (``REDG``, no fence) when several programs
+    add into the same rows, a plain read-modify-write when this program owns them (deterministic)."""
+    if ATOMIC:
+        tl.atomic_add(ptr, value, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptr, tl.load(ptr, mask=mask, other=0.0) + value, mask=mask)
+
+
+@triton.jit
+def _grad_tile(
+    pid_t, pid_v,
+    H, W, B, Y, COEF, LSE, U, DH, BETA, PDZ, DH_OUT, DW_OUT, DB_OUT, T, V, D, V0,
     stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
     softcap,
     HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HVP: tl.constexpr,
@@ -154,80 +204,148 @@ def token_grads_kernel(
     NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
+    ATOMIC: tl.constexpr,
 ):  # fmt: skip
-    pid_t = tl.program_id(0)
-    pid_v = tl.program_id(1)
+    """The gradient contributions of one (token block, vocabulary block) tile."""
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
     t_mask = offs_t < T
     v_mask = offs_v < V
     coef = tl.load(COEF + offs_t, mask=t_mask, other=0.0)
-    if tl.max(tl.abs(coef), axis=0) == 0.0:
-        return  # nothing in this token block counts (prompt, padding, or zero weight)
+    coef_max = tl.max(tl.abs(coef), axis=0)
+    if coef_max > 0.0:  # else nothing in this token block counts (prompt, padding, or zero weight)
+        z, dz, sp = _logit_tiles(
+            H, W, B, U, DH, BETA, offs_t, offs_v, t_mask, v_mask, D,
+            stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
+            softcap, HAS_BIAS, HAS_SOFTCAP, HAS_U, HAS_DH, HAS_BETA, HVP, UPCAST, DOT_PRECISION,
+            BLOCK_T, BLOCK_V, BLOCK_D,
+        )  # fmt: skip
 
-    z, dz, sp = _logit_tiles(
-        H, W, B, U, DH, BETA, offs_t, offs_v, t_mask, v_mask, D,
-        stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
-        softcap, HAS_BIAS, HAS_SOFTCAP, HAS_U, HAS_DH, HAS_BETA, HVP, UPCAST, DOT_PRECISION,
-        BLOCK_T, BLOCK_V, BLOCK_D,
-    )  # fmt: skip
+        lse = tl.load(LSE + offs_t, mask=t_mask, other=0.0)
+        y = tl.load(Y + offs_t, mask=t_mask, other=-1)
+        valid = t_mask[:, None] & v_mask[None, :]
+        p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
+        g = p - tl.where((V0 + offs_v)[None, :] == y[:, None], 1.0, 0.0)
+        if HVP:
+            pdz = tl.load(PDZ + offs_t, mask=t_mask, other=0.0)
+            a = p * (dz - pdz[:, None])  # tangent of p
+            if HAS_SOFTCAP:
+                a = a * sp - (2.0 / (softcap * softcap)) * g * z * dz
+                g = g * sp
+            a = tl.where(valid, a, 0.0)
+        else:
+            if HAS_SOFTCAP:
+                g = g * sp
+        g = tl.where(valid, g, 0.0)
+        if not HVP:
+            a = g
+        # a: the tile that multiplies W and h; in HVP mode g also multiplies U and dh. Neither carries the
+        # per-token coefficient: coef·(p - e_y) rounded to fp16 underflows for small coefficients.
+        # d_hidden rows are scaled by coef after the dot; d_weight sums over tokens, so its operands
+        # carry coef relative to the block's largest |coef| and the dot is scaled back. Every operand is
+        # also scaled by an exact power of two (_operand_scale) before it is rounded to 16 bits.
+        dtype = H.dtype.element_ty
+        rel = (coef / coef_max)[:, None]
+        if HVP:
+            h_scale = _operand_scale(tl.abs(a) + tl.abs(g))
+            w_scale = _operand_scale((tl.abs(a) + tl.abs(g)) * rel)
+        else:
+            h_scale = _operand_scale(a)
+            w_scale = _operand_scale(a * rel)
+        a_h = _operand(a * h_scale, dtype, UPCAST)
+        a_w = _operand(a * (rel * w_scale), dtype, UPCAST)
+        if HVP:
+            g_h = _operand(g * h_scale, dtype, UPCAST)
+            g_w = _operand(g * (rel * w_scale), dtype, UPCAST)
+        row_out = coef / h_scale
+        col_out = coef_max / w_scale
 
-    lse = tl.load(LSE + offs_t, mask=t_mask, other=0.0)
-    y = tl.load(Y + offs_t, mask=t_mask, other=-1)
-    valid = t_mask[:, None] & v_mask[None, :]
-    p = tl.where(valid, tl.exp(z - lse[:, None]), 0.0)
-    g = p - tl.where(offs_v[None, :] == y[:, None], 1.0, 0.0)
-    if HVP:
-        pdz = tl.load(PDZ + offs_t, mask=t_mask, other=0.0)
-        a = p * (dz - pdz[:, None])  # tangent of p
-        if HAS_SOFTCAP:
-            a = a * sp - (2.0 / (softcap * softcap)) * g * z * dz
-            g = g * sp
-        a = tl.where(valid, a * coef[:, None], 0.0)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_mask = offs_d < D
+            if NEED_DH:
+                w = _load_tile(W, offs_v, offs_d, stride_wv, stride_wd, v_mask, d_mask)  # [BV, BD]
+                if UPCAST:
+                    w = w.to(tl.float32)
+                part = tl.dot(a_h, w, input_precision=DOT_PRECISION)
+                if HVP:
+                    if HAS_U:
+                        u = _load_tile(U, offs_v, offs_d, stride_uv, stride_ud, v_mask, d_mask)
+                        if UPCAST:
+                            u = u.to(tl.float32)
+                        part = tl.dot(g_h, u, part, input_precision=DOT_PRECISION)
+                _accumulate(
+                    DH_OUT + offs_t[:, None] * D + offs_d[None, :],
+                    part * row_out[:, None],
+                    t_mask[:, None] & d_mask[None, :],
+                    ATOMIC,
+                )
+            if NEED_DW:
+                h = _load_tile(H, offs_t, offs_d, stride_ht, stride_hd, t_mask, d_mask)  # [BT, BD]
+                if UPCAST:
+                    h = h.to(tl.float32)
+                part = tl.dot(tl.trans(a_w), h, input_precision=DOT_PRECISION)
+                if HVP:
+                    if HAS_DH:
+                        dh = _load_tile(DH, offs_t, offs_d, stride_dht, stride_dhd, t_mask, d_mask)
+                        if UPCAST:
+                            dh = dh.to(tl.float32)
+                        part = tl.dot(tl.trans(g_w), dh, part, input_precision=DOT_PRECISION)
+                _accumulate(
+                    DW_OUT + offs_v[:, None] * D + offs_d[None, :],
+                    part * col_out,
+                    v_mask[:, None] & d_mask[None, :],
+                    ATOMIC,
+                )
+        if NEED_DB:
+            _accumulate(DB_OUT + offs_v, tl.sum(a * coef[:, None], axis=0), v_mask, ATOMIC)
+
+
+@triton.jit
+def token_grads_kernel(
+    H, W, B, Y, COEF, LSE, U, DH, BETA, PDZ,  # inputs
+    DH_OUT, DW_OUT, DB_OUT,  # float32 accumulators: [T, D], [V, D], [V] (contiguous)
+    T, V, D, V0,  # V0: the vocabulary id of W's first row (labels are global ids)
+    stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
+    softcap,
+    HAS_BIAS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HVP: tl.constexpr,
+    HAS_U: tl.constexpr, HAS_DH: tl.constexpr, HAS_BETA: tl.constexpr,
+    NEED_DH: tl.constexpr, NEED_DW: tl.constexpr, NEED_DB: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr, GROUP_T: tl.constexpr,
+    OWNER: tl.constexpr,
+):  # fmt: skip
+    """OWNER 0: one tile per program (grouped order), relaxed atomics. OWNER 1: program i owns token
+    block i (d_hidden only) and sweeps the vocabulary in order; OWNER 2: program i owns vocabulary
+    block i (d_weight, d_bias) and sweeps the tokens in order. 1 and 2 add in a fixed order without
+    atomics: the deterministic mode."""
+    if OWNER == 0:
+        pid_t, pid_v = _grouped_tile(tl.program_id(0), tl.cdiv(T, BLOCK_T), tl.cdiv(V, BLOCK_V), GROUP_T)
+        _grad_tile(
+            pid_t, pid_v,
+            H, W, B, Y, COEF, LSE, U, DH, BETA, PDZ, DH_OUT, DW_OUT, DB_OUT, T, V, D, V0,
+                stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
+                softcap, HAS_BIAS, HAS_SOFTCAP, HVP, HAS_U, HAS_DH, HAS_BETA, NEED_DH, NEED_DW, NEED_DB,
+                UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_D,
+            True,
+        )  # fmt: skip
+    elif OWNER == 1:
+        for pid_v in range(0, tl.cdiv(V, BLOCK_V)):
+            _grad_tile(
+                tl.program_id(0), pid_v,
+                H, W, B, Y, COEF, LSE, U, DH, BETA, PDZ, DH_OUT, DW_OUT, DB_OUT, T, V, D, V0,
+                stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
+                softcap, HAS_BIAS, HAS_SOFTCAP, HVP, HAS_U, HAS_DH, HAS_BETA, NEED_DH, NEED_DW, NEED_DB,
+                UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_D,
+                False,
+            )  # fmt: skip
     else:
-        if HAS_SOFTCAP:
-            g = g * sp
-    g = tl.where(valid, g * coef[:, None], 0.0)
-    if not HVP:
-        a = g
-    # a: the tile that multiplies W and h; in HVP mode g also multiplies U and dh.
-    a_dot = a.to(tl.float32) if UPCAST else a.to(H.dtype.element_ty)
-    g_dot = g.to(tl.float32) if UPCAST else g.to(H.dtype.element_ty)
-
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        d_mask = offs_d < D
-        if NEED_DH:
-            w = _load_tile(W, offs_v, offs_d, stride_wv, stride_wd, v_mask, d_mask)  # [BV, BD]
-            if UPCAST:
-                w = w.to(tl.float32)
-            part = tl.dot(a_dot, w, input_precision=DOT_PRECISION)
-            if HVP:
-                if HAS_U:
-                    u = _load_tile(U, offs_v, offs_d, stride_uv, stride_ud, v_mask, d_mask)
-                    if UPCAST:
-                        u = u.to(tl.float32)
-                    part = tl.dot(g_dot, u, part, input_precision=DOT_PRECISION)
-            tl.atomic_add(
-                DH_OUT + offs_t[:, None] * D + offs_d[None, :],
-                part,
-                mask=t_mask[:, None] & d_mask[None, :],
-            )
-        if NEED_DW:
-            h = _load_tile(H, offs_t, offs_d, stride_ht, stride_hd, t_mask, d_mask)  # [BT, BD]
-            if UPCAST:
-                h = h.to(tl.float32)
-            part = tl.dot(tl.trans(a_dot), h, input_precision=DOT_PRECISION)
-            if HVP:
-                if HAS_DH:
-                    dh = _load_tile(DH, offs_t, offs_d, stride_dht, stride_dhd, t_mask, d_mask)
-                    if UPCAST:
-                        dh = dh.to(tl.float32)
-                    part = tl.dot(tl.trans(g_dot), dh, part, input_precision=DOT_PRECISION)
-            tl.atomic_add(
-                DW_OUT + offs_v[:, None] * D + offs_d[None, :],
-                part,
-                mask=v_mask[:, None] & d_mask[None, :],
-            )
-    if NEED_DB:
-        tl.atomic_add(DB_OUT + offs_v, tl.sum(a, axis=0), mask=v_mask)
+        for pid_t in range(0, tl.cdiv(T, BLOCK_T)):
+            _grad_tile(
+                pid_t, tl.program_id(0),
+                H, W, B, Y, COEF, LSE, U, DH, BETA, PDZ, DH_OUT, DW_OUT, DB_OUT, T, V, D, V0,
+                stride_ht, stride_hd, stride_wv, stride_wd, stride_uv, stride_ud, stride_dht, stride_dhd,
+                softcap, HAS_BIAS, HAS_SOFTCAP, HVP, HAS_U, HAS_DH, HAS_BETA, NEED_DH, NEED_DW, NEED_DB,
+                UPCAST, DOT_PRECISION, BLOCK_T, BLOCK_V, BLOCK_D,
+                False,
+            )  # fmt: skip

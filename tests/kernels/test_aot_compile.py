@@ -1,9 +1,16 @@
-"""Ahead-of-time compile of every kernel variant for sm_80 and sm_90 (no GPU needed).
+"""Launch-time compile checks of the Triton kernels for sm_80 and sm_90 (no GPU needed).
 
-Catches what the interpreter forgives: lowering failures, register spills, shared-memory
-overflow. Runs ``python -m boost_kernels.aot`` in a subprocess because this test session sets
-TRITON_INTERPRET=1, under which kernels are interpreted rather than compiled. Run with ``-s`` to
-see registers and shared memory per variant. fp16 compiles like bf16 and is left to the CLI.
+``python -m boost_kernels.aot`` runs the launchers on meta tensors at the issue's target shapes,
+intercepts every kernel launch, compiles it exactly as the JIT would specialise it for the GPU and
+reads the cubin (registers, spills, shared memory, SASS). It runs in a subprocess because this test
+session sets TRITON_INTERPRET=1, under which kernels are interpreted rather than compiled. Compiled
+binaries land in Triton's cache, so reruns are fast; run with ``-s`` to see the report.
+
+Targets (issue 12), at T=16384, D=4096, V=128256 and T=65536, D=8192, V=256000, bf16: zero spills;
+on sm_90 every tensor-core instruction inside a loop of the forward, backward, JVP and HVP kernels
+is wgmma (HGMMA); no GPU-wide fence inside a loop; launches per call independent of T and V (and
+small); at most 64 MiB of extra memory per call. The launch-count target is not met yet and is
+marked xfail(strict=True): it fails loudly once it passes, so the marker cannot outlive the fix.
 """
 
 from __future__ import annotations
@@ -17,32 +24,119 @@ import pytest
 
 pytest.importorskip("triton")
 
-# Shared memory per block: sm_80 (A100) 163 KiB, sm_90 (H100) 227 KiB.
-SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+TARGET_SHAPES = [(16384, 4096, 128256), (65536, 8192, 256000)]
+SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # shared memory per block
+MAX_LAUNCHES = 32  # Triton launches + PyTorch device kernels per call
+EXTRA_BYTES = 64 * 2**20
 
 
-def _compile(arch: int, dtype: str) -> list[dict]:
+def _start(*args: str) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "boost_kernels.aot", "--arch", str(arch), "--dtypes", dtype, "--json"],
-        capture_output=True, text=True, env=env, timeout=600,
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return subprocess.Popen(
+        [sys.executable, "-m", "boost_kernels.aot", "--json", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
-@pytest.mark.parametrize("dtype", ["bf16", "fp32"])
-@pytest.mark.parametrize("arch", [80, 90])
-def test_every_variant_compiles_without_spills(arch, dtype):
-    reports = _compile(arch, dtype)
-    for r in reports:
-        print(f"sm_{arch} {r['kernel']:<19} {r['variant']:<28} regs={r['registers']:<4} "
-              f"local={r['local_bytes']:<5} smem={r['shared_bytes']:<7} mma={r['mma']}")  # fmt: skip
-    assert len(reports) == 8
-    spilled = [r for r in reports if r["local_bytes"] != 0]
-    assert not spilled, f"register spills: {spilled}"
-    too_big = [r for r in reports if r["shared_bytes"] > SMEM_LIMIT[arch]]
-    assert not too_big, f"shared memory over the limit: {too_big}"
-    if dtype == "bf16":
-        no_mma = [r for r in reports if r["mma"] == "none"]
-        assert not no_mma, f"bf16 kernels must use tensor cores: {no_mma}"
+def _collect(proc: subprocess.Popen) -> list[dict]:
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-4000:]
+    calls = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+    for c in calls:
+        print(f"[{c['call']}] {c['shape']} {c['dtype']} sm_{c['arch']}: {c['triton_launches']} launches "
+              f"+ {c['torch_kernels']} torch kernels, extra {c['extra_bytes'] / 2**20:.1f} MiB")  # fmt: skip
+        for k in c["kernels"]:
+            print(f"    {k['kernel']} {k['config']} regs={k['registers']} spill={k['spill_bytes']} "
+                  f"smem={k['shared_bytes']} mma_in_loops={k['mma_in_loops']} atomics={k['atomics']} "
+                  f"fences_in_loops={k['gpu_fences_in_loops']}")  # fmt: skip
+    return calls
+
+
+@pytest.fixture(scope="module")
+def reports() -> tuple[list[dict], list[dict]]:
+    """(target calls, variant calls). Three processes at once: capturing the 16-bit backward's
+    thousands of slab launches at the larger shape takes tens of seconds per architecture."""
+    shapes = [a for s in TARGET_SHAPES for a in ("--shape", *map(str, s))]
+    procs = [_start(*shapes, "--dtypes", "bf16", "--arch", arch) for arch in ("80", "90")]
+    # bias, softcap and every tangent, 16-bit and float32, at a small shape
+    procs.append(_start("--shape", "4096", "2048", "32000", "--dtypes", "bf16", "fp32", "--variants"))
+    targets, variants = _collect(procs[0]) + _collect(procs[1]), _collect(procs[2])
+    assert len(targets) == 2 * 2 * 4  # shapes x archs x (fwd, bwd, jvp, hvp)
+    return targets, variants
+
+
+@pytest.fixture(scope="module")
+def target_calls(reports) -> list[dict]:
+    return reports[0]
+
+
+@pytest.fixture(scope="module")
+def variant_calls(reports) -> list[dict]:
+    return reports[1]
+
+
+def _kernels(calls):
+    for c in calls:
+        for k in c["kernels"]:
+            yield c, k
+
+
+def test_zero_spills_and_shared_memory_fits(target_calls, variant_calls):
+    for c, k in _kernels(target_calls + variant_calls):
+        where = f"{c['call']} {c['dtype']} sm_{c['arch']} {k['kernel']} {k['config']}"
+        assert k["spill_bytes"] == 0, f"register spills in {where}"
+        assert k["shared_bytes"] <= SMEM_LIMIT[c["arch"]], f"shared memory over the limit in {where}"
+        assert k["blocks_per_sm"] >= 1, where
+
+
+def test_hot_loop_dots_are_wgmma_on_sm90(target_calls):
+    for c, k in _kernels(target_calls):
+        if c["arch"] != 90:
+            continue
+        in_loops = {name.split(".")[0] for name, n in k["mma_in_loops"].items() if n}
+        assert in_loops == {"HGMMA"}, (
+            f"{c['call']} {k['kernel']} {k['config']}: loop dots {k['mma_in_loops']}"
+        )
+
+
+def test_16bit_kernels_use_tensor_cores_on_sm80(target_calls):
+    for c, k in _kernels(target_calls):
+        if c["arch"] == 80:
+            assert any(name.startswith("HMMA") for name in k["mma_in_loops"]), f"{c['call']} {k['kernel']}"
+
+
+def test_no_gpu_wide_fence_in_hot_loops(target_calls):
+    for c, k in _kernels(target_calls):
+        assert k["gpu_fences_in_loops"] == 0, f"{c['call']} sm_{c['arch']} {k['kernel']}: {k['atomics']}"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 12, not met yet: beyond 56 MiB of float32 scratch the 16-bit backward and HVP loop "
+    "over token slabs, then vocabulary slabs, on the host (41 + 82 PyTorch launches at the first shape, "
+    "180 + 360 at the second)",
+)
+def test_launches_per_call_do_not_grow_with_tokens_or_vocabulary(target_calls):
+    by_call: dict[tuple, set[int]] = {}
+    for c in target_calls:
+        n = c["triton_launches"] + c["torch_kernels"]
+        assert n <= MAX_LAUNCHES, (
+            f"{c['call']} {c['shape']} sm_{c['arch']}: {n} launches {c['torch_kernel_ops']}"
+        )
+        by_call.setdefault((c["call"], c["arch"]), set()).add(n)
+    assert all(len(v) == 1 for v in by_call.values()), by_call
+
+
+def test_extra_memory_within_64_mib(target_calls):
+    for c in target_calls:
+        assert c["extra_bytes"] <= EXTRA_BYTES, (
+            f"{c['call']} {c['shape']}: {c['extra_bytes'] / 2**20:.1f} MiB"
+        )
+
+
+def test_deterministic_mode_has_no_atomics(variant_calls):
+    calls = [c for c in variant_calls if "deterministic" in c["call"]]
+    assert len(calls) == 2 * 2 * 2  # (loss_bwd, hvp) x (bf16, fp32) x archs
+    for c, k in _kernels(calls):
+        assert not k["atomics"], f"{c['call']} {c['dtype']} sm_{c['arch']} {k['kernel']}: {k['atomics']}"
