@@ -39,6 +39,24 @@ def block_causal_mask(cu_seqlens: torch.Tensor, dtype: torch.dtype = torch.bool)
     return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
 
 
+def row_block_causal_mask(
+    cu_seqlens: torch.Tensor, rows: int, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
+    """The ``[rows, 1, L, L]`` mask of a batch packed into ``rows`` rows of ``L = T / rows`` tokens.
+
+    Same rule as :func:`block_causal_mask` (same sequence and s <= t) within each row; no sequence of
+    ``cu_seqlens`` may cross a row border.
+    """
+    seq = sequence_ids(cu_seqlens).view(rows, -1)
+    L = seq.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
+    allowed = (seq[:, :, None] == seq[:, None, :]) & causal
+    if dtype == torch.bool:
+        return allowed[:, None]
+    additive = torch.zeros(allowed.shape, dtype=dtype, device=seq.device)
+    return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
+
+
 def has_native_packed_sequences() -> bool:
     """Whether the installed ``transformers`` derives packed-sequence masks from ``position_ids``."""
     try:

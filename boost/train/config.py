@@ -16,6 +16,10 @@ class DataConfig:
     token_budget: int = 2048  # tokens per packed batch
     max_length: int = 1024  # longer trajectories are dropped (counted in the tokenise report)
     seed: int = 0
+    # "mixed": every batch holds the sources roughly in proportion to the data (boost.data.packing);
+    # "length": tightest packing, but batches then tend to hold one source each.
+    packing: str = "mixed"
+    rows: int = 1  # > 1: each batch is `rows` padded rows of token_budget / rows tokens (cheaper attention)
 
     def __post_init__(self):
         if not (0 < self.validation < 1 and 0 <= self.test < 1 and self.validation + self.test < 1):
@@ -23,9 +27,14 @@ class DataConfig:
                 f"data.validation must be in (0, 1), data.test in [0, 1) and their sum < 1; "
                 f"got {self.validation} and {self.test}"
             )
-        if self.max_length > self.token_budget:
+        if self.packing not in ("mixed", "length"):
+            raise ValueError(f"data.packing must be 'mixed' or 'length', got {self.packing!r}")
+        if self.rows < 1 or (self.rows > 1 and self.packing != "mixed"):
+            raise ValueError(f"data.rows must be >= 1, and 1 unless data.packing=mixed; got {self.rows}")
+        if self.max_length > self.token_budget // self.rows:
             raise ValueError(
-                f"data.max_length ({self.max_length}) must be <= data.token_budget ({self.token_budget})"
+                f"data.max_length ({self.max_length}) must be <= data.token_budget / data.rows "
+                f"({self.token_budget // self.rows})"
             )
 
 

@@ -85,8 +85,9 @@ def prepare_data(cfg: DataConfig, tokenizer) -> TrainData:
                f"{len(synthetic)} synthetic trajectories"]  # fmt: skip
     tok_cfg = TokenizeConfig(max_length=cfg.max_length)
     pack_cfg = PackingConfig(
-        token_budget=cfg.token_budget, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id or 0
-    )
+        token_budget=cfg.token_budget, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id or 0,
+        mode=cfg.packing, rows=cfg.rows,
+    )  # fmt: skip
     packers = {}
     for name, items in (
         ("train", split.train + synthetic),
@@ -159,7 +160,7 @@ class Trainer:
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """[T, D] last hidden states of a packed batch (with grad when grad mode is on)."""
         inputs = batch.model_inputs(self.cfg.model.attention, self.mask_dtype)
-        return self.trunk(**inputs).last_hidden_state[0]
+        return self.trunk(**inputs).last_hidden_state.flatten(0, 1)  # [rows, T / rows, D] -> [T, D]
 
     def _bias(self):
         return getattr(self.lm_head, "bias", None)
