@@ -32,6 +32,7 @@ import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,9 +53,19 @@ from boost.data import (
 )
 from boost.hypergradient import HeadBatch, head_hypergradient
 from boost.hypergradient_trainable import trainable_hypergradient
-from boost.reweighting import ReweightingHead, outer_objective, trajectory_features, weight_summary
-from boost.rollout import load_model
+from boost.reweighting import outer_objective, trajectory_features, weight_summary
+from boost.train.baselines import (
+    LEARNED,
+    awr_factors,
+    fixed_weights,
+    make_head,
+    mean_return,
+    select_synthetic,
+    weight_analysis,
+)
 from boost.train.config import DataConfig, TrainConfig
+from boost.train.evaluation import append_eval, evaluate_trainer, save_pretrained_atomic
+from boost.train.preset import load_trainer_model
 
 log = logging.getLogger(__name__)
 CHECKPOINT = "checkpoint.pt"
@@ -67,13 +78,20 @@ class TrainData:
     test: TrajectoryPacker | None  # held-out real tasks for the final numbers
     sources: list[str]  # source names of the training data, sorted ("real" included)
     summary: list[str]  # what was read, split, tokenised and dropped
+    train_trajectories: list | None = None  # the records behind `train` (its `index` points here)
 
 
-def prepare_data(cfg: DataConfig, tokenizer) -> TrainData:
-    """Read, split real data by task, tokenise and pack; every drop is counted in ``summary``."""
+def prepare_data(cfg: DataConfig, tokenizer, select=None) -> TrainData:
+    """Read, split real data by task, tokenise and pack; every drop is counted in ``summary``.
+
+    ``select(synthetic) -> (kept, note)``: which synthetic trajectories to train on (a baseline's filter).
+    """
     trajectories, report = read_trajectories(cfg.path)
     real = [t for t in trajectories if t.source == "real"]
     synthetic = [t for t in trajectories if t.source != "real"]
+    select_note = None
+    if select is not None:
+        synthetic, select_note = select(synthetic)
     if not real:
         raise ValueError(
             f"{cfg.path}: no trajectory has source 'real'; BOOST's outer objective needs real "
@@ -82,7 +100,7 @@ def prepare_data(cfg: DataConfig, tokenizer) -> TrainData:
     split = split_by_task(real, validation=cfg.validation, test=cfg.test, seed=cfg.seed)
     summary = [report.summary(), f"real tasks: {len(split.train_tasks)} train, "
                f"{len(split.validation_tasks)} validation, {len(split.test_tasks)} test; "
-               f"{len(synthetic)} synthetic trajectories"]  # fmt: skip
+               f"{len(synthetic)} synthetic trajectories"] + ([select_note] if select_note else [])  # fmt: skip
     tok_cfg = TokenizeConfig(max_length=cfg.max_length)
     pack_cfg = PackingConfig(
         token_budget=cfg.token_budget, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id or 0,
@@ -105,7 +123,9 @@ def prepare_data(cfg: DataConfig, tokenizer) -> TrainData:
             )
         packers[name] = TrajectoryPacker(tokenized, pack_cfg)
     sources = sorted({t.source for t in split.train + synthetic})
-    return TrainData(packers["train"], packers["validation"], packers["test"], sources, summary)
+    return TrainData(
+        packers["train"], packers["validation"], packers["test"], sources, summary, split.train + synthetic
+    )
 
 
 def _cycle(packer: TrajectoryPacker, skip: int = 0) -> Iterator[PackedBatch]:
@@ -135,25 +155,31 @@ class Trainer:
         self.device = torch.device(device)
         self.out = Path(cfg.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.model, self.tokenizer = load_model(cfg.model.name, device=device)
+        self.model, self.tokenizer = load_trainer_model(cfg.model, cfg.data.path, self.out, cfg.seed, device)
         self.model.train()
         self.trunk = self.model.get_decoder()
         self.lm_head = self.model.get_output_embeddings()
         impl = getattr(self.model.config, "_attn_implementation", "sdpa")
         self.mask_dtype = self.model.dtype if impl == "eager" else torch.bool
-        self.data = prepare_data(cfg.data, self.tokenizer)
+        self.method = "uniform" if not cfg.reweight else cfg.weighting.method
+        self.data = prepare_data(cfg.data, self.tokenizer, partial(select_synthetic, cfg=cfg.weighting))
+        self.awr_baseline = mean_return(self.data.train_trajectories)
         if cfg.head.num_sources and cfg.head.num_sources < len(self.data.sources):
             raise ValueError(
                 f"head.num_sources={cfg.head.num_sources} but the training data has {len(self.data.sources)} "
                 f"sources ({', '.join(self.data.sources)}); set head.num_sources >= {len(self.data.sources)} or 0"
             )
-        self.head = ReweightingHead(self.model.config.hidden_size, cfg.head).to(self.device)
+        self.head = make_head(self.method, self.model.config.hidden_size, cfg.head).to(self.device)
         self.opt = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=cfg.optim.lr,
             weight_decay=cfg.optim.weight_decay,
         )
-        self.head_opt = torch.optim.Adam(self.head.parameters(), lr=cfg.optim.head_lr)
+        if cfg.weighting.freeze_mass and hasattr(self.head, "log_mass"):
+            self.head.log_mass.requires_grad_(False)
+        self.head_opt = torch.optim.Adam(
+            [p for p in self.head.parameters() if p.requires_grad], lr=cfg.optim.head_lr
+        )
         self.step = 0
 
     # ------------------------------------------------------------------ pieces
@@ -181,7 +207,7 @@ class Trainer:
         # per_trajectory, not through the op's own weighted total.
         out = self.losses(hidden, batch, precompute_grad=False)
         synthetic = ~batch.is_real
-        if cfg.reweight:
+        if self.method in LEARNED:
             w = self.head(
                 trajectory_features(
                     hidden.detach(), batch.segment_ids, batch.segment_ids >= 0, out.per_trajectory.detach(),
@@ -190,7 +216,11 @@ class Trainer:
                 )
             )  # fmt: skip
         else:
-            w = torch.ones(batch.num_segments, device=self.device)
+            w = fixed_weights(self.method, out.per_trajectory.detach(), synthetic, cfg.weighting.loss_drop)
+        if cfg.weighting.awr_beta:
+            w = w * awr_factors(
+                batch.rewards, cfg.weighting.awr_beta, self.awr_baseline, cfg.weighting.awr_max
+            )
         loss = (w.detach() * out.per_trajectory).sum() / batch.num_segments
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -311,6 +341,15 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ the loop
+    def takes_outer_step(self) -> bool:
+        """After this inner step: a head to train, the outer period, and past the warm-up."""
+        cfg = self.cfg
+        return (
+            self.method in LEARNED
+            and self.step % cfg.outer_every == 0
+            and self.step > cfg.weighting.outer_start
+        )
+
     def _elapsed(self, started: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -335,7 +374,7 @@ class Trainer:
                 record, state = self.inner_step(batch)
                 record["inner_seconds"] = self._elapsed(started)
                 self.step += 1
-                if cfg.reweight and self.step % cfg.outer_every == 0:
+                if self.takes_outer_step():
                     started = time.perf_counter()
                     record.update(self.outer_step(batch, state, next(val_batches).to(self.device)))
                     record["outer_seconds"] = self._elapsed(started)
@@ -346,12 +385,16 @@ class Trainer:
                     metrics.write(json.dumps({"step": self.step, **record}) + "\n")
                     metrics.flush()
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "n_eff", "mass") if k in record})
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    append_eval(self.out, self.step, evaluate_trainer(self))
                 if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                     self.save_checkpoint()
                 bar.update(1)
             bar.close()
         self.save_checkpoint()
-        final = {"step": self.step, "validation_loss": self.evaluate(self.data.validation),
-                 "test_loss": self.evaluate(self.data.test)}  # fmt: skip
+        save_pretrained_atomic(self.model, self.tokenizer, self.out / "model")  # for boost.evaluate
+        final = {"step": self.step, "method": self.method, "validation_loss": self.evaluate(self.data.validation),
+                 **evaluate_trainer(self), **weight_analysis(self),
+                 "packing": {str(e): s.as_dict() for e, s in self.data.train.epoch_stats.items()}}  # fmt: skip
         write_json_atomic(self.out / "final.json", final)
         return final

@@ -106,3 +106,19 @@ def write_preset_checkpoint(
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def load_trainer_model(model_cfg, data_path: str, out_dir: Path, seed: int, device: str):
+    """(model, tokenizer) for the trainer: the CPU preset (built once into ``out_dir/init``) or a checkpoint."""
+    from boost.data import read_trajectories
+    from boost.rollout import load_model
+
+    if model_cfg.name != PRESET:
+        return load_model(model_cfg.name, device=device)
+    folder = Path(out_dir) / "init"
+    if not (folder / "config.json").exists():
+        trajectories, _ = read_trajectories(data_path)
+        write_preset_checkpoint(
+            folder, trajectories, model_cfg.hidden_size, model_cfg.layers, model_cfg.heads, seed
+        )
+    return load_model(str(folder), device=device)
