@@ -43,7 +43,9 @@ def _traj(source, reward, **meta):
 
 
 def test_ground_truth_quality_from_generator_meta():
-    assert ground_truth_quality({"generator": "eps_expert", "turns": 10, "n_random_actions": 3}) == pytest.approx(0.7)
+    assert ground_truth_quality(
+        {"generator": "eps_expert", "turns": 10, "n_random_actions": 3}
+    ) == pytest.approx(0.7)
     assert ground_truth_quality({"generator": "corrupt", "turns": 4, "n_corrupted": 1}) == pytest.approx(0.75)
     assert ground_truth_quality({"generator": "expert", "turns": 5, "shift": "gridnav-large"}) == 0.0
     assert ground_truth_quality({"generator": "random", "turns": 5}) == 0.0
@@ -78,7 +80,10 @@ def test_per_source_and_loss_heads_give_positive_weights_with_mean_mass():
         pooled=torch.zeros(4, 8), loss=torch.tensor([0.5, 1.0, 2.0, 0.1]), log_tokens=torch.zeros(4),
         synthetic=torch.tensor([True, True, True, False]), source=torch.tensor([1, 2, 2, 0]),
     )  # fmt: skip
-    for head in (SourceHead(8, HeadConfig(num_sources=3, init_mass=2.0)), LossHead(8, HeadConfig(init_mass=2.0))):
+    for head in (
+        SourceHead(8, HeadConfig(num_sources=3, init_mass=2.0)),
+        LossHead(8, HeadConfig(init_mass=2.0)),
+    ):
         w = head(f)
         assert w[3] == 1.0 and w[:3].mean().item() == pytest.approx(2.0)
         w[:3].sum().backward()  # differentiable in the head's parameters

@@ -26,7 +26,9 @@ TINY = ["model.name=cpu", "model.hidden_size=32", "model.layers=1", "model.heads
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("preset") / "gridnav.jsonl"
     sources = "real:40,eps0.1:16,random:12,corrupt:12"
-    assert generate(["--env", "gridnav-compact", "--out", str(path), "--sources", sources, "--no-progress"]) == 0
+    assert (
+        generate(["--env", "gridnav-compact", "--out", str(path), "--sources", sources, "--no-progress"]) == 0
+    )
     return path
 
 
@@ -57,7 +59,9 @@ def test_the_word_tokenizer_keeps_grid_cells_and_numbers_whole(data):
 
 
 def test_a_trainer_checkpoint_is_evaluable_by_boost_evaluate(data, tmp_path):
-    cfg = load_config(TrainConfig, None, [*TINY, f"data.path={data}", f"out_dir={tmp_path / 'run'}", "reweight=false"])
+    cfg = load_config(
+        TrainConfig, None, [*TINY, f"data.path={data}", f"out_dir={tmp_path / 'run'}", "reweight=false"]
+    )
     final = Trainer(cfg, progress=False).train()
     assert final["env"] == "gridnav-compact" and final["episodes"] == 3
     lo, hi = final["success_ci95"]
