@@ -7,6 +7,7 @@ import json
 import random
 
 import pytest
+import torch
 
 from boost.config import load_config
 from boost.data import TokenizeConfig, tokenize_trajectories
@@ -19,13 +20,21 @@ from boost.train.preset import build_word_tokenizer, corpus
 
 TINY = ["model.name=cpu", "model.hidden_size=32", "model.layers=1", "model.heads=2", "data.token_budget=2048",
         "data.rows=4", "data.max_length=512", "optim.lr=0.003", "steps=3", "eval.episodes=3",
-        "eval.max_new_tokens=2", "checkpoint_every=0"]  # fmt: skip
+        "eval.max_new_tokens=2", "checkpoint_every=0", "threads=1"]  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    """The runs set 1 torch thread (tiny models; fast on a busy CPU); put the process's setting back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     path = tmp_path_factory.mktemp("preset") / "gridnav.jsonl"
-    sources = "real:40,eps0.1:16,random:12,corrupt:12"
+    sources = "real:24,eps0.1:8,random:8,corrupt:8"
     assert (
         generate(["--env", "gridnav-compact", "--out", str(path), "--sources", sources, "--no-progress"]) == 0
     )

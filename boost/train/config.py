@@ -131,12 +131,17 @@ class TrainConfig:
     checkpoint_every: int = 50  # 0: only at the end
     out_dir: str = "runs/boost"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    # > 0: torch.set_num_threads(threads) for the run. On a CPU shared with other jobs, 1 thread can be
+    # many times faster than 2 (benchmarks/RESULTS.md, "CPU preset"); 0 keeps torch's default.
+    threads: int = 0
     seed: int = 0
 
     def __post_init__(self):
         for name in ("steps", "outer_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if not self.reweight and self.weighting.method not in ("boost", "uniform"):
