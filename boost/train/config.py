@@ -83,9 +83,8 @@ class OptimConfig:
 class WeightingConfig:
     """Which weighting the trainer uses: BOOST or a baseline (boost/train/baselines.py)."""
 
-    method: str = (
-        "boost"  # boost uniform real_only return_filter loss_filter per_source mwn oracle(analysis only)
-    )
+    # boost, uniform, real_only, return_filter, loss_filter, per_source, mwn, oracle (analysis only)
+    method: str = "boost"
     return_threshold: float | None = None  # return_filter: keep synthetic with return >= this ...
     top_fraction: float = 0.5  # ... or, without a threshold, this top share by return
     loss_drop: float = 0.2  # loss_filter: share of each batch's synthetic trajectories dropped (highest loss)
@@ -93,9 +92,8 @@ class WeightingConfig:
     awr_beta: float = 0.0  # > 0: AWR, weights times min(exp(beta * (R - mean R)), awr_max)
     awr_max: float = 20.0
     outer_start: int = 0  # no outer step before this inner step (behaviour-cloning warm-up)
-    freeze_mass: bool = (
-        False  # keep the head's synthetic mass at head.init_mass (the mass acts like a step size)
-    )
+    # keep the head's synthetic mass at head.init_mass (the mass acts like a step-size multiplier)
+    freeze_mass: bool = False
 
     def __post_init__(self):
         from boost.train.baselines import METHODS
