@@ -48,62 +48,60 @@ LEARNED = ("boost", "per_source", "mwn")  # methods with a head and outer steps
 ANALYSIS_ONLY = ("oracle",)
 
 
-def _normalise(head: nn.Module, f: TrajectoryFeatures, scores: torch.Tensor) -> torch.Tensor:
-    """Synthetic weights ``m · s / mean(s over the batch's synthetic)``, real ones ``real_weight``."""
-    real = torch.full_like(f.loss, head.cfg.real_weight)
-    if not bool(f.synthetic.any()):
-        return real
-    return torch.where(f.synthetic, head.mass * scores / scores[f.synthetic].mean(), real)
+class _MassHead(nn.Module):
+    """What the baseline heads share with :class:`~boost.reweighting.ReweightingHead`: ``cfg``, a
+    learned synthetic mass ``m`` and weights ``m · s / mean(s over the batch's synthetic)`` from the
+    subclass's positive ``scores`` (real trajectories: ``real_weight``)."""
 
-
-class SourceHead(nn.Module):
-    """Per-source weights (DoReMi-style): a learned score per source index, nothing else.
-
-    Same interface as :class:`~boost.reweighting.ReweightingHead` (``cfg``, ``mass``, ``scores``,
-    ``forward``); needs ``cfg.num_sources > 0``.
-    """
-
-    def __init__(self, hidden_dim: int, cfg: HeadConfig):
+    def __init__(self, cfg: HeadConfig):
         super().__init__()
-        if not cfg.num_sources:
-            raise ValueError("weighting.method=per_source needs head.num_sources > 0 (the number of sources)")
         self.cfg = cfg
-        self.log_score = nn.Parameter(torch.zeros(cfg.num_sources))
         self.log_mass = nn.Parameter(torch.tensor(math.log(cfg.init_mass)))
 
     @property
     def mass(self) -> torch.Tensor:
         return self.log_mass.exp()
+
+    def scores(self, f: TrajectoryFeatures) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, f: TrajectoryFeatures) -> torch.Tensor:
+        real = torch.full_like(f.loss, self.cfg.real_weight)
+        if not bool(f.synthetic.any()):
+            return real
+        s = self.scores(f)
+        return torch.where(f.synthetic, self.mass * s / s[f.synthetic].mean(), real)
+
+
+class SourceHead(_MassHead):
+    """Per-source weights (DoReMi-style): a learned score per source index, nothing else.
+
+    Needs ``cfg.num_sources > 0``.
+    """
+
+    def __init__(self, hidden_dim: int, cfg: HeadConfig):
+        if not cfg.num_sources:
+            raise ValueError("weighting.method=per_source needs head.num_sources > 0 (the number of sources)")
+        super().__init__(cfg)
+        self.log_score = nn.Parameter(torch.zeros(cfg.num_sources))
 
     def scores(self, f: TrajectoryFeatures) -> torch.Tensor:
         if f.source is None:
             raise ValueError("SourceHead needs the features' source indices")
         return self.log_score[f.source].exp()
 
-    def forward(self, f: TrajectoryFeatures) -> torch.Tensor:
-        return _normalise(self, f, self.scores(f))
 
-
-class LossHead(nn.Module):
+class LossHead(_MassHead):
     """Meta-Weight-Net: an MLP from the trajectory's loss alone to a positive score."""
 
     def __init__(self, hidden_dim: int, cfg: HeadConfig):
-        super().__init__()
-        self.cfg = cfg
+        super().__init__(cfg)
         self.mlp = nn.Sequential(nn.Linear(1, cfg.hidden_size), nn.SiLU(), nn.Linear(cfg.hidden_size, 1))
         nn.init.zeros_(self.mlp[-1].weight)  # uniform at the start, as the BOOST head
         nn.init.zeros_(self.mlp[-1].bias)
-        self.log_mass = nn.Parameter(torch.tensor(math.log(cfg.init_mass)))
-
-    @property
-    def mass(self) -> torch.Tensor:
-        return self.log_mass.exp()
 
     def scores(self, f: TrajectoryFeatures) -> torch.Tensor:
         return nn.functional.softplus(self.mlp(f.loss[:, None]).squeeze(1)) + 1e-6
-
-    def forward(self, f: TrajectoryFeatures) -> torch.Tensor:
-        return _normalise(self, f, self.scores(f))
 
 
 def make_head(method: str, hidden_dim: int, cfg: HeadConfig) -> nn.Module:
