@@ -69,13 +69,17 @@ def test_the_word_tokenizer_keeps_grid_cells_and_numbers_whole(data):
 
 def test_a_trainer_checkpoint_is_evaluable_by_boost_evaluate(data, tmp_path):
     cfg = load_config(
-        TrainConfig, None, [*TINY, f"data.path={data}", f"out_dir={tmp_path / 'run'}", "reweight=false"]
+        TrainConfig,
+        None,
+        [*TINY, f"data.path={data}", f"out_dir={tmp_path / 'run'}", "reweight=false", "eval.every=2"],
     )
     final = Trainer(cfg, progress=False).train()
     assert final["env"] == "gridnav-compact" and final["episodes"] == 3
     lo, hi = final["success_ci95"]
     assert 0 <= lo <= final["success_rate"] <= hi <= 1
     assert 0 <= final["test_agent_token_accuracy"] <= 1 and final["packing"]["0"]["multi_synthetic_share"] > 0
+    (during,) = [json.loads(x) for x in (tmp_path / "run" / "eval.jsonl").read_text().splitlines()]
+    assert during["step"] == 2 and during["episodes"] == 3 and "success_ci95" in during
     out = tmp_path / "eval"
     argv = ["--model", str(tmp_path / "run" / "model"), "--env", "gridnav-compact", "--episodes", "2",
             "--max-new-tokens", "2", "--out", str(out), "--no-progress", "--transcripts", "0"]  # fmt: skip
