@@ -30,13 +30,7 @@ def block_causal_mask(cu_seqlens: torch.Tensor, dtype: torch.dtype = torch.bool)
         dtype: ``torch.bool`` (True = attend; for ``sdpa``) or a float dtype for an additive mask
             (0 = attend, ``finfo(dtype).min`` = blocked; for ``eager`` attention).
     """
-    seq = sequence_ids(cu_seqlens)
-    pos = torch.arange(len(seq), device=seq.device)
-    allowed = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
-    if dtype == torch.bool:
-        return allowed[None, None]
-    additive = torch.zeros(allowed.shape, dtype=dtype, device=seq.device)
-    return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    return row_block_causal_mask(cu_seqlens, 1, dtype)
 
 
 def row_block_causal_mask(
