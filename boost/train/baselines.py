@@ -218,6 +218,8 @@ def pool_weights(trainer) -> dict[int, float]:
     cfg = trainer.cfg
     method = trainer.method
     out: dict[int, float] = {}
+    if method not in LEARNED and method != "loss_filter":  # weight 1 on every kept trajectory: no forward
+        return {t.index: 1.0 for t in trainer.data.train.trajectories if t.source != "real"}
     was_training = trainer.model.training
     trainer.model.eval()
     try:
