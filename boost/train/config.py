@@ -54,7 +54,7 @@ class EvalConfig:
     """Task success on the environment's held-out test tasks (boost/train/evaluation.py)."""
 
     env: str | None = None  # None: the environment named by the real trajectories' task ids
-    episodes: int = 100  # test tasks played after training (0: no rollouts)
+    episodes: int = 100  # test tasks played after training (0: no rollouts; slow for SmolLM2 on a CPU)
     every: int = 0  # also every this many steps (0: only after training)
     max_new_tokens: int = 8
     batch_size: int = 50

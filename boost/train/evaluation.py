@@ -12,7 +12,6 @@ must clear before any method comparison means anything.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import shutil
 from pathlib import Path
@@ -22,8 +21,6 @@ import torch
 
 from boost.envs import make_env, play_episode, random_policy
 from boost.rollout import RolloutConfig, rollout, summarize_episodes
-
-log = logging.getLogger(__name__)
 
 _KEPT = ("episodes", "success_rate", "success_ci95", "mean_return", "mean_turns", "invalid_per_turn")
 
