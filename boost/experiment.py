@@ -45,6 +45,7 @@ from boost.config import load_config
 from boost.data.format import write_jsonl
 from boost.envs.generators import GeneratorConfig, generate, parse_sources
 from boost.stats import mean_std
+from boost.train.baselines import relative_source_means
 from boost.train.config import TrainConfig
 from boost.train.loop import Trainer
 
@@ -154,7 +155,7 @@ def tune_lr(spec, name, overrides, out, data) -> tuple[float | None, dict[str, f
     return best, scores
 
 
-def aggregate(runs: dict[str, dict[int, dict]], reference: str | None) -> dict[str, Any]:
+def aggregate(runs: dict[str, dict[int, dict]], reference: str | None, out: Path) -> dict[str, Any]:
     """Mean ± std over seeds per arm and metric; paired differences (arm − reference) over shared seeds."""
     table: dict[str, Any] = {}
     for arm, by_seed in runs.items():
@@ -167,10 +168,19 @@ def aggregate(runs: dict[str, dict[int, dict]], reference: str | None) -> dict[s
             diffs = [by_seed[s]["success_rate"] - runs[reference][s]["success_rate"] for s in shared]
             row["success_minus_" + reference] = list(mean_std(diffs)) if diffs else None
         row["mean_weight_per_source"] = _mean_dicts(
-            [r.get("mean_weight_per_source") or {} for r in by_seed.values()]
+            [_source_weights(out / arm / f"seed{seed}", r) for seed, r in by_seed.items()]
         )
         table[arm] = row
     return table
+
+
+def _source_weights(folder: Path, final: dict) -> dict[str, float]:
+    """Relative mean weight per source of one run, from its ``pool_weights.jsonl`` when there is one."""
+    pool = folder / "pool_weights.jsonl"
+    if not pool.exists():
+        return final.get("mean_weight_per_source") or {}
+    rows = [json.loads(line) for line in pool.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return relative_source_means([(r["source"], r["weight"]) for r in rows])
 
 
 def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
@@ -203,7 +213,8 @@ def write_markdown(spec, table, lrs, runs, reference, path: Path) -> None:
         cells = [f"seed {s}: {r['success_rate']:.2f} [{r['success_ci95'][0]:.2f}, {r['success_ci95'][1]:.2f}]"
                  for s, r in sorted(by_seed.items()) if "success_ci95" in r]  # fmt: skip
         lines.append(f"- {arm}: " + "; ".join(cells))
-    lines += ["", "Mean final weight per synthetic source (over the pool, mean over seeds):", ""]
+    lines += ["", "Mean final weight per synthetic source over the whole pool, relative to the pool's mean "
+              "weight (mean over seeds):", ""]  # fmt: skip
     for arm, row in table.items():
         if row["mean_weight_per_source"]:
             lines.append(
@@ -288,7 +299,7 @@ def run_experiment(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             log.info("[%d/%d] %s seed %d: success %.3f, test loss %.4f, %.0f s", done, total, name, seed,
                      r.get("success_rate", math.nan), r.get("test_loss") or math.nan, r.get("wall_seconds", 0))  # fmt: skip
     reference = "boost" if "boost" in runs else None
-    table = aggregate(runs, reference)
+    table = aggregate(runs, reference, out)
     results = {"spec": spec, "lr": lrs, "lr_tuning_validation_loss": tuning, "table": table,
                "runs": {a: {str(s): r for s, r in by.items()} for a, by in runs.items()}}  # fmt: skip
     write_json_atomic(out / "results.json", results)

@@ -245,8 +245,21 @@ def pool_weights(trainer) -> dict[int, float]:
     return out
 
 
+def relative_source_means(rows: list[tuple[str, float]]) -> dict[str, float]:
+    """Mean weight per source divided by the mean over all rows (comparable across runs and heads:
+    a learned head's scores have an arbitrary scale). ``rows``: (source, weight) per trajectory."""
+    if not rows:
+        return {}
+    overall = math.fsum(w for _, w in rows) / len(rows)
+    by_source: dict[str, list[float]] = defaultdict(list)
+    for source, w in rows:
+        by_source[source].append(w)
+    return {s: math.fsum(v) / len(v) / overall for s, v in sorted(by_source.items())} if overall else {}
+
+
 def weight_analysis(trainer) -> dict[str, Any]:
-    """Spearman(weight, ground-truth quality) and (weight, return), mean weight per source, n_eff.
+    """Spearman(weight, ground-truth quality) and (weight, return), mean weight per source (relative
+    to the pool's mean weight), n_eff.
 
     Over every synthetic trajectory of the training pool; ground truth from ``meta`` (analysis only).
     Also writes ``out_dir/pool_weights.jsonl`` (source, weight, quality, return per trajectory).
@@ -254,9 +267,6 @@ def weight_analysis(trainer) -> dict[str, Any]:
     weights = pool_weights(trainer)
     trajectories = trainer.data.train_trajectories
     rows = [(w, trajectories[i]) for i, w in weights.items()]
-    by_source: dict[str, list[float]] = defaultdict(list)
-    for w, t in rows:
-        by_source[t.source].append(w)
     quality = [(w, ground_truth_quality(t.meta)) for w, t in rows]
     quality = [(w, q) for w, q in quality if q is not None]
     returns = [(w, t.reward) for w, t in rows if t.reward is not None]
@@ -271,7 +281,7 @@ def weight_analysis(trainer) -> dict[str, Any]:
     return {
         "spearman_quality": spearman([w for w, _ in quality], [q for _, q in quality]) if quality else None,
         "spearman_return": spearman([w for w, _ in returns], [r for _, r in returns]) if returns else None,
-        "mean_weight_per_source": {s: sum(v) / len(v) for s, v in sorted(by_source.items())},
+        "mean_weight_per_source": relative_source_means([(t.source, w) for w, t in rows]),
         "n_eff_pool": float(effective_sample_size(all_w)) if len(rows) else None,
         "n_synthetic_pool": len(rows),
     }
