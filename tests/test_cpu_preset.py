@@ -12,7 +12,7 @@ import torch
 from boost.config import load_config
 from boost.data import TokenizeConfig, tokenize_trajectories
 from boost.data.generate import main as generate
-from boost.envs import expert_policy, make_env, play_episode
+from boost.envs import EnvError, expert_policy, make_env, play_episode
 from boost.envs.registry import compact_env_name
 from boost.evaluate import main as evaluate
 from boost.train import TrainConfig, Trainer
@@ -52,7 +52,7 @@ def test_compact_views_play_the_same_tasks_with_shorter_text(name):
     ]
     assert (a.success, a.reward) == (b.success, b.reward)
     assert sum(len(m["content"]) for m in b.messages) < 0.7 * sum(len(m["content"]) for m in a.messages)
-    with pytest.raises(Exception, match="has no compact view"):
+    with pytest.raises(EnvError, match="has no compact view"):
         compact_env_name("textworld")
 
 
