@@ -235,7 +235,7 @@ class ReweightingHead(nn.Module):
         return TrajectoryFeatures(
             self.pool_pooled[:n].clone(), self.pool_loss[:n].clone(), self.pool_log_tokens[:n].clone(),
             torch.ones(n, dtype=torch.bool, device=self.pool_loss.device),
-            self.pool_source[:n].clone() if self.source is not None else None,
+            self.pool_source[:n].clone() if self.cfg.num_sources else None,
             self.pool_returns[:n].clone() if self.cfg.use_returns else None,
         )  # fmt: skip
 

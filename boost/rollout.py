@@ -26,6 +26,7 @@ from boost.envs.base import Task
 from boost.envs.episode import END_REASONS, Episode
 from boost.envs.registry import make_env
 from boost.prefix_cache import PrefixCachedDecoder
+from boost.stats import wilson_interval
 
 SMOLLM2 = "smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -273,14 +274,17 @@ def rollout(
 
 
 def summarize_episodes(episodes: list[Episode]) -> dict[str, Any]:
-    """Success rate, mean return and turns, invalid actions per turn, end reasons, distinct tasks."""
+    """Success rate (with its 95% Wilson interval), mean return and turns, invalid actions per turn,
+    end reasons, distinct tasks."""
     n = len(episodes)
     turns = sum(e.turns for e in episodes)
     reasons = Counter(e.end_reason for e in episodes)
+    successes = sum(e.success for e in episodes)
     return {
         "episodes": n,
         "distinct_tasks": len({e.task.key for e in episodes}),
-        "success_rate": sum(e.success for e in episodes) / n if n else 0.0,
+        "success_rate": successes / n if n else 0.0,
+        "success_ci95": list(wilson_interval(successes, n)),
         "mean_return": math.fsum(e.reward for e in episodes) / n if n else 0.0,
         "mean_turns": turns / n if n else 0.0,
         "invalid_per_turn": sum(e.n_invalid for e in episodes) / turns if turns else 0.0,

@@ -30,7 +30,7 @@ def assets(tmp_path_factory):
 def _config(assets, out, *overrides):
     model, data = assets
     base = [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
-            "data.max_length=512", "steps=4"]  # fmt: skip
+            "data.max_length=512", "steps=4", "eval.episodes=0"]  # fmt: skip
     return load_config(TrainConfig, None, [*base, *overrides])
 
 
@@ -49,11 +49,20 @@ def test_a_boost_run_writes_metrics_checkpoint_and_report(assets, tmp_path):
             m["n_eff"] > 0 and m["mass"] > 0 and m["weights"] and torch.isfinite(torch.tensor(m["val_loss"]))
         )
         assert set(m["weights"]) <= {"real", "corrupt", "eps0.3"}
-    assert all(torch.isfinite(torch.tensor(v)) for v in final.values())
+    assert all(torch.isfinite(torch.tensor(final[k])) for k in ("validation_loss", "test_loss"))
     assert all(m["solver_residual"] is not None for m in metrics)  # always computed
     # CG warm-starts from the previous outer step's v (or says it dropped a useless guess)
     assert metrics[0]["solver_warm_started"] is False and all("solver_warm_started" in m for m in metrics)
-    assert all(m["synthetic_weight"] > 0 and m["task_shift_distance"] > 0 for m in metrics)
+    # batches of 2-3 trajectories: some hold no synthetic one (then no weight or distance to report)
+    with_synthetic = [m for m in metrics if set(m["weights"]) - {"real"}]
+    assert with_synthetic and all(
+        m["synthetic_weight"] > 0 and m["task_shift_distance"] > 0 for m in with_synthetic
+    )
+    assert all(
+        m["synthetic_weight"] == 0 and m["task_shift_distance"] is None
+        for m in metrics
+        if m not in with_synthetic
+    )
     text = report.read_text()
     assert "| source |" in text and "training.png" in text and "real tasks:" in text
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"

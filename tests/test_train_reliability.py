@@ -238,12 +238,12 @@ def test_resume_after_a_divergence_reproduces_the_good_steps_bit_for_bit(assets,
 
 def test_a_finished_run_is_refused_not_overwritten(assets, tmp_path):
     Trainer(_fast(assets, tmp_path, "steps=2"), progress=False).train()
-    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    before = {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     with pytest.raises(
         ValueError, match="already holds a run .*--resume to continue it, --overwrite to replace"
     ):
         Trainer(_fast(assets, tmp_path, "steps=3"), progress=False).train()
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
     Trainer(_fast(assets, tmp_path, "steps=1"), progress=False).train(overwrite=True)
     assert [m["step"] for m in _metrics(tmp_path)] == [1]
 

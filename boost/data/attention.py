@@ -30,13 +30,25 @@ def block_causal_mask(cu_seqlens: torch.Tensor, dtype: torch.dtype = torch.bool)
         dtype: ``torch.bool`` (True = attend; for ``sdpa``) or a float dtype for an additive mask
             (0 = attend, ``finfo(dtype).min`` = blocked; for ``eager`` attention).
     """
-    seq = sequence_ids(cu_seqlens)
-    pos = torch.arange(len(seq), device=seq.device)
-    allowed = (seq[:, None] == seq[None, :]) & (pos[None, :] <= pos[:, None])
+    return row_block_causal_mask(cu_seqlens, 1, dtype)
+
+
+def row_block_causal_mask(
+    cu_seqlens: torch.Tensor, rows: int, dtype: torch.dtype = torch.bool
+) -> torch.Tensor:
+    """The ``[rows, 1, L, L]`` mask of a batch packed into ``rows`` rows of ``L = T / rows`` tokens.
+
+    Same rule as :func:`block_causal_mask` (same sequence and s <= t) within each row; no sequence of
+    ``cu_seqlens`` may cross a row border.
+    """
+    seq = sequence_ids(cu_seqlens).view(rows, -1)
+    L = seq.shape[1]
+    causal = torch.ones(L, L, dtype=torch.bool, device=seq.device).tril()
+    allowed = (seq[:, :, None] == seq[:, None, :]) & causal
     if dtype == torch.bool:
-        return allowed[None, None]
+        return allowed[:, None]
     additive = torch.zeros(allowed.shape, dtype=dtype, device=seq.device)
-    return additive.masked_fill(~allowed, torch.finfo(dtype).min)[None, None]
+    return additive.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 def has_native_packed_sequences() -> bool:

@@ -1,10 +1,23 @@
 """Pack tokenised trajectories into batches under a token budget.
 
-Every epoch is a partition of all trajectories into batches: each trajectory appears exactly once.
-The order is a seeded permutation (``numpy.random.default_rng((seed, epoch))``); the permutation is
-cut into windows of ``window`` trajectories, each window is packed best-fit-decreasing (longest
-first, each into the fullest batch it still fits), and the window's batches are shuffled. So the
-same seed and epoch always give the same batches, epochs differ, and the batches are nearly full.
+Every epoch is a partition of all trajectories into batches: each trajectory appears exactly once,
+and the same seed and epoch always give the same batches (``numpy.random.default_rng((seed, epoch))``).
+Two modes:
+
+- ``"length"``: a seeded permutation is cut into windows of ``window`` trajectories, each window is
+  packed best-fit-decreasing (longest first, each into the fullest batch it still fits), and the
+  window's batches are shuffled. Tightest fill; but when sources differ in length (expert episodes are
+  short, random ones long) a batch tends to hold one source only.
+- ``"mixed"`` (the trainer's default): the trajectories are interleaved by source, each source
+  spread evenly over the epoch (the k-th of a source's n trajectories, in shuffled order, sits at
+  ``(k + u) / n`` with ``u ~ U(0, 1)``), and batches are cut from that stream in order, taking from
+  the next ``lookahead`` trajectories the first that still fits. So every batch holds the sources
+  roughly in proportion to the data.
+
+``rows > 1`` (mixed mode) lays a batch out as ``rows`` rows of ``token_budget // rows`` tokens, each
+trajectory inside one row and every row padded to its length: the model runs on ``[rows, L]`` with a
+``[rows, 1, L, L]`` mask instead of one ``[1, T]`` row with a ``[T, T]`` mask (``rows`` times less
+attention work and memory on CPU). The flattened tensors keep the single-row layout of the fused loss.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from boost.data.attention import block_causal_mask, has_native_packed_sequences
+from boost.data.attention import block_causal_mask, has_native_packed_sequences, row_block_causal_mask
 from boost.data.tokenize import IGNORE_INDEX, TokenizedTrajectory
 
 log = logging.getLogger(__name__)
@@ -36,6 +49,9 @@ class PackingConfig:
         pad_to_budget: pad every batch to exactly ``token_budget`` tokens (static shapes); the
             padding is one extra sequence in ``cu_seqlens`` whose tokens never count.
         pad_token_id: the id written into padding.
+        mode: ``"length"`` or ``"mixed"`` (see the module docstring).
+        rows: rows per batch (``"mixed"`` only); each row holds ``token_budget // rows`` tokens.
+        lookahead: ``"mixed"``: how far ahead in the stream a trajectory that fits is looked for.
     """
 
     token_budget: int = 16384
@@ -43,12 +59,28 @@ class PackingConfig:
     window: int = 4096
     pad_to_budget: bool = False
     pad_token_id: int = 0
+    mode: Literal["length", "mixed"] = "length"
+    rows: int = 1
+    lookahead: int = 64
 
     def __post_init__(self) -> None:
         if self.token_budget < 2:
             raise ValueError(f"token_budget must be at least 2, got {self.token_budget}")
         if self.window < 1:
             raise ValueError(f"window must be positive, got {self.window}")
+        if self.mode not in ("length", "mixed"):
+            raise ValueError(f"mode must be 'length' or 'mixed', got {self.mode!r}")
+        if self.rows < 1 or self.token_budget // self.rows < 2:
+            raise ValueError(f"rows must be >= 1 with token_budget // rows >= 2, got rows={self.rows}")
+        if self.rows > 1 and self.mode != "mixed":
+            raise ValueError("rows > 1 needs mode='mixed' (length mode packs one row per batch)")
+        if self.lookahead < 1:
+            raise ValueError(f"lookahead must be positive, got {self.lookahead}")
+
+    @property
+    def row_length(self) -> int:
+        """Tokens per row: the longest trajectory a batch can hold."""
+        return self.token_budget // self.rows
 
 
 @dataclass
@@ -81,6 +113,8 @@ class PackedBatch:
         sources, task_ids: lists of str (task ids may be None).
 
     token_budget: the budget the batch was packed under.
+    rows: 1 (one row of T tokens) or R (R rows of T / R tokens each, every trajectory inside one row,
+        every row padded to T / R: see :meth:`model_inputs`).
     """
 
     input_ids: torch.Tensor
@@ -99,6 +133,7 @@ class PackedBatch:
     task_ids: list[str | None]
     token_budget: int
     truncated: torch.Tensor | None = None
+    rows: int = 1
 
     @property
     def num_segments(self) -> int:
@@ -129,7 +164,8 @@ class PackedBatch:
         attention: Literal["block_mask", "position_ids"] = "block_mask",
         mask_dtype: torch.dtype = torch.bool,
     ) -> dict[str, object]:
-        """Keyword arguments for a Hugging Face causal LM, batch dimension 1.
+        """Keyword arguments for a Hugging Face causal LM: ``[rows, T / rows]`` ids (batch dimension
+        ``rows``, 1 unless packed into rows); the model's ``last_hidden_state.flatten(0, 1)`` is [T, D].
 
         Args:
             attention: ``"block_mask"`` adds an explicit ``[1, 1, T, T]`` block-diagonal causal mask
@@ -139,12 +175,15 @@ class PackedBatch:
             mask_dtype: ``torch.bool`` for ``sdpa``; a float dtype (the model's) for ``eager``.
         """
         inputs: dict[str, object] = {
-            "input_ids": self.input_ids[None],
-            "position_ids": self.position_ids[None],
+            "input_ids": self.input_ids.view(self.rows, -1),
+            "position_ids": self.position_ids.view(self.rows, -1),
             "use_cache": False,
         }
         if attention == "block_mask":
-            inputs["attention_mask"] = block_causal_mask(self.cu_seqlens, dtype=mask_dtype)
+            if self.rows == 1:
+                inputs["attention_mask"] = block_causal_mask(self.cu_seqlens, dtype=mask_dtype)
+            else:
+                inputs["attention_mask"] = row_block_causal_mask(self.cu_seqlens, self.rows, dtype=mask_dtype)
         elif attention == "position_ids":
             if not has_native_packed_sequences():
                 raise RuntimeError(
@@ -165,6 +204,17 @@ class PackingStats:
     tokens: int
     counted_tokens: int
     token_budget: int
+    multi_synthetic_batches: int = 0  # batches holding trajectories of >= 2 synthetic sources
+    synthetic_trajectories: int = 0
+
+    @property
+    def multi_synthetic_share(self) -> float:
+        """Share of the batches that hold >= 2 synthetic (non-``real``) sources."""
+        return self.multi_synthetic_batches / max(1, self.num_batches)
+
+    @property
+    def synthetic_per_batch(self) -> float:
+        return self.synthetic_trajectories / max(1, self.num_batches)
 
     @property
     def fill(self) -> float:
@@ -179,8 +229,19 @@ class PackingStats:
     def summary(self) -> str:
         return (
             f"{self.num_trajectories} trajectories in {self.num_batches} batches of {self.token_budget} tokens: "
-            f"fill {self.fill:.2%}, counted {self.counted_fraction:.2%} of the budget"
+            f"fill {self.fill:.2%}, counted {self.counted_fraction:.2%} of the budget; "
+            f"{self.synthetic_per_batch:.1f} synthetic trajectories per batch, "
+            f"{self.multi_synthetic_share:.0%} of batches hold >= 2 synthetic sources"
         )
+
+    def as_dict(self) -> dict[str, float]:
+        return {
+            "batches": self.num_batches,
+            "trajectories": self.num_trajectories,
+            "fill": round(self.fill, 4),
+            "synthetic_per_batch": round(self.synthetic_per_batch, 3),
+            "multi_synthetic_share": round(self.multi_synthetic_share, 4),
+        }
 
 
 def _best_fit_decreasing(items: np.ndarray, lengths: np.ndarray, budget: int) -> list[list[int]]:
@@ -201,6 +262,61 @@ def _best_fit_decreasing(items: np.ndarray, lengths: np.ndarray, budget: int) ->
     return bins
 
 
+def _place(free: list[int], need: int) -> int | None:
+    """Best-fit row for ``need`` tokens (the fullest row it fits, the first such), or None."""
+    best = None
+    for r, room in enumerate(free):
+        if room >= need and (best is None or room < free[best]):
+            best = r
+    return best
+
+
+def assign_rows(lengths: Sequence[int], rows: int, row_length: int) -> list[int]:
+    """Row of each item, placed in order by :func:`_place`; raises if one does not fit."""
+    free = [row_length] * rows
+    out = []
+    for need in lengths:
+        r = _place(free, int(need))
+        if r is None:
+            raise ValueError(f"{len(lengths)} trajectories do not fit {rows} rows of {row_length} tokens")
+        free[r] -= int(need)
+        out.append(r)
+    return out
+
+
+def interleave_by_source(sources: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+    """Positions ordered so that each source is spread evenly (see the module docstring)."""
+    keys = np.empty(len(sources))
+    by_source: dict[str, list[int]] = {}
+    for i, s in enumerate(sources):
+        by_source.setdefault(s, []).append(i)
+    for name in sorted(by_source):
+        members = rng.permutation(by_source[name])
+        keys[members] = (np.arange(len(members)) + rng.random(len(members))) / len(members)
+    return np.argsort(keys, kind="stable")
+
+
+def _mixed_batches(
+    order: np.ndarray, lengths: np.ndarray, rows: int, row_length: int, lookahead: int
+) -> list[list[int]]:
+    """Cut ``order`` into batches: each takes, from the next ``lookahead`` items, the first that fits."""
+    pending = order.tolist()
+    batches: list[list[int]] = []
+    while pending:
+        free, batch = [row_length] * rows, []
+        at = 0
+        while at < min(lookahead, len(pending)):
+            item = pending[at]
+            r = _place(free, int(lengths[item]))
+            if r is None:
+                at += 1
+                continue
+            free[r] -= int(lengths[item])
+            batch.append(pending.pop(at))
+        batches.append(batch)
+    return batches
+
+
 class TrajectoryPacker:
     """Plans and builds packed batches over a fixed list of tokenised trajectories.
 
@@ -215,36 +331,51 @@ class TrajectoryPacker:
         self.config = config or PackingConfig()
         self.lengths = np.array([t.length for t in trajectories], dtype=np.int64)
         self.counted = np.array([t.num_counted for t in trajectories], dtype=np.int64)
-        too_long = np.flatnonzero(self.lengths > self.config.token_budget)
+        self.sources = [t.source for t in trajectories]
+        self.epoch_stats: dict[int, PackingStats] = {}  # filled by plan(): what each epoch's batches hold
+        limit = self.config.row_length
+        too_long = np.flatnonzero(self.lengths > limit)
         if len(too_long):
             first = int(too_long[0])
+            what = (
+                f"token_budget={limit}"
+                if self.config.rows == 1
+                else f"the row length {limit} (budget / rows)"
+            )
             raise ValueError(
-                f"{len(too_long)} trajectories are longer than token_budget={self.config.token_budget} "
+                f"{len(too_long)} trajectories are longer than {what} "
                 f"(first: position {first}, {self.lengths[first]} tokens); tokenise with "
-                f"TokenizeConfig(max_length <= {self.config.token_budget}) or raise the budget"
+                f"TokenizeConfig(max_length <= {limit}) or raise the budget"
             )
 
     def plan(self, epoch: int) -> list[list[int]]:
         """The batches of ``epoch`` as lists of positions into ``trajectories``; a partition of all."""
-        rng = np.random.default_rng((self.config.seed, epoch))
-        order = rng.permutation(len(self.trajectories))
-        plan: list[list[int]] = []
-        for start in range(0, len(order), self.config.window):
-            bins = _best_fit_decreasing(
-                order[start : start + self.config.window], self.lengths, self.config.token_budget
-            )
-            plan += [bins[i] for i in rng.permutation(len(bins))]
-        log.info("epoch %d: %s", epoch, self.stats(plan).summary())
+        cfg = self.config
+        rng = np.random.default_rng((cfg.seed, epoch))
+        if cfg.mode == "mixed":
+            order = interleave_by_source(self.sources, rng)
+            plan = _mixed_batches(order, self.lengths, cfg.rows, cfg.row_length, cfg.lookahead)
+        else:
+            order = rng.permutation(len(self.trajectories))
+            plan = []
+            for start in range(0, len(order), cfg.window):
+                bins = _best_fit_decreasing(order[start : start + cfg.window], self.lengths, cfg.token_budget)
+                plan += [bins[i] for i in rng.permutation(len(bins))]
+        stats = self.epoch_stats[epoch] = self.stats(plan)
+        log.info("epoch %d: %s", epoch, stats.summary())
         return plan
 
     def stats(self, plan: Sequence[Sequence[int]]) -> PackingStats:
         positions = [p for batch in plan for p in batch]
+        synthetic = [{self.sources[p] for p in batch} - {"real"} for batch in plan]
         return PackingStats(
             num_batches=len(plan),
             num_trajectories=len(positions),
             tokens=int(self.lengths[positions].sum()) if positions else 0,
             counted_tokens=int(self.counted[positions].sum()) if positions else 0,
             token_budget=self.config.token_budget,
+            multi_synthetic_batches=sum(len(s) >= 2 for s in synthetic),
+            synthetic_trajectories=sum(self.sources[p] != "real" for p in positions),
         )
 
     def batches(self, epoch: int) -> Iterator[PackedBatch]:
@@ -253,14 +384,36 @@ class TrajectoryPacker:
             yield self.collate(positions)
 
     def collate(self, positions: Sequence[int]) -> PackedBatch:
-        """Pack the given trajectories (in that order) into one :class:`PackedBatch`."""
-        items = [self.trajectories[p] for p in positions]
-        if not items:
+        """Pack the given trajectories (in that order) into one :class:`PackedBatch`.
+
+        With ``rows > 1`` the trajectories are placed in rows by :func:`assign_rows` (the placement the
+        plan made) and come out row by row (segment ids follow that order).
+        """
+        if not positions:
             raise ValueError("cannot pack an empty batch")
+        if self.config.rows > 1:
+            return self._collate_rows(positions)
+        return self._collate_row([self.trajectories[p] for p in positions], pad_to=self.config.token_budget
+                                 if self.config.pad_to_budget else None)  # fmt: skip
+
+    def _collate_rows(self, positions: Sequence[int]) -> PackedBatch:
+        cfg = self.config
+        placed = assign_rows([self.lengths[p] for p in positions], cfg.rows, cfg.row_length)
+        rows = [
+            self._collate_row([self.trajectories[p] for p, r in zip(positions, placed) if r == row], cfg.row_length)
+            for row in range(cfg.rows)
+        ]  # fmt: skip
+        return _concat_rows(rows, cfg.row_length, cfg.pad_token_id)
+
+    def _collate_row(self, items: list[TokenizedTrajectory], pad_to: int | None) -> PackedBatch | None:
+        """One row of ``items`` (None for no items), padded to ``pad_to`` tokens when given."""
+        if not items:
+            return None
         lengths = np.array([t.length for t in items], dtype=np.int64)
         total = int(lengths.sum())
-        if total > self.config.token_budget:
-            raise ValueError(f"{total} tokens do not fit the budget of {self.config.token_budget}")
+        limit = self.config.token_budget if pad_to is None else pad_to
+        if total > limit:
+            raise ValueError(f"{total} tokens do not fit the budget of {limit}")
         starts = np.concatenate([[0], np.cumsum(lengths)])
         ids = np.concatenate([t.input_ids for t in items]).astype(np.int64)
         agent = np.concatenate([t.agent_mask for t in items])
@@ -273,7 +426,7 @@ class TrajectoryPacker:
         segment_ids = np.where(labelled, np.repeat(np.arange(len(items)), lengths), -1)
         positions_in_seq = np.arange(total) - np.repeat(starts[:-1], lengths)
         cu_seqlens = starts
-        pad = self.config.token_budget - total if self.config.pad_to_budget else 0
+        pad = pad_to - total if pad_to is not None else 0
         if pad:
             ids = np.concatenate([ids, np.full(pad, self.config.pad_token_id, dtype=np.int64)])
             labels = np.concatenate([labels, np.full(pad, IGNORE_INDEX, dtype=np.int64)])
@@ -299,3 +452,39 @@ class TrajectoryPacker:
             token_budget=self.config.token_budget,
             truncated=torch.tensor([t.truncated for t in items], dtype=torch.bool),
         )
+
+
+def _concat_rows(rows: list[PackedBatch | None], row_length: int, pad_token_id: int) -> PackedBatch:
+    """One batch of ``len(rows)`` rows of ``row_length`` tokens each (None: a row of padding only)."""
+    full = [r for r in rows if r is not None]
+    parts: dict[str, list[torch.Tensor]] = {
+        k: [] for k in ("input_ids", "position_ids", "labels", "segment_ids")
+    }
+    cu, offset, segments = [torch.zeros(1, dtype=torch.int32)], 0, 0
+    for row in rows:
+        if row is None:
+            parts["input_ids"].append(torch.full((row_length,), pad_token_id, dtype=torch.int64))
+            parts["position_ids"].append(torch.arange(row_length))
+            parts["labels"].append(torch.full((row_length,), IGNORE_INDEX, dtype=torch.int64))
+            parts["segment_ids"].append(torch.full((row_length,), -1, dtype=torch.int64))
+            cu.append(torch.tensor([offset + row_length], dtype=torch.int32))
+        else:
+            for key in ("input_ids", "position_ids", "labels"):
+                parts[key].append(getattr(row, key))
+            parts["segment_ids"].append(torch.where(row.segment_ids >= 0, row.segment_ids + segments, -1))
+            cu.append(row.cu_seqlens[1:] + offset)
+            segments += row.num_segments
+        offset += row_length
+    cat = torch.cat
+    return PackedBatch(
+        **{k: cat(v) for k, v in parts.items()},
+        cu_seqlens=cat(cu),
+        max_seqlen=max(r.max_seqlen for r in full),
+        **{k: cat([getattr(r, k) for r in full]) for k in (
+            "trajectory_index", "lengths", "num_counted", "rewards", "has_reward", "is_real")},
+        sources=[s for r in full for s in r.sources],
+        task_ids=[t for r in full for t in r.task_ids],
+        token_budget=row_length * len(rows),
+        truncated=None if any(r.truncated is None for r in full) else cat([r.truncated for r in full]),
+        rows=len(rows),
+    )  # fmt: skip

@@ -5,6 +5,13 @@ The agent sees a small grid with walls, its own position and the goal, and repli
 that is not one of the four moves is invalid and also wastes the turn. Reaching the goal ends the
 episode with reward ``shortest path length / turns taken`` (1.0 for optimal play); running out of
 turns ends it with reward 0. The expert walks a shortest path (breadth-first search), from any state.
+
+``GridNavConfig(compact=True)`` states the same information in fewer words, one token per grid cell
+under a whitespace tokenizer (for small models; the CPU preset's default)::
+
+    start ; # . A . . / . . . # . / ... ; A 0 2 G 3 4
+
+(the last move's outcome, the rows separated by ``/``, the agent's and the goal's row and column).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ class GridNavConfig:
     n_walls: int = 5
     min_distance: int = 3
     max_turns: int = 20
+    compact: bool = False  # short instructions and observations (see the module docstring)
 
     def __post_init__(self) -> None:
         if self.size < 3:
@@ -123,6 +131,11 @@ class GridNavEnv(Env):
 
     @property
     def instructions(self) -> str:
+        if self.config.compact:
+            return (
+                f"Grid {self.config.size}x{self.config.size} . {AGENT} you , {GOAL} goal , {WALL} wall . "
+                f"At most {self.max_turns} moves . Reply up , down , left or right ."
+            )
         return (
             f"You move an agent on a {self.config.size}x{self.config.size} grid. "
             f"'{AGENT}' is you, '{GOAL}' is the goal, '{WALL}' is a wall, '{FLOOR}' is free floor. "
@@ -139,10 +152,13 @@ class GridNavEnv(Env):
         self._optimal = self._distances[self._grid.start]
         self._turns = 0
         self._done = False
-        return self._describe("Find the goal.")
+        return self._describe("Find the goal.", "start")
 
-    def _describe(self, message: str) -> str:
+    def _describe(self, message: str, compact_message: str) -> str:
         (ar, ac), (gr, gc) = self._agent, self._grid.goal
+        if self.config.compact:
+            rows = " / ".join(" ".join(row) for row in self._grid.render(self._agent).splitlines())
+            return f"{compact_message} ; {rows} ; {AGENT} {ar} {ac} {GOAL} {gr} {gc}"
         return (
             f"{message}\n{self._grid.render(self._agent)}\n"
             f"You are at row {ar}, column {ac}. The goal is at row {gr}, column {gc}."
@@ -155,25 +171,30 @@ class GridNavEnv(Env):
         move = parse_move(action)
         if move is None:
             message = f"Invalid action {action.strip()[:40]!r}. Reply with one of: up, down, left, right."
+            short = "invalid"
         else:
             dr, dc = MOVES[move]
             target = (self._agent[0] + dr, self._agent[1] + dc)
             if self._grid.free(target):
                 self._agent = target
-                message = f"You moved {move}."
+                message, short = f"You moved {move}.", f"moved {move}"
             else:
-                message = f"You bump into a wall moving {move}."
+                message, short = f"You bump into a wall moving {move}.", f"blocked {move}"
         info = {"invalid": move is None, "turn": self._turns}
         if self._agent == self._grid.goal:
             self._done = True
             info.update(success=True, truncated=False)
             reward = self._optimal / self._turns
+            if self.config.compact:
+                return Step(f"{short} ; goal in {self._turns} moves", reward, True, info)
             return Step(f"{message} You reached the goal in {self._turns} moves.", reward, True, info)
         if self._turns >= self.max_turns:
             self._done = True
             info.update(success=False, truncated=True)
+            if self.config.compact:
+                return Step(f"{short} ; out of moves", 0.0, True, info)
             return Step(f"{message} Out of moves: the goal was not reached.", 0.0, True, info)
-        return Step(self._describe(message), 0.0, False, info)
+        return Step(self._describe(message, short), 0.0, False, info)
 
     def expert_action(self) -> str:
         r, c = self._agent

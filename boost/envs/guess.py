@@ -6,6 +6,11 @@ range is invalid and wastes the turn. Guessing right ends the episode with rewar
 ``expert turns / turns taken`` capped at 1 (1.0 for binary search, less for slower success);
 running out of turns ends it with reward 0. The expert is binary search over the numbers still
 consistent with the feedback, which needs at most ``ceil(log2(high - low + 2))`` guesses.
+
+``GuessConfig(compact=True)`` words the feedback for small models (the CPU preset's default): each
+observation states the outcome of the last guess and the range of numbers still consistent with all
+the feedback so far, e.g. ``higher 35 ; range 36 60 ; left 6``. The range is what the feedback
+implies, so the task is unchanged; the model is spared the bookkeeping over the chat history.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ class GuessConfig:
     max_width: int = 64
     max_low: int = 100
     slack: int = 2
+    compact: bool = False  # short instructions; observations state the consistent range
 
     def __post_init__(self) -> None:
         if not 2 <= self.min_width <= self.max_width:
@@ -80,6 +86,8 @@ class GuessEnv(Env):
 
     @property
     def instructions(self) -> str:
+        if self.config.compact:
+            return f"Guess the number in at most {self.max_turns} guesses . Reply with a number ."
         return (
             "I am thinking of a whole number. After each guess I say whether the number is higher or "
             f"lower than your guess. Find it in at most {self.max_turns} guesses. "
@@ -93,6 +101,8 @@ class GuessEnv(Env):
         self._expert_turns = self._binary_search_turns()
         self._turns = 0
         self._done = False
+        if self.config.compact:
+            return f"start ; range {self._low} {self._high} ; left {self.max_turns}"
         return f"The number is between {self._low} and {self._high} (inclusive). Your guess?"
 
     def _binary_search_turns(self) -> int:
@@ -111,28 +121,40 @@ class GuessEnv(Env):
         guess = parse_guess(action)
         invalid = guess is None or not self._low <= guess <= self._high
         info = {"invalid": invalid, "turn": self._turns}
+        compact = self.config.compact
         if invalid:
-            message = (
+            message = "invalid" if compact else (
                 f"Invalid guess {action.strip()[:40]!r}: reply with a whole number "
                 f"between {self._low} and {self._high}."
-            )
+            )  # fmt: skip
         elif guess == self._secret:
             self._done = True
             info.update(success=True, truncated=False)
             reward = min(1.0, self._expert_turns / self._turns)
-            return Step(
-                f"Correct! The number is {guess}. Solved in {self._turns} guesses.", reward, True, info
-            )
+            text = f"correct {guess}" if compact else (
+                f"Correct! The number is {guess}. Solved in {self._turns} guesses."
+            )  # fmt: skip
+            return Step(text, reward, True, info)
         elif guess < self._secret:
             self._lo = max(self._lo, guess + 1)
-            message = f"Higher than {guess}."
+            message = f"higher {guess}" if compact else f"Higher than {guess}."
         else:
             self._hi = min(self._hi, guess - 1)
-            message = f"Lower than {guess}."
+            message = f"lower {guess}" if compact else f"Lower than {guess}."
         if self._turns >= self.max_turns:
             self._done = True
             info.update(success=False, truncated=True)
-            return Step(f"{message} Out of guesses: the number was {self._secret}.", 0.0, True, info)
+            text = f"{message} ; out of guesses" if compact else (
+                f"{message} Out of guesses: the number was {self._secret}."
+            )  # fmt: skip
+            return Step(text, 0.0, True, info)
+        if compact:
+            return Step(
+                f"{message} ; range {self._lo} {self._hi} ; left {self.max_turns - self._turns}",
+                0.0,
+                False,
+                info,
+            )
         return Step(f"{message} Guesses left: {self.max_turns - self._turns}.", 0.0, False, info)
 
     def expert_action(self) -> str:

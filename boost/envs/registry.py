@@ -1,5 +1,8 @@
 """Named environments: the built-in games, their shifted variants, and the adapters.
 
+Each built-in game also has a ``-compact`` view (``gridnav-compact``, ...): the same rules in short
+observations for small models (the CPU preset's default; see :mod:`boost.envs.gridnav`).
+
 Every name has a *shifted* partner (other sizes or rules) used to generate task-shifted synthetic
 data: ``shifted_env_name("gridnav") == "gridnav-large"``.
 """
@@ -8,7 +11,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from boost.envs.base import Env, EnvError
@@ -30,6 +33,21 @@ def _builtin(name: str, shift: str, description: str, env_class: type, config: o
     return EnvSpec(name, lambda games_dir: env_class(name=name, config=config), shift, description)
 
 
+def _compact(spec_args: tuple[str, str, str, type, object]) -> tuple[EnvSpec, EnvSpec]:
+    """A built-in game and its ``-compact`` view (the same tasks in short observations)."""
+    name, shift, description, env_class, config = spec_args
+    return (
+        _builtin(name, shift, description, env_class, config),
+        _builtin(
+            name + COMPACT_SUFFIX,
+            shift + COMPACT_SUFFIX,
+            description + ", compact observations",
+            env_class,
+            replace(config, compact=True),
+        ),
+    )
+
+
 def _textworld(name: str, shift: str, description: str, **options: int) -> EnvSpec:
     def build(games_dir: Path | None) -> Env:
         from boost.envs.textworld_env import TextWorldConfig, TextWorldEnv
@@ -49,22 +67,28 @@ def _textarena(game_id: str) -> EnvSpec:
     return EnvSpec(name, build, TEXTARENA_PREFIX + TEXTARENA_GAMES[game_id], f"textarena's {game_id}")
 
 
+COMPACT_SUFFIX = "-compact"
+
 _SPECS = [
-    _builtin("gridnav", "gridnav-large", "5x5 grid navigation, 5 walls", GridNavEnv, GridNavConfig()),
-    _builtin(
-        "gridnav-large",
-        "gridnav",
-        "7x7 grid navigation, 12 walls",
-        GridNavEnv,
-        GridNavConfig(size=7, n_walls=12, min_distance=4, max_turns=28),
+    *_compact(("gridnav", "gridnav-large", "5x5 grid navigation, 5 walls", GridNavEnv, GridNavConfig())),
+    *_compact(
+        (
+            "gridnav-large",
+            "gridnav",
+            "7x7 grid navigation, 12 walls",
+            GridNavEnv,
+            GridNavConfig(size=7, n_walls=12, min_distance=4, max_turns=28),
+        )
     ),
-    _builtin("guess", "guess-wide", "guess a number in a range of 16-64", GuessEnv, GuessConfig()),
-    _builtin(
-        "guess-wide",
-        "guess",
-        "guess a number in a range of 100-500",
-        GuessEnv,
-        GuessConfig(min_width=100, max_width=500, max_low=1000),
+    *_compact(("guess", "guess-wide", "guess a number in a range of 16-64", GuessEnv, GuessConfig())),
+    *_compact(
+        (
+            "guess-wide",
+            "guess",
+            "guess a number in a range of 100-500",
+            GuessEnv,
+            GuessConfig(min_width=100, max_width=500, max_low=1000),
+        )
     ),
     _textworld("textworld", "textworld-large", "TextWorld: 3 rooms, 4 objects, quest length 3"),
     _textworld(
@@ -80,6 +104,18 @@ _SPECS = [
 ]
 REGISTRY: dict[str, EnvSpec] = {spec.name: spec for spec in _SPECS}
 BUILTIN_ENVS = ("gridnav", "gridnav-large", "guess", "guess-wide")
+COMPACT_ENVS = tuple(name + COMPACT_SUFFIX for name in BUILTIN_ENVS)
+
+
+def compact_env_name(name: str) -> str:
+    """The ``-compact`` view of a built-in environment (``name`` itself if it is one already)."""
+    if name in COMPACT_ENVS:
+        return name
+    if name not in BUILTIN_ENVS:
+        raise EnvError(
+            f"environment {name!r} has no compact view; compact observations exist for {', '.join(BUILTIN_ENVS)}"
+        )
+    return name + COMPACT_SUFFIX
 
 
 def env_names() -> list[str]:

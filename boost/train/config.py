@@ -23,6 +23,10 @@ class DataConfig:
     # its environment) are left out of training and counted; true keeps them, with a warning: the
     # outer objective and the test loss then measure tasks the model has trained on.
     keep_held_out_synthetic: bool = False
+    # "mixed": every batch holds the sources roughly in proportion to the data (boost.data.packing);
+    # "length": tightest packing, but batches then tend to hold one source each.
+    packing: str = "mixed"
+    rows: int = 1  # > 1: each batch is `rows` padded rows of token_budget / rows tokens (cheaper attention)
 
     def __post_init__(self):
         if self.format not in ("auto", "jsonl", "json", "parquet"):
@@ -32,16 +36,44 @@ class DataConfig:
                 f"data.validation must be in (0, 1), data.test in [0, 1) and their sum < 1; "
                 f"got {self.validation} and {self.test}"
             )
-        if self.max_length > self.token_budget:
+        if self.packing not in ("mixed", "length"):
+            raise ValueError(f"data.packing must be 'mixed' or 'length', got {self.packing!r}")
+        if self.rows < 1 or (self.rows > 1 and self.packing != "mixed"):
+            raise ValueError(f"data.rows must be >= 1, and 1 unless data.packing=mixed; got {self.rows}")
+        if self.max_length > self.token_budget // self.rows:
             raise ValueError(
-                f"data.max_length ({self.max_length}) must be <= data.token_budget ({self.token_budget})"
+                f"data.max_length ({self.max_length}) must be <= data.token_budget / data.rows "
+                f"({self.token_budget // self.rows})"
             )
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "smollm2"  # a local checkpoint folder (save_pretrained) or "smollm2" (packaged GGUF)
+    # a local checkpoint folder (save_pretrained), "smollm2" (packaged GGUF), or "cpu": the CPU preset,
+    # a small Llama and a word-level tokenizer built in-process from the training data (boost/train/preset.py)
+    name: str = "smollm2"
     attention: str = "block_mask"  # "block_mask" (any attention kernel) or "position_ids"
+    hidden_size: int = 128  # the CPU preset's width, depth and heads (other models ignore them)
+    layers: int = 4
+    heads: int = 4
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Task success on the environment's held-out test tasks (boost/train/evaluation.py)."""
+
+    env: str | None = None  # None: the environment named by the real trajectories' task ids
+    episodes: int = 100  # test tasks played after training (0: no rollouts; slow for SmolLM2 on a CPU)
+    every: int = 0  # also every this many steps (0: only after training)
+    max_new_tokens: int = 8
+    batch_size: int = 50
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.episodes < 0 or self.every < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
+            raise ValueError(
+                "eval.episodes and eval.every must be >= 0, eval.max_new_tokens and batch_size >= 1"
+            )
 
 
 @dataclass(frozen=True)
@@ -57,6 +89,33 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
+class WeightingConfig:
+    """Which weighting the trainer uses: BOOST or a baseline (boost/train/baselines.py)."""
+
+    # boost, uniform, real_only, return_filter, loss_filter, per_source, mwn, oracle (analysis only)
+    method: str = "boost"
+    return_threshold: float | None = None  # return_filter: keep synthetic with return >= this ...
+    top_fraction: float = 0.5  # ... or, without a threshold, this top share by return
+    loss_drop: float = 0.2  # loss_filter: share of each batch's synthetic trajectories dropped (highest loss)
+    oracle_threshold: float = 0.9  # oracle: keep synthetic with ground-truth quality >= this
+    awr_beta: float = 0.0  # > 0: AWR, weights times min(exp(beta * (R - mean R)), awr_max)
+    awr_max: float = 20.0
+    outer_start: int = 0  # no outer step before this inner step (behaviour-cloning warm-up)
+    # keep the head's synthetic mass at head.init_mass (the mass acts like a step-size multiplier)
+    freeze_mass: bool = False
+
+    def __post_init__(self):
+        from boost.train.baselines import METHODS
+
+        if self.method not in METHODS:
+            raise ValueError(f"weighting.method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if not (0 < self.top_fraction <= 1 and 0 <= self.loss_drop < 1):
+            raise ValueError("weighting.top_fraction must be in (0, 1] and weighting.loss_drop in [0, 1)")
+        if self.awr_beta < 0 or self.awr_max <= 0 or self.outer_start < 0:
+            raise ValueError("weighting.awr_beta and outer_start must be >= 0, awr_max > 0")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -65,7 +124,9 @@ class TrainConfig:
     # identity: the inner AdamW step's own response (lr·P, clipping included): no solver.alpha
     solver: SolverConfig = field(default_factory=lambda: SolverConfig("cg", steps=5, damping=1e-3))
     head: HeadConfig = field(default_factory=HeadConfig)
-    reweight: bool = True  # False: every trajectory has weight 1 (the uniform baseline)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    reweight: bool = True  # False: every trajectory has weight 1 (shorthand for weighting.method=uniform)
     # The parameters the hypergradient is taken over: "head" (the LM head, exact fused HVP/JVP on
     # the inner step's hidden states) or "trainable" (every trained parameter, central finite
     # differences of plain forward/backward passes: no double backward, any attention kernel). The
@@ -83,14 +144,23 @@ class TrainConfig:
     max_bad_steps: int = 5
     out_dir: str = "runs/boost"
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    # > 0: torch.set_num_threads(threads) for the run. On a CPU shared with other jobs, 1 thread can be
+    # many times faster than 2 (benchmarks/RESULTS.md, "CPU preset"); 0 keeps torch's default.
+    threads: int = 0
     seed: int = 0
 
     def __post_init__(self):
         for name in ("steps", "outer_every", "log_every", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        if not self.reweight and self.weighting.method not in ("boost", "uniform"):
+            raise ValueError(
+                f"reweight=false means weighting.method=uniform; drop it to run {self.weighting.method!r}"
+            )
         if self.block not in ("head", "trainable"):
             raise ValueError(f"block must be 'head' or 'trainable', got {self.block!r}")
         if self.solver.method == "identity" and self.solver.alpha is not None:

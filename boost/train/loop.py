@@ -40,6 +40,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -52,12 +53,22 @@ from boost.config import to_dict
 from boost.data import PackedBatch, PackingConfig, TokenizeConfig, TrajectoryPacker, tokenize_trajectories
 from boost.hypergradient import HeadBatch, head_hypergradient
 from boost.hypergradient_trainable import trainable_hypergradient
-from boost.reweighting import ReweightingHead, outer_objective, trajectory_features, weight_summary
-from boost.rollout import load_model
+from boost.reweighting import outer_objective, trajectory_features, weight_summary
 from boost.step_response import ClipRecord, optimizer_response
+from boost.train.baselines import (
+    LEARNED,
+    awr_factors,
+    fixed_weights,
+    make_head,
+    mean_return,
+    select_synthetic,
+    weight_analysis,
+)
 from boost.train.checkpoint import CHECKPOINT, MetricsLog, RunDirError, config_differences, prepare_out_dir
 from boost.train.config import DataConfig, TrainConfig
+from boost.train.evaluation import append_eval, evaluate_trainer, save_pretrained_atomic
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
+from boost.train.preset import load_trainer_model
 from boost.train.selection import DataError, Selection, select_trajectories
 
 log = logging.getLogger(__name__)
@@ -70,22 +81,31 @@ class TrainData:
     test: TrajectoryPacker | None  # held-out real tasks for the final numbers
     sources: list[str]  # source names of the training data, sorted ("real" included)
     summary: list[str]  # what was read, split, tokenised and dropped
+    train_trajectories: list | None = None  # the records behind `train` (its `index` points here)
 
 
-def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None) -> TrainData:
+def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None, select=None) -> TrainData:
     """Read, split real data by task, tokenise and pack; every drop is counted in ``summary``.
 
     ``selection``: the trajectories already read and split (:func:`select_trajectories`), if any.
+    ``select(synthetic) -> (kept, note)``: which synthetic trajectories to train on (a baseline's filter).
     """
     selection = selection or select_trajectories(cfg)
     summary = list(selection.summary)
+    train = selection.train
+    if select is not None:
+        real = [t for t in train if t.source == "real"]
+        synthetic, note = select([t for t in train if t.source != "real"])
+        train = real + synthetic
+        summary.append(note)
     tok_cfg = TokenizeConfig(max_length=cfg.max_length)
     pack_cfg = PackingConfig(
-        token_budget=cfg.token_budget, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id or 0
-    )
+        token_budget=cfg.token_budget, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id or 0,
+        mode=cfg.packing, rows=cfg.rows,
+    )  # fmt: skip
     packers = {}
     for name, items in (
-        ("train", selection.train),
+        ("train", train),
         ("validation", selection.validation),
         ("test", selection.test),
     ):
@@ -99,8 +119,8 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None)
                 f"{cfg.path}: no {name} trajectory survived tokenisation; see: {tok_report.summary()}"
             )
         packers[name] = TrajectoryPacker(tokenized, pack_cfg)
-    sources = sorted({t.source for t in selection.train})
-    return TrainData(packers["train"], packers["validation"], packers["test"], sources, summary)
+    sources = sorted({t.source for t in train})
+    return TrainData(packers["train"], packers["validation"], packers["test"], sources, summary, train)
 
 
 def _cycle(packer: TrajectoryPacker, skip: int = 0) -> Iterator[PackedBatch]:
@@ -141,30 +161,40 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         self.cfg, self.progress = cfg, progress
         torch.manual_seed(cfg.seed)
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         self.device = torch.device(device)
         self.out = Path(cfg.out_dir)
         selection = select_trajectories(cfg.data)  # bad data fails here, before the model loads
         self.out.mkdir(parents=True, exist_ok=True)
-        self.model, self.tokenizer = load_model(cfg.model.name, device=device)
+        self.model, self.tokenizer = load_trainer_model(cfg.model, cfg.data.path, self.out, cfg.seed, device)
         self.model.train()
         self.trunk = self.model.get_decoder()
         self.lm_head = self.model.get_output_embeddings()
         impl = getattr(self.model.config, "_attn_implementation", "sdpa")
         self.mask_dtype = self.model.dtype if impl == "eager" else torch.bool
-        self.data = prepare_data(cfg.data, self.tokenizer, selection)
+        self.method = "uniform" if not cfg.reweight else cfg.weighting.method
+        self.data = prepare_data(
+            cfg.data, self.tokenizer, selection, partial(select_synthetic, cfg=cfg.weighting)
+        )
+        self.awr_baseline = mean_return(self.data.train_trajectories)
         if cfg.head.num_sources and cfg.head.num_sources < len(self.data.sources):
             raise ValueError(
                 f"head.num_sources={cfg.head.num_sources} but the training data has {len(self.data.sources)} "
                 f"sources ({', '.join(self.data.sources)}); set head.num_sources >= {len(self.data.sources)} or 0"
             )
-        self.head = ReweightingHead(self.model.config.hidden_size, cfg.head).to(self.device)
+        self.head = make_head(self.method, self.model.config.hidden_size, cfg.head).to(self.device)
         self.opt = torch.optim.AdamW(
             [p for p in self.model.parameters() if p.requires_grad],
             lr=cfg.optim.lr,
             weight_decay=cfg.optim.weight_decay,
         )
-        self.head_opt = torch.optim.Adam(self.head.parameters(), lr=cfg.optim.head_lr)
+        if cfg.weighting.freeze_mass and hasattr(self.head, "log_mass"):
+            self.head.log_mass.requires_grad_(False)
+        self.head_opt = torch.optim.Adam(
+            [p for p in self.head.parameters() if p.requires_grad], lr=cfg.optim.head_lr
+        )
         self.step = 0
         self.last_v = None  # the previous outer step's v: warm start of Neumann / CG (checkpointed)
 
@@ -172,7 +202,7 @@ class Trainer:
     def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
         """[T, D] last hidden states of a packed batch (with grad when grad mode is on)."""
         inputs = batch.model_inputs(self.cfg.model.attention, self.mask_dtype)
-        return self.trunk(**inputs).last_hidden_state[0]
+        return self.trunk(**inputs).last_hidden_state.flatten(0, 1)  # [rows, T / rows, D] -> [T, D]
 
     def _bias(self):
         return getattr(self.lm_head, "bias", None)
@@ -193,7 +223,8 @@ class Trainer:
         # per_trajectory, not through the op's own weighted total.
         out = self.losses(hidden, batch, precompute_grad=False)
         synthetic = ~batch.is_real
-        if cfg.reweight:
+        features = None
+        if self.method in LEARNED:
             features = trajectory_features(
                 hidden.detach(), batch.segment_ids, batch.segment_ids >= 0, out.per_trajectory.detach(),
                 out.num_tokens, synthetic, source=self._source_index(batch) if cfg.head.num_sources else None,
@@ -201,7 +232,11 @@ class Trainer:
             )  # fmt: skip
             w = self.head(features)
         else:
-            w = torch.ones(batch.num_segments, device=self.device)
+            w = fixed_weights(self.method, out.per_trajectory.detach(), synthetic, cfg.weighting.loss_drop)
+        if cfg.weighting.awr_beta:
+            w = w * awr_factors(
+                batch.rewards, cfg.weighting.awr_beta, self.awr_baseline, cfg.weighting.awr_max
+            )
         loss = (w.detach() * out.per_trajectory).sum() / batch.num_segments
         self.opt.zero_grad(set_to_none=True)
         clip = pre_step = None
@@ -219,7 +254,7 @@ class Trainer:
                 # θ_t for the outer step: the hidden states above were computed with it (the
                 # look-ahead linearises there), so keep the head / the trained parameters it had
                 # before the step
-                if cfg.reweight and (self.step + 1) % cfg.outer_every == 0:
+                if self.takes_outer_step(self.step + 1):
                     kept = [self.lm_head.weight] if cfg.block == "head" else params
                     pre_step = [p.detach().clone() for p in kept]
                 self.opt.step()
@@ -232,7 +267,7 @@ class Trainer:
             **({"skipped": bad} if bad else {}),
         }
         state = {"hidden": hidden.detach(), "w": w, "synthetic": synthetic, "clip": clip, "pre_step": pre_step,
-                 "pooled": features.pooled if cfg.reweight else None}  # fmt: skip
+                 "pooled": None if features is None else features.pooled}  # fmt: skip
         return record, state
 
     def _trained(self) -> list[torch.nn.Parameter]:
@@ -385,6 +420,12 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ the loop
+    def takes_outer_step(self, step: int | None = None) -> bool:
+        """After inner step ``step`` (default: the current one): a head to train, the outer period, and
+        past the warm-up."""
+        cfg, step = self.cfg, self.step if step is None else step
+        return self.method in LEARNED and step % cfg.outer_every == 0 and step > cfg.weighting.outer_start
+
     def _elapsed(self, started: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -407,10 +448,12 @@ class Trainer:
         for line in self.data.summary:
             log.info(line)
         batches = _cycle(self.data.train, skip=self.step)
-        val_batches = _cycle(self.data.validation, skip=self.step // cfg.outer_every)
+        val_batches = _cycle(  # one validation batch per outer step taken so far
+            self.data.validation, skip=sum(self.takes_outer_step(s) for s in range(1, self.step + 1))
+        )
         guard, saved = BadStepCounter(cfg.max_bad_steps, start=self.step), self.step
         with MetricsLog(self.out, resume_step=self.step) as metrics:
-            bar = tqdm(total=cfg.steps, initial=self.step, desc="boost" if cfg.reweight else "uniform",
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=self.method,
                        disable=not self.progress)  # fmt: skip
             while self.step < cfg.steps:
                 batch = next(batches).to(self.device)
@@ -418,7 +461,7 @@ class Trainer:
                 record, state = self.inner_step(batch)
                 record["inner_seconds"] = self._elapsed(started)
                 self.step += 1
-                if cfg.reweight and self.step % cfg.outer_every == 0:
+                if self.takes_outer_step():
                     val = next(val_batches).to(self.device)  # drawn even when skipped: resume stays exact
                     if "skipped" not in record:  # the head weights may be NaN: no outer step on them
                         started = time.perf_counter()
@@ -428,6 +471,8 @@ class Trainer:
                 if bad or self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     metrics.write({"step": self.step, **record})
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "n_eff", "mass") if k in record})
+                if cfg.eval.every and self.step % cfg.eval.every == 0:
+                    append_eval(self.out, self.step, json_safe(evaluate_trainer(self)))
                 kept = (
                     f"the checkpoint {self.out / CHECKPOINT} of step {saved} is intact (--resume continues from it)"
                     if saved
@@ -440,7 +485,9 @@ class Trainer:
                 bar.update(1)
             bar.close()
         self.save_checkpoint()
-        final = {"step": self.step, "validation_loss": self.evaluate(self.data.validation),
-                 "test_loss": self.evaluate(self.data.test)}  # fmt: skip
+        save_pretrained_atomic(self.model, self.tokenizer, self.out / "model")  # for boost.evaluate
+        final = {"step": self.step, "method": self.method, "validation_loss": self.evaluate(self.data.validation),
+                 **evaluate_trainer(self), **weight_analysis(self),
+                 "packing": {str(e): s.as_dict() for e, s in self.data.train.epoch_stats.items()}}  # fmt: skip
         write_json_atomic(self.out / "final.json", json_safe(final))
         return final

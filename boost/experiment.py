@@ -1,0 +1,331 @@
+"""A grid of arms x seeds of the trainer, with per-arm learning rates tuned on validation only.
+
+    python -m boost.experiment --config configs/experiment_gridnav.yaml [--quick] [--out DIR]
+
+The experiment file (YAML)::
+
+    train_config: configs/cpu_preset.yaml        # the TrainConfig every arm starts from
+    env: gridnav-compact                         # data: generated once into OUT/data.jsonl
+    sources: real:400,eps0.1:400,random:400      # NAME:COUNT (python -m boost.data.generate)
+    data_seed: 0
+    seeds: [0, 1, 2]                             # training seeds (model init, batch order)
+    steps: 300                                   # inner steps per run
+    episodes: 100                                # test tasks played per run (task success)
+    lr_grid: [0.0005, 0.001, 0.002]              # tuned per arm on validation loss, seed tune_seed
+    tune_steps: 150
+    tune_seed: 100
+    arms:                                        # name: [key=value overrides of the TrainConfig]
+      uniform: [weighting.method=uniform]
+      boost: [weighting.method=boost]
+    quick: {seeds: [0, 1, 2], steps: 100, lr_grid: [0.001], arms: [uniform, boost]}
+
+``--quick`` replaces the keys under ``quick`` (``arms`` there lists a subset by name). Every run writes
+its own folder ``OUT/<arm>/seed<k>`` (tuning: ``OUT/<arm>/tune-lr<lr>``); a run whose ``final.json``
+exists is skipped, so an interrupted grid resumes where it stopped. The learning rate of an arm is
+the grid value with the lowest *validation* loss (held-out real tasks; test tasks are never used to
+choose anything). Writes ``OUT/results.json``, ``OUT/results.md`` and plots (``success.png``,
+``weights_over_steps.png``, ``weight_vs_quality.png``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from boost.atomic import write_json_atomic, write_text_atomic
+from boost.config import load_config
+from boost.data.format import write_jsonl
+from boost.envs.generators import GeneratorConfig, generate, parse_sources
+from boost.stats import mean_std
+from boost.train.baselines import relative_source_means
+from boost.train.config import TrainConfig
+from boost.train.loop import Trainer
+
+log = logging.getLogger(__name__)
+
+REQUIRED = ("train_config", "env", "sources", "seeds", "steps", "arms")
+DEFAULTS = {"data_seed": 0, "episodes": 100, "lr_grid": [], "tune_steps": 150, "tune_seed": 100, "quick": {}}
+METRICS = (
+    ("success_rate", "success"),
+    ("mean_return", "return"),
+    ("invalid_per_turn", "invalid/turn"),
+    ("test_loss", "held-out loss"),
+    ("test_agent_token_accuracy", "agent-token acc"),
+    ("spearman_quality", "Spearman(w, quality)"),
+    ("n_eff_pool", "n_eff"),
+    ("wall_seconds", "wall s"),
+)
+
+
+class ExperimentError(ValueError):
+    """A bad experiment file; the message names the file and the key."""
+
+
+def load_spec(path: str | Path, quick: bool = False) -> dict[str, Any]:
+    """The experiment file as a dict, checked, with defaults and (``quick``) the quick overrides applied."""
+    path = Path(path)
+    try:
+        spec = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExperimentError(f"{path}: no such experiment file") from None
+    if not isinstance(spec, dict):
+        raise ExperimentError(f"{path}: the top level must be a mapping")
+    unknown = sorted(set(spec) - set(REQUIRED) - set(DEFAULTS))
+    if unknown:
+        raise ExperimentError(
+            f"{path}: unknown key {unknown[0]!r}; known: {', '.join((*REQUIRED, *DEFAULTS))}"
+        )
+    missing = [k for k in REQUIRED if k not in spec]
+    if missing:
+        raise ExperimentError(f"{path}: missing key {missing[0]!r}")
+    spec = {**DEFAULTS, **spec}
+    if quick:
+        q = dict(spec["quick"] or {})
+        names = q.pop("arms", None)
+        bad = sorted(set(q) - set(REQUIRED) - set(DEFAULTS))
+        if bad:
+            raise ExperimentError(f"{path}: quick: unknown key {bad[0]!r}")
+        spec.update(q)
+        if names is not None:
+            absent = [n for n in names if n not in spec["arms"]]
+            if absent:
+                raise ExperimentError(f"{path}: quick.arms names {absent[0]!r}, which is not an arm")
+            spec["arms"] = {n: spec["arms"][n] for n in names}
+    if not isinstance(spec["arms"], dict) or not spec["arms"]:
+        raise ExperimentError(f"{path}: arms must be a mapping name -> list of key=value overrides")
+    for name, overrides in spec["arms"].items():
+        if not isinstance(overrides, list) or not all(isinstance(o, str) and "=" in o for o in overrides):
+            raise ExperimentError(f"{path}: arms.{name} must be a list of key=value strings")
+    if not spec["seeds"] or not all(isinstance(s, int) for s in spec["seeds"]):
+        raise ExperimentError(f"{path}: seeds must be a non-empty list of integers")
+    parse_sources(spec["sources"])  # a clear error for a bad source list
+    return spec
+
+
+def ensure_data(spec: dict[str, Any], out: Path) -> Path:
+    """Generate the experiment's data once into ``out/data.jsonl`` (kept for resumes)."""
+    path = out / "data.jsonl"
+    if not path.exists():
+        config = GeneratorConfig(
+            env=spec["env"], sources=parse_sources(spec["sources"]), seed=spec["data_seed"]
+        )
+        write_jsonl(path, generate(config, progress=False))
+    return path
+
+
+def run_one(spec: dict[str, Any], overrides: list[str], folder: Path, steps: int, seed: int, lr: float | None,
+            data: Path, episodes: int) -> dict[str, Any]:  # fmt: skip
+    """Train one run into ``folder`` (skipped when its ``final.json`` exists); its final metrics."""
+    final_path = folder / "final.json"
+    if final_path.exists():
+        return json.loads(final_path.read_text(encoding="utf-8"))
+    settings = [f"data.path={data}", f"out_dir={folder}", f"steps={steps}", f"seed={seed}",
+                f"eval.episodes={episodes}", "checkpoint_every=0", *overrides]  # fmt: skip
+    if lr is not None:
+        settings.append(f"optim.lr={lr}")
+    cfg = load_config(TrainConfig, spec["train_config"], settings)
+    started = time.perf_counter()
+    trainer = Trainer(cfg, progress=False)
+    final = trainer.train()
+    final["wall_seconds"] = round(time.perf_counter() - started, 1)
+    final["lr"] = cfg.optim.lr
+    write_json_atomic(final_path, final)
+    return final
+
+
+def tune_lr(spec, name, overrides, out, data) -> tuple[float | None, dict[str, float]]:
+    """The arm's learning rate with the lowest validation loss over ``lr_grid`` (None: no grid)."""
+    grid = spec["lr_grid"]
+    if len(grid) < 2:
+        return (grid[0] if grid else None), {}
+    scores = {}
+    for lr in grid:
+        final = run_one(spec, overrides, out / name / f"tune-lr{lr}", spec["tune_steps"], spec["tune_seed"], lr,
+                        data, episodes=0)  # fmt: skip
+        scores[str(lr)] = final["validation_loss"]
+    best = min(grid, key=lambda lr: scores[str(lr)])
+    return best, scores
+
+
+def aggregate(runs: dict[str, dict[int, dict]], reference: str | None, out: Path) -> dict[str, Any]:
+    """Mean ± std over seeds per arm and metric; paired differences (arm − reference) over shared seeds."""
+    table: dict[str, Any] = {}
+    for arm, by_seed in runs.items():
+        row: dict[str, Any] = {"seeds": sorted(by_seed)}
+        for key, _ in METRICS:
+            values = [r[key] for r in by_seed.values() if isinstance(r.get(key), (int, float))]
+            row[key] = list(mean_std(values)) if values else None
+        if reference and arm != reference and reference in runs:
+            shared = sorted(set(by_seed) & set(runs[reference]))
+            diffs = [by_seed[s]["success_rate"] - runs[reference][s]["success_rate"] for s in shared]
+            row["success_minus_" + reference] = list(mean_std(diffs)) if diffs else None
+        row["mean_weight_per_source"] = _mean_dicts(
+            [_source_weights(out / arm / f"seed{seed}", r) for seed, r in by_seed.items()]
+        )
+        table[arm] = row
+    return table
+
+
+def _source_weights(folder: Path, final: dict) -> dict[str, float]:
+    """Relative mean weight per source of one run, from its ``pool_weights.jsonl`` when there is one."""
+    pool = folder / "pool_weights.jsonl"
+    if not pool.exists():
+        return final.get("mean_weight_per_source") or {}
+    rows = [json.loads(line) for line in pool.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return relative_source_means([(r["source"], r["weight"]) for r in rows])
+
+
+def _mean_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    keys = sorted({k for d in dicts for k in d})
+    return {k: sum(d[k] for d in dicts if k in d) / sum(k in d for d in dicts) for k in keys}
+
+
+def _fmt(pair, digits: int = 3) -> str:
+    if pair is None:
+        return "–"
+    m, s = pair
+    return f"{m:.{digits}f} ± {s:.{digits}f}"
+
+
+def write_markdown(spec, table, lrs, runs, reference, path: Path) -> None:
+    lines = [f"# Experiment: {spec['env']}, sources {spec['sources']}", "",
+             f"{len(spec['seeds'])} seeds ({spec['seeds']}), {spec['steps']} steps, {spec['episodes']} test tasks "
+             "per run; mean ± std over seeds. Success: greedy rollouts on the environment's test split.", ""]  # fmt: skip
+    header = ["arm", "lr", *(label for _, label in METRICS)]
+    if reference:
+        header.append(f"success − {reference} (paired)")
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for arm, row in table.items():
+        cells = [arm, str(lrs.get(arm))] + [_fmt(row[k], 1 if k == "wall_seconds" else 3) for k, _ in METRICS]
+        if reference:
+            cells.append(_fmt(row.get("success_minus_" + reference)) if arm != reference else "–")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Per-seed success (95% Wilson interval):", ""]
+    for arm, by_seed in runs.items():
+        cells = [f"seed {s}: {r['success_rate']:.2f} [{r['success_ci95'][0]:.2f}, {r['success_ci95'][1]:.2f}]"
+                 for s, r in sorted(by_seed.items()) if "success_ci95" in r]  # fmt: skip
+        lines.append(f"- {arm}: " + "; ".join(cells))
+    lines += ["", "Mean final weight per synthetic source over the whole pool, relative to the pool's mean "
+              "weight (mean over seeds):", ""]  # fmt: skip
+    for arm, row in table.items():
+        if row["mean_weight_per_source"]:
+            lines.append(
+                f"- {arm}: " + ", ".join(f"{k} {v:.3f}" for k, v in row["mean_weight_per_source"].items())
+            )
+    write_text_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_plots(table, runs, out: Path) -> list[Path]:
+    from boost.plotting import pyplot, save_png
+
+    plt = pyplot()
+    if plt is None:
+        return []
+    written = []
+    fig, ax = plt.subplots(figsize=(1.2 * len(table) + 2, 3.5))
+    for x, by_seed in enumerate(runs.values()):
+        for s, r in sorted(by_seed.items()):
+            lo, hi = r["success_ci95"]
+            ax.errorbar(x + 0.1 * (s % 5), r["success_rate"], yerr=[[r["success_rate"] - lo], [hi - r["success_rate"]]],
+                        fmt="o", color=f"C{x}", capsize=2)  # fmt: skip
+    ax.set_xticks(range(len(runs)), list(runs), rotation=30)
+    ax.set(ylabel="test success (95% CI per seed)", title="task success per arm")
+    fig.tight_layout()
+    written.append(save_png(fig, out / "success.png"))
+    # mean weight per source over steps, from the metrics of each learned arm's first seed
+    learned = [
+        (arm, min(by_seed))
+        for arm, by_seed in runs.items()
+        if (out / arm / f"seed{min(by_seed)}" / "metrics.jsonl").exists()
+    ]
+    series = {}
+    for arm, seed in learned:
+        lines = (out / arm / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
+        outer = [json.loads(x) for x in lines if '"weights"' in x]
+        if outer:
+            series[arm] = outer
+    if series:
+        fig, axes = plt.subplots(1, len(series), figsize=(5 * len(series), 3.5), squeeze=False)
+        for ax, (arm, outer) in zip(axes[0], series.items()):
+            for src in sorted({k for m in outer for k in m["weights"]}):
+                pts = [(m["step"], m["weights"][src]["mean"]) for m in outer if src in m["weights"]]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], label=src)
+            ax.set(title=f"{arm}: mean weight per source", xlabel="step")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(save_png(fig, out / "weights_over_steps.png"))
+    pools = {arm: out / arm / f"seed{min(by_seed)}" / "pool_weights.jsonl" for arm, by_seed in runs.items()}
+    pools = {a: p for a, p in pools.items() if p.exists() and a in series}
+    if pools:
+        fig, axes = plt.subplots(1, len(pools), figsize=(5 * len(pools), 3.5), squeeze=False)
+        for ax, (arm, p) in zip(axes[0], pools.items()):
+            rows = [json.loads(x) for x in p.read_text().splitlines()]
+            for k, src in enumerate(sorted({r["source"] for r in rows})):
+                pts = [r for r in rows if r["source"] == src and r["quality"] is not None]
+                ax.scatter(
+                    [r["quality"] for r in pts], [r["weight"] for r in pts], s=6, color=f"C{k}", label=src
+                )
+            ax.set(title=f"{arm}: final weight vs ground-truth quality", xlabel="quality (1 − non-expert share)",
+                   ylabel="weight")  # fmt: skip
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        written.append(save_png(fig, out / "weight_vs_quality.png"))
+    return written
+
+
+def run_experiment(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "experiment.yaml", yaml.safe_dump(spec))
+    data = ensure_data(spec, out)
+    lrs, tuning, runs = {}, {}, {}
+    total = len(spec["arms"]) * len(spec["seeds"])
+    done = 0
+    for name, overrides in spec["arms"].items():
+        lrs[name], tuning[name] = tune_lr(spec, name, overrides, out, data)
+        runs[name] = {}
+        for seed in spec["seeds"]:
+            runs[name][seed] = run_one(spec, overrides, out / name / f"seed{seed}", spec["steps"], seed, lrs[name],
+                                       data, spec["episodes"])  # fmt: skip
+            done += 1
+            r = runs[name][seed]
+            log.info("[%d/%d] %s seed %d: success %.3f, test loss %.4f, %.0f s", done, total, name, seed,
+                     r.get("success_rate", math.nan), r.get("test_loss") or math.nan, r.get("wall_seconds", 0))  # fmt: skip
+    reference = "boost" if "boost" in runs else None
+    table = aggregate(runs, reference, out)
+    results = {"spec": spec, "lr": lrs, "lr_tuning_validation_loss": tuning, "table": table,
+               "runs": {a: {str(s): r for s, r in by.items()} for a, by in runs.items()}}  # fmt: skip
+    write_json_atomic(out / "results.json", results)
+    write_markdown(spec, table, lrs, runs, reference, out / "results.md")
+    write_plots(table, runs, out)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m boost.experiment", description="Arms x seeds of the trainer."
+    )
+    parser.add_argument("--config", required=True, help="the experiment YAML file (see the module docstring)")
+    parser.add_argument("--quick", action="store_true", help="the file's quick grid")
+    parser.add_argument("--out", help="output folder (default: runs/experiment-<env>[-quick])")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        spec = load_spec(args.config, quick=args.quick)
+    except (ExperimentError, ValueError) as exc:
+        parser.error(str(exc))
+    out = Path(args.out or f"runs/experiment-{spec['env']}{'-quick' if args.quick else ''}")
+    run_experiment(spec, out)
+    print(f"results: {out / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,266 @@
+"""Baselines as configurations of the one trainer: only the per-trajectory weights differ.
+
+``weighting.method`` (``reweight=false`` is a shorthand for ``uniform``):
+
+- ``boost``: the reweighting head of :mod:`boost.reweighting`, trained by implicit hypergradients.
+- ``uniform``: weight 1 on every real and synthetic trajectory (behaviour cloning on all data).
+- ``real_only``: the synthetic trajectories are left out of the training set.
+- ``return_filter``: synthetic trajectories with return >= ``return_threshold`` are kept (or, without a
+  threshold, the ``top_fraction`` of them by return); the rest are left out. Weight 1.
+- ``loss_filter``: in each batch, the ``loss_drop`` share of synthetic trajectories with the highest
+  loss under the current model get weight 0.
+- ``per_source``: DoReMi-style, one learned weight per source (:class:`SourceHead`: the head with only
+  a source embedding), trained on validation by the same hypergradients as BOOST.
+- ``mwn``: Meta-Weight-Net, an MLP on the loss alone (:class:`LossHead`); its arm uses the one-step
+  look-ahead, ``solver.method=identity``.
+- ``oracle``: ANALYSIS ONLY, not a method: keeps the synthetic trajectories whose ground-truth quality
+  (from ``meta``, which no method may read) is >= ``oracle_threshold``.
+
+Composable with each: AWR, ``awr_beta > 0`` multiplies every weight by
+``min(exp(awr_beta · (R_i − mean R)), awr_max)`` (returns of the training pool; 1 without a return),
+and ``outer_start``: no outer step before that inner step (behaviour-cloning warm-up).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from boost.atomic import write_text_atomic
+from boost.data.format import Trajectory
+from boost.reweighting import (
+    HeadConfig,
+    ReweightingHead,
+    TrajectoryFeatures,
+    effective_sample_size,
+    trajectory_features,
+)
+from boost.stats import spearman
+
+METHODS = ("boost", "uniform", "real_only", "return_filter", "loss_filter", "per_source", "mwn", "oracle")
+LEARNED = ("boost", "per_source", "mwn")  # methods with a head and outer steps
+ANALYSIS_ONLY = ("oracle",)
+
+
+class SourceHead(ReweightingHead):
+    """Per-source weights (DoReMi-style): a learned score per source index, nothing else.
+
+    Everything but the scores (the normaliser μ, the synthetic mass, the task-shift reference) is the
+    BOOST head's, so the arms differ only in what the score sees. Needs ``cfg.num_sources > 0``.
+    """
+
+    def __init__(self, hidden_dim: int, cfg: HeadConfig):
+        if not cfg.num_sources:
+            raise ValueError("weighting.method=per_source needs head.num_sources > 0 (the number of sources)")
+        super().__init__(hidden_dim, cfg)
+        self.mlp = self.source = self.pooled_norm = None  # the score reads the source index alone
+        self.log_score = nn.Parameter(torch.zeros(cfg.num_sources))
+
+    def scores(self, f: TrajectoryFeatures) -> torch.Tensor:
+        if f.source is None:
+            raise ValueError("SourceHead needs the features' source indices")
+        return self.log_score[f.source].exp()
+
+
+class LossHead(ReweightingHead):
+    """Meta-Weight-Net: an MLP from the trajectory's loss alone to a positive score (the rest as
+    :class:`SourceHead`: the BOOST head's normaliser, mass and regularisers)."""
+
+    def __init__(self, hidden_dim: int, cfg: HeadConfig):
+        super().__init__(hidden_dim, cfg)
+        self.source = self.pooled_norm = None
+        self.mlp = nn.Sequential(nn.Linear(1, cfg.hidden_size), nn.SiLU(), nn.Linear(cfg.hidden_size, 1))
+        nn.init.zeros_(self.mlp[-1].weight)  # uniform at the start, as the BOOST head
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def scores(self, f: TrajectoryFeatures) -> torch.Tensor:
+        return nn.functional.softplus(self.mlp(f.loss[:, None]).squeeze(1)) + 1e-6
+
+
+def make_head(method: str, hidden_dim: int, cfg: HeadConfig) -> nn.Module:
+    """The head of ``method`` (the BOOST head also for methods without outer steps: it is never used)."""
+    if method == "per_source":
+        return SourceHead(hidden_dim, cfg)
+    if method == "mwn":
+        return LossHead(hidden_dim, cfg)
+    return ReweightingHead(hidden_dim, cfg)
+
+
+# ---- ground truth (analysis only) -------------------------------------------------------------------
+
+
+def ground_truth_quality(meta: dict[str, Any]) -> float | None:
+    """1 − share of non-expert actions on the target task (0 for task-shifted or random play).
+
+    From the generator's ``meta``; None where it does not say (e.g. ``lm_rollout``).
+    """
+    if meta.get("shift"):
+        return 0.0
+    generator, turns = meta.get("generator"), meta.get("turns") or 0
+    if generator == "random":
+        return 0.0
+    if generator in ("expert", "eps_expert", "corrupt") and turns:
+        bad = meta.get("n_random_actions", 0) + meta.get("n_corrupted", 0)
+        return 1.0 - bad / turns
+    if generator == "expert":
+        return 1.0
+    return None
+
+
+# ---- data-level selection -----------------------------------------------------------------------------
+
+
+def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory], str]:
+    """The synthetic trajectories ``cfg.method`` trains on, and a line saying what was left out."""
+    method = cfg.method
+    if method == "real_only":
+        kept = []
+    elif method == "return_filter":
+        returns = [t.reward for t in synthetic]
+        if any(r is None for r in returns):
+            raise ValueError(
+                f"weighting.method=return_filter: {sum(r is None for r in returns)} synthetic trajectories "
+                "have no return; filter them out of the data or use another method"
+            )
+        if cfg.return_threshold is not None:
+            threshold = cfg.return_threshold
+        else:
+            ordered = sorted(returns, reverse=True)
+            threshold = ordered[max(0, math.ceil(cfg.top_fraction * len(ordered)) - 1)] if ordered else 0.0
+        kept = [t for t in synthetic if t.reward >= threshold]
+    elif method == "oracle":
+        quality = [ground_truth_quality(t.meta) for t in synthetic]
+        if any(q is None for q in quality):
+            raise ValueError("weighting.method=oracle needs generator ground truth in every synthetic 'meta'")
+        kept = [t for t, q in zip(synthetic, quality) if q >= cfg.oracle_threshold]
+    else:
+        return synthetic, f"weighting {method}: all {len(synthetic)} synthetic trajectories kept"
+    note = " (ANALYSIS ONLY: reads ground truth)" if method in ANALYSIS_ONLY else ""
+    by_source = defaultdict(lambda: [0, 0])
+    for t in synthetic:
+        by_source[t.source][1] += 1
+    for t in kept:
+        by_source[t.source][0] += 1
+    detail = ", ".join(f"{s} {k}/{n}" for s, (k, n) in sorted(by_source.items()))
+    return (
+        kept,
+        f"weighting {method}{note}: kept {len(kept)} of {len(synthetic)} synthetic trajectories ({detail})",
+    )
+
+
+# ---- per-batch weights of the methods without a head --------------------------------------------------
+
+
+def fixed_weights(
+    method: str, per_trajectory: torch.Tensor, synthetic: torch.Tensor, loss_drop: float
+) -> torch.Tensor:
+    """[S] float32 weights of ``uniform``-like methods: 1, or 0 for the highest-loss synthetic (loss_filter)."""
+    w = torch.ones_like(per_trajectory, dtype=torch.float32)
+    if method == "loss_filter" and bool(synthetic.any()):
+        idx = torch.nonzero(synthetic).squeeze(1)
+        n_drop = int(math.floor(loss_drop * len(idx)))
+        if n_drop:
+            worst = idx[per_trajectory[idx].argsort(descending=True)[:n_drop]]
+            w[worst] = 0.0
+    return w
+
+
+def mean_return(trajectories: list[Trajectory]) -> float:
+    """Mean return over the trajectories that have one (the AWR baseline); 0 when none has."""
+    returns = [t.reward for t in trajectories if t.reward is not None]
+    return math.fsum(returns) / len(returns) if returns else 0.0
+
+
+def awr_factors(rewards: torch.Tensor, beta: float, baseline: float, clip: float) -> torch.Tensor:
+    """[S] ``min(exp(beta (R − baseline)), clip)``; 1 where the return is unknown (NaN)."""
+    known = ~torch.isnan(rewards)
+    factor = torch.exp(beta * (torch.nan_to_num(rewards) - baseline)).clamp(max=clip)
+    return torch.where(known, factor, torch.ones_like(factor))
+
+
+# ---- analysis of the final weights over the whole synthetic pool --------------------------------------
+
+
+@torch.no_grad()
+def pool_weights(trainer) -> dict[int, float]:
+    """Trajectory index (into the training packer's list) -> weight under the final model and head.
+
+    Learned heads: the unnormalised score times the mass (so weights compare across batches); other
+    methods: the weight the method gives (1 or 0).
+    """
+    cfg = trainer.cfg
+    method = trainer.method
+    out: dict[int, float] = {}
+    if method not in LEARNED and method != "loss_filter":  # weight 1 on every kept trajectory: no forward
+        return {t.index: 1.0 for t in trainer.data.train.trajectories if t.source != "real"}
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        for batch in trainer.data.train.batches(0):
+            batch = batch.to(trainer.device)
+            hidden = trainer.hidden_states(batch)
+            losses = trainer.losses(hidden, batch)
+            synthetic = ~batch.is_real
+            if method in LEARNED:
+                f = trajectory_features(
+                    hidden, batch.segment_ids, batch.segment_ids >= 0, losses.per_trajectory, losses.num_tokens,
+                    synthetic, source=trainer._source_index(batch) if cfg.head.num_sources else None,
+                    returns=torch.nan_to_num(batch.rewards) if cfg.head.use_returns else None,
+                )  # fmt: skip
+                w = trainer.head.scores(f) * trainer.head.mass
+            else:
+                w = fixed_weights(method, losses.per_trajectory, synthetic, cfg.weighting.loss_drop)
+            for i, value, syn in zip(batch.trajectory_index.tolist(), w.tolist(), synthetic.tolist()):
+                if syn:
+                    out[i] = value
+    finally:
+        trainer.model.train(was_training)
+    return out
+
+
+def relative_source_means(rows: list[tuple[str, float]]) -> dict[str, float]:
+    """Mean weight per source divided by the mean over all rows (comparable across runs and heads:
+    a learned head's scores have an arbitrary scale). ``rows``: (source, weight) per trajectory."""
+    if not rows:
+        return {}
+    overall = math.fsum(w for _, w in rows) / len(rows)
+    by_source: dict[str, list[float]] = defaultdict(list)
+    for source, w in rows:
+        by_source[source].append(w)
+    return {s: math.fsum(v) / len(v) / overall for s, v in sorted(by_source.items())} if overall else {}
+
+
+def weight_analysis(trainer) -> dict[str, Any]:
+    """Spearman(weight, ground-truth quality) and (weight, return), mean weight per source (relative
+    to the pool's mean weight), n_eff.
+
+    Over every synthetic trajectory of the training pool; ground truth from ``meta`` (analysis only).
+    Also writes ``out_dir/pool_weights.jsonl`` (source, weight, quality, return per trajectory).
+    """
+    weights = pool_weights(trainer)
+    trajectories = trainer.data.train_trajectories
+    rows = [(w, trajectories[i]) for i, w in weights.items()]
+    quality = [(w, ground_truth_quality(t.meta)) for w, t in rows]
+    quality = [(w, q) for w, q in quality if q is not None]
+    returns = [(w, t.reward) for w, t in rows if t.reward is not None]
+    all_w = torch.tensor([w for w, _ in rows], dtype=torch.float64)
+    lines = [
+        json.dumps(
+            {"source": t.source, "weight": w, "quality": ground_truth_quality(t.meta), "return": t.reward}
+        )
+        for w, t in rows
+    ]
+    write_text_atomic(Path(trainer.out) / "pool_weights.jsonl", "".join(line + "\n" for line in lines))
+    return {
+        "spearman_quality": spearman([w for w, _ in quality], [q for _, q in quality]) if quality else None,
+        "spearman_return": spearman([w for w, _ in returns], [r for _, r in returns]) if returns else None,
+        "mean_weight_per_source": relative_source_means([(t.source, w) for w, t in rows]),
+        "n_eff_pool": float(effective_sample_size(all_w)) if len(rows) else None,
+        "n_synthetic_pool": len(rows),
+    }

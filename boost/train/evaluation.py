@@ -1,0 +1,165 @@
+"""Task success, the headline metric: the trained model plays held-out test tasks of its environment.
+
+The rollouts use tasks of the environment's own ``test`` split (disjoint in content from the ``train``
+split every generator draws from, so never in the training data), greedy decoding, and report the
+success rate with a 95% Wilson interval, mean return and invalid actions per turn; next to them the
+held-out real loss and the agent-token accuracy (greedy next-token = label on counted tokens).
+
+:func:`random_policy_success` plays the same tasks with the uniformly random policy: the bar a model
+must clear before any method comparison means anything.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from boost.envs import make_env, play_episode, random_policy
+from boost.rollout import RolloutConfig, rollout, summarize_episodes
+
+_KEPT = ("episodes", "success_rate", "success_ci95", "mean_return", "mean_turns", "invalid_per_turn")
+
+
+def env_of(trajectories, override: str | None = None) -> str:
+    """The environment the real trajectories were played in (from their task ids ``<env>/<seed>``).
+
+    ``trajectories``: anything with ``source`` and ``task_id`` (:class:`Trajectory`, tokenised ones).
+    """
+    if override:
+        return override
+    names = {t.task_id.rpartition("/")[0] for t in trajectories if t.source == "real" and t.task_id}
+    if len(names) != 1:
+        raise ValueError(
+            f"cannot tell the environment to evaluate in from the real trajectories' task ids "
+            f"(found {sorted(names) or 'none'}); set eval.env=NAME"
+        )
+    return names.pop()
+
+
+def held_out_tasks(env_name: str, episodes: int, seed: int):
+    env = make_env(env_name)
+    try:
+        return env.sample_tasks("test", episodes, seed=seed)
+    finally:
+        env.close()
+
+
+def task_success(
+    model, tokenizer, env_name: str, episodes: int, seed: int = 0, **rollout_options
+) -> dict[str, Any]:
+    """Greedy rollouts of ``model`` on ``episodes`` test tasks: the metrics of :func:`summarize_episodes`."""
+    was_training = model.training
+    model.eval()
+    try:
+        config = RolloutConfig(seed=seed, **rollout_options)
+        played = rollout(
+            model, tokenizer, env_name, held_out_tasks(env_name, episodes, seed), config, progress=False
+        )
+    finally:
+        model.train(was_training)
+    summary = summarize_episodes(played)
+    return {k: summary[k] for k in _KEPT}
+
+
+def random_policy_success(env_name: str, episodes: int, seed: int = 0) -> dict[str, Any]:
+    """The uniformly random policy on the same test tasks as :func:`task_success` (same seed)."""
+    env = make_env(env_name)
+    try:
+        played = [
+            play_episode(env, task, random_policy, random.Random(f"random|{seed}|{i}"))
+            for i, task in enumerate(held_out_tasks(env_name, episodes, seed))
+        ]
+    finally:
+        env.close()
+    summary = summarize_episodes(played)
+    return {k: summary[k] for k in _KEPT}
+
+
+@torch.no_grad()
+def agent_token_accuracy(
+    hidden: torch.Tensor, lm_head: torch.nn.Module, labels: torch.Tensor, chunk: int = 1024
+):
+    """(correct, counted) over the tokens with a label: argmax of the LM head's logits == label.
+
+    hidden [T, D], labels [T] int64 (-100: not counted). Logits are formed ``chunk`` tokens at a time,
+    never all [T, V] at once.
+    """
+    keep = labels >= 0
+    h, y = hidden[keep], labels[keep]
+    correct = 0
+    for start in range(0, len(y), chunk):
+        correct += int((lm_head(h[start : start + chunk]).argmax(-1) == y[start : start + chunk]).sum())
+    return correct, len(y)
+
+
+def save_pretrained_atomic(model, tokenizer, folder: Path) -> Path:
+    """``save_pretrained`` model and tokenizer to ``folder``, replacing it only once both are written."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    old = folder.with_name(f".{folder.name}.old")
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+@torch.no_grad()
+def held_out_real(trainer, packer) -> dict[str, float | None]:
+    """Mean per-trajectory loss and agent-token accuracy over every batch of ``packer`` (real tasks)."""
+    if packer is None:
+        return {"loss": None, "agent_token_accuracy": None}
+    total, count, correct, counted = 0.0, 0, 0, 0
+    for batch in packer.batches(0):
+        batch = batch.to(trainer.device)
+        hidden = trainer.hidden_states(batch)
+        out = trainer.losses(hidden, batch)
+        total += float(out.per_trajectory.sum())
+        count += batch.num_segments
+        c, n = agent_token_accuracy(hidden, trainer.lm_head, batch.labels)
+        correct, counted = correct + c, counted + n
+    return {"loss": total / max(count, 1), "agent_token_accuracy": correct / max(counted, 1)}
+
+
+def evaluate_trainer(trainer, rollouts: bool = True) -> dict[str, Any]:
+    """Held-out real loss and accuracy (test tasks of the data), and task success on the env's test split.
+
+    Keys: ``test_loss``, ``test_agent_token_accuracy`` and, when ``rollouts`` and ``eval.episodes > 0``,
+    ``env`` and ``success_rate``, ``success_ci95``, ``mean_return``, ``mean_turns``, ``invalid_per_turn``.
+    """
+    cfg = trainer.cfg.eval
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        held = held_out_real(trainer, trainer.data.test)
+    finally:
+        trainer.model.train(was_training)
+    out: dict[str, Any] = {
+        "test_loss": held["loss"],
+        "test_agent_token_accuracy": held["agent_token_accuracy"],
+    }
+    if rollouts and cfg.episodes:
+        env_name = env_of(trainer.data.validation.trajectories, cfg.env)
+        out["env"] = env_name
+        out.update(
+            task_success(
+                trainer.model, trainer.tokenizer, env_name, cfg.episodes, cfg.seed,
+                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+            )
+        )  # fmt: skip
+    return out
+
+
+def append_eval(out_dir: Path, step: int, metrics: dict[str, Any]) -> None:
+    """One line of ``out_dir/eval.jsonl``: the in-training evaluation at ``step`` (``eval.every``)."""
+    with open(Path(out_dir) / "eval.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": step, **metrics}) + "\n")

@@ -1,0 +1,124 @@
+"""The CPU preset: a small causal LM and a word-level tokenizer, both built in-process.
+
+``model.name=cpu`` makes the trainer build, instead of loading a checkpoint:
+
+- a word-level tokenizer trained on the training file's own text (every message of every
+  trajectory): whitespace and punctuation split words, each word seen at least ``min_count`` times
+  is one token, anything else is ``<unk>``; ChatML template, ``<|im_end|>`` ends a turn. Compact
+  observations (``gridnav-compact``, ``guess-compact``) put one grid cell or one number in a word,
+  so the model sees the grid cell by cell and numbers whole;
+- a randomly initialised Llama (``model.layers`` x ``model.hidden_size``, ``model.heads``, SwiGLU
+  of 4 x width, untied LM head) of ``transformers``' own ``LlamaConfig``.
+
+Both are saved with ``save_pretrained`` to ``<out_dir>/init`` and loaded from there like any other
+checkpoint, so what the trainer saves later is a folder :mod:`boost.evaluate` loads.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from boost.data.format import Trajectory
+
+PRESET = "cpu"
+CHATML = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL = ("<|im_start|>", "<|im_end|>", "<unk>", "<pad>")
+ROLES = ("system", "user", "assistant")
+
+
+def corpus(trajectories: list[Trajectory]) -> list[str]:
+    """Every message of every trajectory (the text the tokenizer is trained on)."""
+    return [m["content"] for t in trajectories for m in t.messages]
+
+
+def build_word_tokenizer(texts: list[str], min_count: int = 1):
+    """A ``PreTrainedTokenizerFast`` with one token per word of ``texts`` (see the module docstring).
+
+    Args:
+        texts: the training text.
+        min_count: words seen fewer times become ``<unk>``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    splitter = pre_tokenizers.Whitespace()
+    counts: Counter[str] = Counter()
+    for text in texts:
+        counts.update(word for word, _ in splitter.pre_tokenize_str(text))
+    counts.update(ROLES * min_count)  # the template's role names
+    words = sorted(w for w, c in counts.items() if c >= min_count)
+    vocab = {token: i for i, token in enumerate((*SPECIAL, *words))}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = splitter
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def build_model(tokenizer, hidden_size: int, layers: int, heads: int, seed: int, max_positions: int = 2048):
+    """A randomly initialised ``LlamaForCausalLM`` sized for ``tokenizer`` (float32, sdpa attention)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if hidden_size % heads:
+        raise ValueError(f"model.hidden_size ({hidden_size}) must be a multiple of model.heads ({heads})")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=4 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=max_positions,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        attn_implementation="sdpa",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
+def write_preset_checkpoint(
+    folder: Path, trajectories: list[Trajectory], hidden_size: int, layers: int, heads: int, seed: int,
+    max_positions: int = 2048,
+) -> Path:  # fmt: skip
+    """Build the preset's tokenizer and model for ``trajectories`` and ``save_pretrained`` both to ``folder``."""
+    if not trajectories:
+        raise ValueError("the CPU preset trains its tokenizer on the training data, and there is none")
+    tokenizer = build_word_tokenizer(corpus(trajectories))
+    model = build_model(tokenizer, hidden_size, layers, heads, seed, max_positions)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def load_trainer_model(model_cfg, data_path: str, out_dir: Path, seed: int, device: str):
+    """(model, tokenizer) for the trainer: the CPU preset (built once into ``out_dir/init``) or a checkpoint."""
+    from boost.data import read_trajectories
+    from boost.rollout import load_model
+
+    if model_cfg.name != PRESET:
+        return load_model(model_cfg.name, device=device)
+    folder = Path(out_dir) / "init"
+    if not (folder / "config.json").exists():
+        trajectories, _ = read_trajectories(data_path)
+        write_preset_checkpoint(
+            folder, trajectories, model_cfg.hidden_size, model_cfg.layers, model_cfg.heads, seed
+        )
+    return load_model(str(folder), device=device)

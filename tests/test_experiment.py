@@ -1,0 +1,64 @@
+"""python -m boost.experiment on a tiny grid: runs, resumes, tunes lr on validation, writes results."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+
+from boost.experiment import ExperimentError, load_spec
+from boost.experiment import main as experiment
+
+TRAIN = {
+    "model": {"name": "cpu", "hidden_size": 32, "layers": 1, "heads": 2},
+    "data": {"token_budget": 2048, "rows": 4, "max_length": 512},
+    "eval": {"max_new_tokens": 2},
+    "checkpoint_every": 0,
+    "threads": 1,
+}
+
+
+@pytest.fixture(autouse=True)
+def _restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _spec(tmp_path, **extra):
+    (tmp_path / "train.yaml").write_text(yaml.safe_dump(TRAIN))
+    spec = {"train_config": str(tmp_path / "train.yaml"), "env": "gridnav-compact",
+            "sources": "real:24,eps0.1:8,random:8", "seeds": [0], "steps": 2, "episodes": 2,
+            "lr_grid": [0.001, 0.003], "tune_steps": 1,
+            "arms": {"uniform": ["weighting.method=uniform"], "boost": ["weighting.method=boost"]},
+            "quick": {"seeds": [0], "lr_grid": [0.001], "arms": ["boost"]}, **extra}  # fmt: skip
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_a_grid_runs_tunes_on_validation_and_resumes(tmp_path):
+    path, out = _spec(tmp_path), tmp_path / "out"
+    assert experiment(["--config", str(path), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["table"]) == {"uniform", "boost"} and set(results["runs"]["boost"]) == {"0"}
+    tuning = results["lr_tuning_validation_loss"]["boost"]
+    assert results["lr"]["boost"] == min((float(k) for k in tuning), key=lambda lr: tuning[str(lr)])
+    assert results["table"]["uniform"]["success_minus_boost"] is not None
+    text = (out / "results.md").read_text()
+    assert "| uniform |" in text and "success − boost (paired)" in text
+    assert (out / "success.png").exists() and (out / "weights_over_steps.png").exists()
+    stamp = (out / "boost" / "seed0" / "final.json").stat().st_mtime_ns
+    assert experiment(["--config", str(path), "--out", str(out)]) == 0  # resumes: nothing re-run
+    assert (out / "boost" / "seed0" / "final.json").stat().st_mtime_ns == stamp
+
+
+def test_quick_picks_its_subset_and_bad_files_say_which_key(tmp_path):
+    spec = load_spec(_spec(tmp_path), quick=True)
+    assert list(spec["arms"]) == ["boost"] and spec["seeds"] == [0]
+    with pytest.raises(ExperimentError, match="unknown key 'armz'"):
+        load_spec(_spec(tmp_path, armz={}))
+    with pytest.raises(ExperimentError, match="quick.arms names 'nope'"):
+        load_spec(_spec(tmp_path, quick={"arms": ["nope"]}), quick=True)
