@@ -77,6 +77,7 @@ class TrainConfig:
     outer_every: int = 1  # an outer step after every this many inner steps
     log_every: int = 1
     checkpoint_every: int = 50  # 0: only at the end
+    keep_checkpoints: int = 3  # the newest this many checkpoint folders stay under out_dir/checkpoints
     # A step with a non-finite loss, validation loss, hypergradient, head weight or gradient is
     # skipped (model and head untouched) and logged; this many in a row stop the run, keeping the
     # last good checkpoint.
@@ -86,7 +87,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        for name in ("steps", "outer_every", "log_every", "max_bad_steps"):
+        for name in ("steps", "outer_every", "log_every", "max_bad_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.checkpoint_every < 0:

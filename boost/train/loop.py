@@ -25,8 +25,9 @@ validation batch plus fused head passes. ``block="trainable"`` takes it over eve
 parameter by central finite differences (two forward/backward passes of the inner batch per HVP,
 two forwards for the scores). ``reweight=False`` trains with weight 1 everywhere (the baseline).
 
-Writes under ``out_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoint.pt`` (written
-to a temporary file and renamed: a crash never leaves a half-written checkpoint), ``config.yaml``
+Writes under ``out_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoints/step-N/``
+(safetensors, no pickle, written to a temporary folder and renamed: a crash never leaves a half
+checkpoint; the newest ``keep_checkpoints`` stay, :mod:`boost.train.checkpoint_io`), ``config.yaml``
 and, at the end, ``report.md`` with ``training.png``. An ``out_dir`` that holds a run is refused
 unless resumed or overwritten, and a step with a non-finite number is skipped, logged and counted
 (:mod:`boost.train.checkpoint`, :mod:`boost.train.guards`).
@@ -47,7 +48,7 @@ import yaml
 from tqdm import tqdm
 
 import boost_kernels as bk
-from boost.atomic import replace_atomic, write_json_atomic, write_text_atomic
+from boost.atomic import write_json_atomic, write_text_atomic
 from boost.config import to_dict
 from boost.data import PackedBatch, PackingConfig, TokenizeConfig, TrajectoryPacker, tokenize_trajectories
 from boost.hypergradient import HeadBatch, head_hypergradient
@@ -55,7 +56,14 @@ from boost.hypergradient_trainable import trainable_hypergradient
 from boost.reweighting import ReweightingHead, outer_objective, trajectory_features, weight_summary
 from boost.rollout import load_model
 from boost.step_response import ClipRecord, optimizer_response
-from boost.train.checkpoint import CHECKPOINT, MetricsLog, RunDirError, config_differences, prepare_out_dir
+from boost.train.checkpoint import (
+    LEGACY_CHECKPOINT,
+    MetricsLog,
+    RunDirError,
+    config_differences,
+    prepare_out_dir,
+)
+from boost.train.checkpoint_io import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from boost.train.config import DataConfig, TrainConfig
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
 from boost.train.selection import DataError, Selection, select_trajectories
@@ -349,38 +357,41 @@ class Trainer:
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step,
-            "config": to_dict(self.cfg),
-            "model": self.model.state_dict(),
-            "head": self.head.state_dict(),
-            "opt": self.opt.state_dict(),
-            "head_opt": self.head_opt.state_dict(),
-            # the warm start of Neumann / CG: without it a resumed run would solve cold and differ
-            "last_v": self.last_v,
+    def _checkpoint_parts(self) -> dict:
+        return {
+            "model": self.model,
+            "head": self.head,
+            "optimizers": {"model": self.opt, "head": self.head_opt},
         }
-        path = self.out / CHECKPOINT
-        replace_atomic(path, lambda tmp: torch.save(state, tmp))
-        return path
+
+    def save_checkpoint(self) -> Path:
+        """``out_dir/checkpoints/step-<step>/`` (:mod:`boost.train.checkpoint_io`: safetensors, no pickle)."""
+        position = {"train_batches": self.step, "validation_batches": self.step // self.cfg.outer_every}
+        return save_checkpoint(
+            self.out, self.step, **self._checkpoint_parts(), keep=self.cfg.keep_checkpoints,
+            # the warm start of Neumann / CG: without it a resumed run would solve cold and differ
+            tensors={"last_v": self.last_v},
+            info={"config": json_safe(to_dict(self.cfg)), "data_position": position},
+        )  # fmt: skip
 
     def resume(self) -> bool:
-        """Load ``out_dir/checkpoint.pt`` if there is one; it must come from the same config (steps aside)."""
-        path = self.out / CHECKPOINT
-        if not path.exists():
+        """Load the newest checkpoint folder, if any; it must come from the same config (steps aside)."""
+        if (self.out / LEGACY_CHECKPOINT).exists() and latest_checkpoint(self.out) is None:
+            raise RunDirError(
+                f"{self.out / LEGACY_CHECKPOINT}: a pickled checkpoint of an older boost, which is never "
+                "loaded (unsafe); start the run again (--overwrite)"
+            )
+        path = latest_checkpoint(self.out)
+        if path is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        differing = config_differences(self.cfg, dict(state["config"]))
+        differing = config_differences(self.cfg, dict(read_state(path)["config"]))
         if differing:
             raise RunDirError(
                 f"{path}: written with another config ({'; '.join(differing)}); resume with the same "
                 "config, or start another run (another out_dir, or --overwrite)"
             )
-        self.model.load_state_dict(state["model"])
-        self.head.load_state_dict(state["head"])
-        self.opt.load_state_dict(state["opt"])
-        self.head_opt.load_state_dict(state["head_opt"])
-        self.last_v = state.get("last_v")
+        state, tensors = load_checkpoint(path, **self._checkpoint_parts(), device=self.device)
+        self.last_v = tensors.get("last_v")
         self.step = int(state["step"])
         return True
 
@@ -402,7 +413,7 @@ class Trainer:
         cfg = self.cfg
         prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
         if resume and self.resume():
-            log.info("resumed from %s at step %d", self.out / CHECKPOINT, self.step)
+            log.info("resumed from %s at step %d", latest_checkpoint(self.out), self.step)
         write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg)))
         for line in self.data.summary:
             log.info(line)
@@ -429,7 +440,7 @@ class Trainer:
                     metrics.write({"step": self.step, **record})
                     bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "n_eff", "mass") if k in record})
                 kept = (
-                    f"the checkpoint {self.out / CHECKPOINT} of step {saved} is intact (--resume continues from it)"
+                    f"the checkpoint {latest_checkpoint(self.out)} of step {saved} is intact (--resume continues from it)"
                     if saved
                     else "no checkpoint was saved yet"
                 )
