@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from boost.hypergradient import SolverConfig
 from boost.reweighting import HeadConfig
+from boost.train.lora import LoraSettings, check_block
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class TrainConfig:
     # identity: the inner AdamW step's own response (lr·P, clipping included): no solver.alpha
     solver: SolverConfig = field(default_factory=lambda: SolverConfig("cg", steps=5, damping=1e-3))
     head: HeadConfig = field(default_factory=HeadConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # off: every model weight is trained
     reweight: bool = True  # False: every trajectory has weight 1 (the uniform baseline)
     # The parameters the hypergradient is taken over: "head" (the LM head, exact fused HVP/JVP on
     # the inner step's hidden states) or "trainable" (every trained parameter, central finite
@@ -94,6 +96,7 @@ class TrainConfig:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
         if self.block not in ("head", "trainable"):
             raise ValueError(f"block must be 'head' or 'trainable', got {self.block!r}")
+        check_block(self.lora, self.block)
         if self.solver.method == "identity" and self.solver.alpha is not None:
             raise ValueError(
                 "solver.alpha is not used with solver.method=identity: the inner AdamW step defines the "

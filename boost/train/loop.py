@@ -66,6 +66,7 @@ from boost.train.checkpoint import (
 from boost.train.checkpoint_io import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from boost.train.config import DataConfig, TrainConfig
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
+from boost.train.lora import apply_lora, output_head
 from boost.train.selection import DataError, Selection, select_trajectories
 
 log = logging.getLogger(__name__)
@@ -155,9 +156,10 @@ class Trainer:
         selection = select_trajectories(cfg.data)  # bad data fails here, before the model loads
         self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = load_model(cfg.model.name, device=device)
+        self.model = apply_lora(self.model, cfg.lora)  # unchanged when LoRA is off
         self.model.train()
         self.trunk = self.model.get_decoder()
-        self.lm_head = self.model.get_output_embeddings()
+        self.lm_head = output_head(self.model)
         impl = getattr(self.model.config, "_attn_implementation", "sdpa")
         self.mask_dtype = self.model.dtype if impl == "eager" else torch.bool
         self.data = prepare_data(cfg.data, self.tokenizer, selection)
