@@ -21,6 +21,7 @@ from boost.atomic import remove_stale_temporaries, write_text_atomic
 from boost.config import from_dict, to_dict
 from boost.train.checkpoint_io import CHECKPOINTS, remove_stale_checkpoint_folders
 from boost.train.guards import json_safe
+from boost.train.tensorboard_log import TENSORBOARD
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ RUN_FILES = (
     "report.md",
     "training.png",
     "config.yaml",
+    TENSORBOARD,
 )
 # Settings a resumed run may change: where the run lives, how long it runs, how often it saves, and
 # when it gives up on non-finite steps. Everything else must match the checkpoint.

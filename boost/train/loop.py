@@ -68,6 +68,7 @@ from boost.train.config import DataConfig, TrainConfig
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
 from boost.train.lora import apply_lora, output_head
 from boost.train.selection import DataError, Selection, select_trajectories
+from boost.train.tensorboard_log import TensorBoardLog, tokens_per_second
 
 log = logging.getLogger(__name__)
 
@@ -422,7 +423,10 @@ class Trainer:
         batches = _cycle(self.data.train, skip=self.step)
         val_batches = _cycle(self.data.validation, skip=self.step // cfg.outer_every)
         guard, saved = BadStepCounter(cfg.max_bad_steps, start=self.step), self.step
-        with MetricsLog(self.out, resume_step=self.step) as metrics:
+        with (
+            MetricsLog(self.out, resume_step=self.step) as metrics,
+            TensorBoardLog(self.out, self.step) as board,
+        ):
             bar = tqdm(total=cfg.steps, initial=self.step, desc="boost" if cfg.reweight else "uniform",
                        disable=not self.progress)  # fmt: skip
             while self.step < cfg.steps:
@@ -430,6 +434,7 @@ class Trainer:
                 started = time.perf_counter()
                 record, state = self.inner_step(batch)
                 record["inner_seconds"] = self._elapsed(started)
+                record["tokens"] = int(batch.lengths.sum())
                 self.step += 1
                 if cfg.reweight and self.step % cfg.outer_every == 0:
                     val = next(val_batches).to(self.device)  # drawn even when skipped: resume stays exact
@@ -440,7 +445,11 @@ class Trainer:
                 bad = record.get("skipped", [])
                 if bad or self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     metrics.write({"step": self.step, **record})
-                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "n_eff", "mass") if k in record})
+                    board.write(self.step, record)
+                    shown = {**record, "tok/s": tokens_per_second(record)}
+                    bar.set_postfix(
+                        {k: f"{shown[k]:.3g}" for k in ("loss", "n_eff", "mass", "tok/s") if k in shown}
+                    )
                 kept = (
                     f"the checkpoint {latest_checkpoint(self.out)} of step {saved} is intact (--resume continues from it)"
                     if saved
