@@ -39,7 +39,10 @@ RUN_FILES = (
 )
 # Settings a resumed run may change: where the run lives, how long it runs, how often it saves, and
 # when it gives up on non-finite steps. Everything else must match the checkpoint.
-RESUMABLE_CHANGES = frozenset({"out_dir", "steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps"})
+# optim.schedule_steps may change as long as the schedule's horizon does not (checked by the trainer).
+RESUMABLE_CHANGES = frozenset(
+    {"out_dir", "steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "optim.schedule_steps"}
+)
 
 
 class RunDirError(ValueError):
@@ -104,7 +107,9 @@ def config_differences(ours: Any, theirs: dict[str, Any]) -> list[str]:
     differing = sorted(
         k
         for k in mine.keys() | old.keys()
-        if k.split(".")[0] not in RESUMABLE_CHANGES and mine.get(k) != old.get(k)
+        if k.split(".")[0] not in RESUMABLE_CHANGES
+        and k not in RESUMABLE_CHANGES
+        and mine.get(k) != old.get(k)
     )
     return [
         f"{k}: {old.get(k, '(absent)')!r} in the checkpoint, {mine.get(k, '(absent)')!r} now"

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from boost.hypergradient import SolverConfig
 from boost.reweighting import HeadConfig
 from boost.train.lora import LoraSettings, check_block
+from boost.train.schedule import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -51,10 +52,26 @@ class OptimConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0  # 0: off
     head_lr: float = 1e-2  # Adam on the reweighting head
+    schedule: str = "constant"  # the model's rate after warm-up: "constant", "cosine" or "linear" decay
+    warmup_steps: int = 0  # linear warm-up of the model's rate over this many inner steps
+    min_lr_ratio: float = 0.0  # cosine / linear: the rate decays to lr * this at the horizon
+    schedule_steps: int = 0  # the schedule's horizon in inner steps; 0: the run's steps
 
     def __post_init__(self):
         if not (self.lr > 0 and self.head_lr > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
             raise ValueError("optim.lr and optim.head_lr must be > 0, weight_decay and grad_clip >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if not (self.warmup_steps >= 0 and self.schedule_steps >= 0 and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(
+                "optim.warmup_steps and optim.schedule_steps must be >= 0 and optim.min_lr_ratio in [0, 1]; "
+                f"got {self.warmup_steps}, {self.schedule_steps}, {self.min_lr_ratio}"
+            )
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the model's rate changes over the run (else it is left as the optimiser holds it)."""
+        return self.schedule != "constant" or self.warmup_steps > 0
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,7 @@ from boost.train.checkpoint_io import latest_checkpoint, load_checkpoint, read_s
 from boost.train.config import DataConfig, TrainConfig
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
 from boost.train.lora import apply_lora, output_head
+from boost.train.schedule import horizon, lr_factor, set_lr
 from boost.train.selection import DataError, Selection, select_trajectories
 from boost.train.tensorboard_log import TensorBoardLog, tokens_per_second
 
@@ -377,6 +378,17 @@ class Trainer:
             info={"config": json_safe(to_dict(self.cfg)), "data_position": position},
         )  # fmt: skip
 
+    def _check_schedule_horizon(self, path: Path, theirs: dict) -> None:
+        """A schedule's horizon must stay what it was (``steps`` may change if ``schedule_steps`` fixes it)."""
+        optim = self.cfg.optim
+        was = horizon(theirs.get("optim", {}).get("schedule_steps", 0), theirs.get("steps", 0))
+        if optim.scheduled and horizon(optim.schedule_steps, self.cfg.steps) != was:
+            raise RunDirError(
+                f"{path}: optim.schedule={optim.schedule} had a horizon of {was} steps and would have "
+                f"{horizon(optim.schedule_steps, self.cfg.steps)} now; resume with optim.schedule_steps={was} "
+                "to continue the same schedule"
+            )
+
     def resume(self) -> bool:
         """Load the newest checkpoint folder, if any; it must come from the same config (steps aside)."""
         if (self.out / LEGACY_CHECKPOINT).exists() and latest_checkpoint(self.out) is None:
@@ -393,12 +405,24 @@ class Trainer:
                 f"{path}: written with another config ({'; '.join(differing)}); resume with the same "
                 "config, or start another run (another out_dir, or --overwrite)"
             )
+        self._check_schedule_horizon(path, read_state(path)["config"])
         state, tensors = load_checkpoint(path, **self._checkpoint_parts(), device=self.device)
         self.last_v = tensors.get("last_v")
         self.step = int(state["step"])
         return True
 
     # ------------------------------------------------------------------ the loop
+    def _scheduled_lr(self) -> float | None:
+        """Set the model's rate for the coming inner step (:mod:`boost.train.schedule`); None: constant."""
+        optim = self.cfg.optim
+        if not optim.scheduled:
+            return None
+        total = horizon(optim.schedule_steps, self.cfg.steps)
+        factor = lr_factor(self.step, schedule=optim.schedule, warmup=optim.warmup_steps, total=total,
+                           min_ratio=optim.min_lr_ratio)  # fmt: skip
+        set_lr(self.opt, optim.lr * factor)
+        return optim.lr * factor
+
     def _elapsed(self, started: float) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -431,10 +455,13 @@ class Trainer:
                        disable=not self.progress)  # fmt: skip
             while self.step < cfg.steps:
                 batch = next(batches).to(self.device)
+                lr = self._scheduled_lr()
                 started = time.perf_counter()
                 record, state = self.inner_step(batch)
                 record["inner_seconds"] = self._elapsed(started)
                 record["tokens"] = int(batch.lengths.sum())
+                if lr is not None:
+                    record["lr"] = lr
                 self.step += 1
                 if cfg.reweight and self.step % cfg.outer_every == 0:
                     val = next(val_batches).to(self.device)  # drawn even when skipped: resume stays exact

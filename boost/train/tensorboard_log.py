@@ -2,7 +2,7 @@
 
 One point per logged step (the rows of ``metrics.jsonl``), under these tags:
 
-- ``train/loss``, ``train/real_loss``, ``train/tokens_per_second`` (the batch's tokens over the
+- ``train/loss``, ``train/lr`` (with a schedule), ``train/real_loss``, ``train/tokens_per_second`` (the batch's tokens over the
   step's inner + outer seconds), ``time/inner_seconds``, ``time/outer_seconds``;
 - ``outer/val_loss``, ``outer/n_eff``, ``outer/mass``, ``outer/synthetic_weight``,
   ``outer/solver_residual``, ``outer/task_shift_distance``;
@@ -21,6 +21,7 @@ from typing import Any
 TENSORBOARD = "tensorboard"
 TAGS = {
     "loss": "train/loss",
+    "lr": "train/lr",
     "real_train_loss": "train/real_loss",
     "tokens_per_second": "train/tokens_per_second",
     "inner_seconds": "time/inner_seconds",
