@@ -49,7 +49,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class OptimConfig:
     lr: float = 1e-4  # AdamW on every model parameter
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay of the model
     grad_clip: float = 1.0  # 0: off
     head_lr: float = 1e-2  # Adam on the reweighting head
     schedule: str = "constant"  # the model's rate after warm-up: "constant", "cosine" or "linear" decay
@@ -94,16 +94,16 @@ class TrainConfig:
     fd_step: float = 1e-2  # block="trainable": norm of each finite-difference perturbation
     steps: int = 100  # inner steps (packed batches)
     outer_every: int = 1  # an outer step after every this many inner steps
-    log_every: int = 1
+    log_every: int = 1  # a metrics.jsonl / TensorBoard row every this many steps (and bad ones)
     checkpoint_every: int = 50  # 0: only at the end
     keep_checkpoints: int = 3  # the newest this many checkpoint folders stay under out_dir/checkpoints
     # A step with a non-finite loss, validation loss, hypergradient, head weight or gradient is
     # skipped (model and head untouched) and logged; this many in a row stop the run, keeping the
     # last good checkpoint.
     max_bad_steps: int = 5
-    out_dir: str = "runs/boost"
+    out_dir: str = "runs/boost"  # the run folder: metrics, checkpoints, report
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
-    seed: int = 0
+    seed: int = 0  # seed of the model's RNG (head initialisation, dropout)
 
     def __post_init__(self):
         for name in ("steps", "outer_every", "log_every", "max_bad_steps", "keep_checkpoints"):
