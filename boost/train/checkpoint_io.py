@@ -90,27 +90,6 @@ def _set_rng_states(tensors: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state_all(cuda)
 
 
-def _write_folder(
-    tmp: Path,
-    step: int,
-    model: torch.nn.Module,
-    head: torch.nn.Module,
-    optimizers: dict[str, torch.optim.Optimizer],
-    tensors: dict[str, torch.Tensor | None],
-    info: dict[str, Any],
-) -> None:
-    if is_peft_model(model):
-        model.save_pretrained(tmp / ADAPTER_DIR)  # peft's format: adapter_config.json + safetensors
-    else:
-        save_model(model, str(tmp / MODEL_FILE))  # drops the duplicates of tied weights
-    save_model(head, str(tmp / HEAD_FILE))
-    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / OPTIMIZER_FILE)
-    stored = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
-    save_file({**stored, **_rng_states()}, str(tmp / TENSORS_FILE))
-    state = {"format": FORMAT_VERSION, "step": step, "tensors": sorted(stored), **info}
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-
-
 def save_checkpoint(
     out: Path,
     step: int,
@@ -138,7 +117,16 @@ def save_checkpoint(
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
     try:
-        _write_folder(tmp, step, model, head, optimizers, tensors, info)
+        if is_peft_model(model):
+            model.save_pretrained(tmp / ADAPTER_DIR)  # peft's format: adapter_config.json + safetensors
+        else:
+            save_model(model, str(tmp / MODEL_FILE))  # drops the duplicates of tied weights
+        save_model(head, str(tmp / HEAD_FILE))
+        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / OPTIMIZER_FILE)
+        stored = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
+        save_file({**stored, **_rng_states()}, str(tmp / TENSORS_FILE))
+        state = {"format": FORMAT_VERSION, "step": step, "tensors": sorted(stored), **info}
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n", encoding="utf-8")
         os.replace(tmp, final)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
