@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4  # AdamW on every model parameter
+    lr: float = 1e-4  # AdamW on every trained model parameter (all of them, or LoRA's)
     weight_decay: float = 0.0  # AdamW's decoupled weight decay of the model
     grad_clip: float = 1.0  # 0: off
     head_lr: float = 1e-2  # Adam on the reweighting head

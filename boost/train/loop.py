@@ -399,13 +399,14 @@ class Trainer:
         path = latest_checkpoint(self.out)
         if path is None:
             return False
-        differing = config_differences(self.cfg, dict(read_state(path)["config"]))
+        theirs = dict(read_state(path)["config"])
+        differing = config_differences(self.cfg, theirs)
         if differing:
             raise RunDirError(
                 f"{path}: written with another config ({'; '.join(differing)}); resume with the same "
                 "config, or start another run (another out_dir, or --overwrite)"
             )
-        self._check_schedule_horizon(path, read_state(path)["config"])
+        self._check_schedule_horizon(path, theirs)
         state, tensors = load_checkpoint(path, **self._checkpoint_parts(), device=self.device)
         self.last_v = tensors.get("last_v")
         self.step = int(state["step"])
@@ -475,7 +476,11 @@ class Trainer:
                     board.write(self.step, record)
                     shown = {**record, "tok/s": tokens_per_second(record)}
                     bar.set_postfix(
-                        {k: f"{shown[k]:.3g}" for k in ("loss", "n_eff", "mass", "tok/s") if k in shown}
+                        {
+                            k: f"{shown[k]:.3g}"
+                            for k in ("loss", "n_eff", "mass", "tok/s")
+                            if shown.get(k) is not None
+                        }
                     )
                 kept = (
                     f"the checkpoint {latest_checkpoint(self.out)} of step {saved} is intact (--resume continues from it)"
