@@ -15,6 +15,7 @@ drops their rows.
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,19 @@ def tokens_per_second(record: dict[str, Any]) -> float | None:
     return record["tokens"] / seconds if seconds > 0 and "tokens" in record else None
 
 
+def _wait_for_a_later_second(folder: Path) -> None:
+    """Readers order event files by name, whose first field is the writer's start in whole seconds:
+    a resumed run's file must sort after the killed run's, so a writer that would start in the same
+    second as the newest file there waits for the next one (at most a second, on resume only)."""
+    stamps = [
+        int(p.name.split(".")[3])
+        for p in folder.glob("events.out.tfevents.*")
+        if p.name.split(".")[3].isdigit()
+    ]
+    while stamps and int(time.time()) <= max(stamps):
+        time.sleep(0.05)
+
+
 class TensorBoardLog:
     """Scalars of each logged step into ``out/tensorboard`` (``torch.utils.tensorboard``).
 
@@ -53,6 +67,7 @@ class TensorBoardLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = Path(out) / TENSORBOARD
+        _wait_for_a_later_second(self.path)
         self._writer = SummaryWriter(str(self.path), purge_step=resume_step + 1 if resume_step else None)
 
     def write(self, step: int, record: dict[str, Any]) -> None:
