@@ -59,3 +59,15 @@ def test_the_trainer_steps_with_the_scheduled_rates_and_resumes_them_exactly(ass
         return [{k: v for k, v in m.items() if k not in SEEDLESS} for m in _metrics(out)]
 
     assert rows(tmp_path / "run") == rows(tmp_path / "reference")
+
+
+def test_the_head_follows_the_schedule_only_when_asked(assets, tmp_path):
+    run = ("optim.schedule=linear", "optim.min_lr_ratio=0.5", "steps=2", "solver.method=identity")
+    last = lr_factor(1, schedule="linear", warmup=0, total=2, min_ratio=0.5)
+    for head, expected in (("false", 1e-2), ("true", 1e-2 * last)):
+        trainer = Trainer(
+            _config(assets, tmp_path / head, *run, f"optim.schedule_head={head}"), progress=False
+        )
+        trainer.train()
+        assert trainer.head_opt.param_groups[0]["lr"] == pytest.approx(expected)
+    assert last == pytest.approx(0.75)

@@ -56,6 +56,7 @@ class OptimConfig:
     warmup_steps: int = 0  # linear warm-up of the model's rate over this many inner steps
     min_lr_ratio: float = 0.0  # cosine / linear: the rate decays to lr * this at the horizon
     schedule_steps: int = 0  # the schedule's horizon in inner steps; 0: the run's steps
+    schedule_head: bool = False  # true: the head's rate (head_lr) follows the same warm-up and decay
 
     def __post_init__(self):
         if not (self.lr > 0 and self.head_lr > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):

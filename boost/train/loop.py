@@ -422,6 +422,8 @@ class Trainer:
         factor = lr_factor(self.step, schedule=optim.schedule, warmup=optim.warmup_steps, total=total,
                            min_ratio=optim.min_lr_ratio)  # fmt: skip
         set_lr(self.opt, optim.lr * factor)
+        if optim.schedule_head:
+            set_lr(self.head_opt, optim.head_lr * factor)
         return optim.lr * factor
 
     def _elapsed(self, started: float) -> float:

@@ -10,7 +10,8 @@ rates would change; see :func:`horizon`).
               = min_ratio + (1 - min_ratio)·(1 + cos(π·p)) / 2     cosine,  p = (t - warmup) / (horizon - warmup)
               = min_ratio + (1 - min_ratio)·(1 - p)                linear
 
-for the inner step t = 0, 1, ... (p clipped to [0, 1]); the rate is ``optim.lr · factor(t)``.
+for the inner step t = 0, 1, ... (p clipped to [0, 1]); the rate is ``optim.lr · factor(t)``, and with
+``optim.schedule_head`` the head's is ``optim.head_lr · factor(t)`` for the outer step after step t.
 """
 
 from __future__ import annotations
