@@ -5,10 +5,10 @@
 Each repeat starts ``python -m boost.train`` (the tiny chat model of the tests, gridnav data, 8 steps,
 a checkpoint every step, BOOST reweighting on) and kills it with SIGKILL: odd repeats at a uniformly
 random moment between the first checkpoint of an uninterrupted run and its end, even repeats while
-the k-th checkpoint is being written (k uniform in 1..8: as soon as its temporary
-``.checkpoint.pt.*`` file appears). Then it checks, and counts violations of:
+the k-th checkpoint is being written (k uniform in 1..8: as soon as its temporary folder
+``checkpoints/.step-*.tmp`` appears). Then it checks, and counts violations of:
 
-- after the kill: ``checkpoint.pt``, if there is one, loads with ``torch.load``;
+- after the kill: the newest ``checkpoints/step-*`` folder, if there is one, loads (safetensors);
 - ``python -m boost.train ... --resume`` exits 0; afterwards no temporary file is left,
   ``metrics.jsonl`` parses line by line as strict JSON with steps 1..8 each exactly once, and
   (with ``--reference``, the default here) its rows (timings aside) and the final model equal those
@@ -77,7 +77,17 @@ def _rows(out: Path) -> list[dict]:
 
 
 def _temporaries(out: Path) -> list[str]:
-    return sorted(p.name for p in out.glob(".*.tmp*")) if out.exists() else []
+    """Temporary files of ``out`` and temporary checkpoint folders of ``out/checkpoints``."""
+    found = [*out.glob(".*.tmp*"), *out.glob("checkpoints/.*.tmp")] if out.exists() else []
+    return sorted(str(p.relative_to(out)) for p in found)
+
+
+def _checkpoint(out: Path) -> dict | None:
+    """The newest checkpoint folder's state and model tensors (None: no checkpoint)."""
+    from boost.train.checkpoint_io import latest_checkpoint, read_checkpoint
+
+    path = latest_checkpoint(out)
+    return None if path is None else read_checkpoint(path)
 
 
 # Loaded by the killed run's interpreter (PYTHONPATH) for mode "save:K": the K-th torch.save writes a
@@ -109,7 +119,7 @@ def _kill_while_checkpointing(proc: subprocess.Popen, out: Path, deadline: float
     seen: set[str] = set()
     while time.monotonic() < deadline and proc.poll() is None:
         if out.exists():
-            seen.update(p.name for p in out.glob(".checkpoint.pt.*"))
+            seen.update(p.name.split(".")[1] for p in out.glob("checkpoints/.step-*.tmp"))
             if len(seen) >= nth:
                 proc.send_signal(signal.SIGKILL)
                 return True
@@ -168,13 +178,12 @@ def kill_and_resume(
     result["rows_before_resume"] = (
         len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
     )
-    checkpoint = out / "checkpoint.pt"
     result["checkpoint_step"] = None
-    if checkpoint.exists():
-        try:
-            result["checkpoint_step"] = torch.load(checkpoint, weights_only=False)["step"]
-        except Exception as err:  # noqa: BLE001 (any failure to load is the finding)
-            problems.append(f"checkpoint does not load after the kill: {type(err).__name__}: {err}")
+    try:
+        kept = _checkpoint(out)
+        result["checkpoint_step"] = None if kept is None else kept["step"]
+    except Exception as err:  # noqa: BLE001 (any failure to load is the finding)
+        problems.append(f"checkpoint does not load after the kill: {type(err).__name__}: {err}")
     resumed = subprocess.run(
         command(model, data, out, *settings, "--resume", steps=steps), env=env, capture_output=True, text=True
     )
@@ -190,9 +199,9 @@ def kill_and_resume(
         return {**result, "problems": problems}
     if [r["step"] for r in rows] != list(range(1, steps + 1)):
         problems.append(f"steps after the resume: {[r['step'] for r in rows]}")
-    final = torch.load(checkpoint, weights_only=False)
-    if final["step"] != steps:
-        problems.append(f"final checkpoint at step {final['step']}")
+    final = _checkpoint(out)
+    if final is None or final["step"] != steps:
+        problems.append(f"final checkpoint at step {final and final['step']}")
     if reference is not None:
         if [{k: v for k, v in r.items() if k not in TIMINGS} for r in rows] != reference["rows"]:
             problems.append("metrics rows differ from the uninterrupted run")
@@ -209,8 +218,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import shutil
 
-    import torch
-
     random.seed(args.seed)
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
@@ -221,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     proc = subprocess.Popen(
         command(model, data, ref_out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    while not (ref_out / "checkpoint.pt").exists() and proc.poll() is None:
+    while not list(ref_out.glob("checkpoints/step-*")) and proc.poll() is None:
         time.sleep(0.005)
     first_checkpoint = time.monotonic() - started
     if proc.wait() != 0:
@@ -229,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.monotonic() - started
     reference = {
         "rows": [{k: v for k, v in r.items() if k not in TIMINGS} for r in _rows(ref_out)],
-        "model": torch.load(ref_out / "checkpoint.pt", weights_only=False)["model"],
+        "model": _checkpoint(ref_out)["model"],
     }
     print(f"uninterrupted run: {seconds:.1f} s wall, first checkpoint after {first_checkpoint:.1f} s")
     results = []

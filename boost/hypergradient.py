@@ -78,7 +78,7 @@ class HeadBatch:
 class SolverConfig:
     """How v is approximated (see the module docstring)."""
 
-    method: str = "cg"
+    method: str = "cg"  # how v ≈ H⁻¹g is found: "cg", "neumann" or "identity"
     steps: int = 5  # Neumann / CG: Hessian-vector products per solve (the residual check is one more)
     # Neumann's step size α; for ``identity`` only where no inner optimiser defines the step (the
     # trainer and the toy take lr·P from the optimiser and refuse an alpha here)

@@ -113,8 +113,8 @@ def trajectory_features(
 class HeadConfig:
     hidden_size: int = 64  # width of the MLP
     num_sources: int = 0  # > 0: a learned embedding of the source index is a feature
-    source_dim: int = 8
-    use_returns: bool = False
+    source_dim: int = 8  # width of the source embedding (num_sources > 0)
+    use_returns: bool = False  # the episode return is a feature of the head
     init_mass: float = 1.0  # m at initialisation: synthetic weights start at mean m
     real_weight: float = 1.0  # weight of every real training trajectory
     # λ_conc on 1/√n_eff and λ_shift on Σ_syn w_i d_i / S, in units of the outer surrogate (the
@@ -122,7 +122,7 @@ class HeadConfig:
     # its tuning split of real data (benchmarks/RESULTS.md, "Toy: honest arms"; docs/toy/sweep.md);
     # not tuned for an LLM run, whose surrogate has another scale: sweep them on its validation tasks
     concentration: float = 1e-3
-    task_shift: float = 1e-2
+    task_shift: float = 1e-2  # λ_shift (see concentration)
     # "pool", "running" or "batch": what μ in w_i = m · s_i / μ is (see the module docstring)
     normalizer: str = "pool"
     pool_size: int = 256  # "pool": synthetic trajectories of earlier batches whose mean score is μ

@@ -11,6 +11,7 @@ import torch
 from boost.config import load_config
 from boost.data.generate import main as generate
 from boost.train import TrainConfig, Trainer
+from boost.train.checkpoint_io import latest_checkpoint, read_checkpoint
 from boost.train.loop import _cycle
 from boost.train.report import write_report
 from tests.envs.tiny_chat_lm import save_tiny_chat_model
@@ -32,6 +33,11 @@ def _config(assets, out, *overrides):
     base = [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
             "data.max_length=512", "steps=4", "eval.episodes=0"]  # fmt: skip
     return load_config(TrainConfig, None, [*base, *overrides])
+
+
+def saved_checkpoint(out):
+    """The newest checkpoint of the run in ``out``: trainer_state.json plus the model tensors."""
+    return read_checkpoint(latest_checkpoint(out))
 
 
 def _metrics(out):
@@ -66,8 +72,8 @@ def test_a_boost_run_writes_metrics_checkpoint_and_report(assets, tmp_path):
     text = report.read_text()
     assert "| source |" in text and "training.png" in text and "real tasks:" in text
     assert (tmp_path / "training.png").read_bytes()[:4] == b"\x89PNG"
-    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 4
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    assert saved_checkpoint(tmp_path)["step"] == 4
+    assert not [p for p in tmp_path.rglob(".*")]  # no temporary files or folders left
 
 
 @pytest.mark.parametrize("method", ["neumann", "identity"])
@@ -143,7 +149,7 @@ def test_resume_continues_from_the_checkpoint_and_refuses_another_config(assets,
 def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(assets, tmp_path, monkeypatch):
     trainer = Trainer(_config(assets, tmp_path, "steps=1"), progress=False)
     trainer.train()
-    before = (tmp_path / "checkpoint.pt").read_bytes()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
 
     def crash(obj, path, *args, **kwargs):
         with open(path, "wb") as f:
@@ -151,10 +157,11 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint_intact(assets, tmp_
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", crash)
+    trainer.step = 2  # a new step's checkpoint: its optimiser file fails half-way
     with pytest.raises(OSError, match="disk full"):
         trainer.save_checkpoint()
-    assert (tmp_path / "checkpoint.pt").read_bytes() == before
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the half-written file is gone
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not [p for p in tmp_path.rglob(".*")]  # the half-written folder is gone
 
 
 def test_data_without_real_trajectories_is_refused(assets, tmp_path):

@@ -19,7 +19,7 @@ from boost.envs.generators import GeneratorConfig, generate
 from boost.train import Trainer, prepare_data
 from boost.train.loop import _cycle
 from tests.envs.tiny_chat_lm import save_tiny_chat_model
-from tests.test_train import _config, _metrics
+from tests.test_train import _config, _metrics, saved_checkpoint
 
 SEEDLESS = ("inner_seconds", "outer_seconds")
 # Errors are caught by their base classes (NonFiniteStepError is a FloatingPointError, RunDirError a
@@ -197,11 +197,11 @@ def test_lr_1e30_stops_after_max_bad_steps_and_keeps_the_last_good_checkpoint(as
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and [r["loss"] is None for r in rows] == [False] + [
         True
     ] * 3
-    kept = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)
+    kept = saved_checkpoint(tmp_path / "a")
     assert kept["step"] == 1 and all(torch.isfinite(v).all() for v in kept["model"].values())
     # the good step, run again: the same checkpoint bit for bit
     Trainer(_fast(assets, tmp_path / "b", *run[:-3], "steps=1"), progress=False).train()
-    again = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
+    again = saved_checkpoint(tmp_path / "b")["model"]
     assert all(torch.equal(kept["model"][k], again[k]) for k in kept["model"])
     # --resume from the kept checkpoint replays the same steps and stops the same way
     with pytest.raises(FloatingPointError, match=message):
@@ -229,7 +229,7 @@ def test_resume_after_a_divergence_reproduces_the_good_steps_bit_for_bit(assets,
     assert _without_times(_strict_rows(tmp_path / "run")) == _without_times(
         _strict_rows(tmp_path / "reference")
     )
-    ours, ref = (torch.load(tmp_path / d / "checkpoint.pt", weights_only=False) for d in ("run", "reference"))
+    ours, ref = (saved_checkpoint(tmp_path / d) for d in ("run", "reference"))
     assert all(torch.equal(ours["model"][k], ref["model"][k]) for k in ref["model"])
 
 
@@ -256,8 +256,12 @@ def test_resume_drops_rows_logged_after_the_checkpoint_and_stale_temporaries(ass
         f.write('\n{"step": 5, "lo')
     stale = tmp_path / ".checkpoint.pt.k1ll3d.tmp.pt"
     stale.write_bytes(b"half a checkpoint")
+    half_folder = tmp_path / "checkpoints" / ".step-00000003.k1ll3d.tmp"  # a save killed mid-way
+    half_folder.mkdir()
+    (half_folder / "optimizer.pt").write_bytes(b"half a checkpoint")
     Trainer(_fast(assets, tmp_path, "steps=4"), progress=False).train(resume=True)
     assert [m["step"] for m in _strict_rows(tmp_path)] == [1, 2, 3, 4] and not stale.exists()
+    assert not half_folder.exists()
 
 
 def test_a_moved_run_resumes_and_a_refusal_names_the_keys(assets, tmp_path):

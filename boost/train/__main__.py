@@ -14,7 +14,8 @@ from boost.train.cli import main as _main
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _main(argv, description=__doc__.split("\n\n")[1])
+    _, description, examples = __doc__.split("\n\n", 2)
+    return _main(argv, description=description.removesuffix(" Examples:"), examples="examples:\n" + examples)
 
 
 if __name__ == "__main__":

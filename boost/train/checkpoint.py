@@ -13,21 +13,36 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any, TextIO
 
 from boost.atomic import remove_stale_temporaries, write_text_atomic
 from boost.config import from_dict, to_dict
+from boost.train.checkpoint_io import CHECKPOINTS, remove_stale_checkpoint_folders
 from boost.train.guards import json_safe
+from boost.train.tensorboard_log import TENSORBOARD
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # the pickled format before safetensors: detected, never loaded
 METRICS = "metrics.jsonl"
-RUN_FILES = (CHECKPOINT, METRICS, "final.json", "report.md", "training.png", "config.yaml")
+RUN_FILES = (
+    CHECKPOINTS,
+    LEGACY_CHECKPOINT,
+    METRICS,
+    "final.json",
+    "report.md",
+    "training.png",
+    "config.yaml",
+    TENSORBOARD,
+)
 # Settings a resumed run may change: where the run lives, how long it runs, how often it saves, and
 # when it gives up on non-finite steps. Everything else must match the checkpoint.
-RESUMABLE_CHANGES = frozenset({"out_dir", "steps", "checkpoint_every", "max_bad_steps"})
+# optim.schedule_steps may change as long as the schedule's horizon does not (checked by the trainer).
+RESUMABLE_CHANGES = frozenset(
+    {"out_dir", "steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "optim.schedule_steps"}
+)
 
 
 class RunDirError(ValueError):
@@ -55,12 +70,15 @@ def prepare_out_dir(out: Path, *, resume: bool, overwrite: bool) -> list[str]:
     """
     existing = check_out_dir(out, resume=resume, overwrite=overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    removed = remove_stale_temporaries(out, RUN_FILES)
+    removed = remove_stale_temporaries(out, RUN_FILES) + remove_stale_checkpoint_folders(out)
     if removed:
         log.warning("removed %d temporary files a killed run left in %s", len(removed), out)
     if existing and not resume:
         for name in existing:
-            (out / name).unlink()
+            if (out / name).is_dir():
+                shutil.rmtree(out / name)
+            else:
+                (out / name).unlink()
         log.warning("--overwrite: deleted %s from %s", ", ".join(existing), out)
     return removed
 
@@ -89,7 +107,9 @@ def config_differences(ours: Any, theirs: dict[str, Any]) -> list[str]:
     differing = sorted(
         k
         for k in mine.keys() | old.keys()
-        if k.split(".")[0] not in RESUMABLE_CHANGES and mine.get(k) != old.get(k)
+        if k.split(".")[0] not in RESUMABLE_CHANGES
+        and k not in RESUMABLE_CHANGES
+        and mine.get(k) != old.get(k)
     )
     return [
         f"{k}: {old.get(k, '(absent)')!r} in the checkpoint, {mine.get(k, '(absent)')!r} now"

@@ -23,14 +23,22 @@ from boost.train.guards import DeviceError, NonFiniteStepError, resolve_device
 from boost.train.loop import Trainer
 from boost.train.report import write_report
 from boost.train.selection import DataError
+from boost.train.settings_help import settings_help
 
 # Errors in what the user gave (exit 2) and failures of the run itself (exit 1): one line each.
 USAGE_ERRORS = (DataError, TrajectoryReadError, RunDirError, DeviceError, ChatTemplateError, RolloutError)
 RUN_ERRORS = (NonFiniteStepError, AtomicWriteError)
 
 
-def build_parser(description: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m boost.train", description=description)
+def build_parser(description: str, examples: str = "") -> argparse.ArgumentParser:
+    """The parser; ``--help`` ends with ``examples`` and every setting with its default and meaning."""
+    epilog = "\n\n".join(filter(None, [examples, settings_help(TrainConfig())]))
+    parser = argparse.ArgumentParser(
+        prog="python -m boost.train",
+        description=description.replace("``", ""),
+        epilog=epilog.replace("``", ""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--config", help="a YAML file of settings (see boost/train/config.py)")
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
@@ -44,8 +52,10 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None, description: str = "Train with BOOST reweighting.") -> int:
-    parser = build_parser(description)
+def main(
+    argv: list[str] | None = None, description: str = "Train with BOOST reweighting.", examples: str = ""
+) -> int:
+    parser = build_parser(description, examples)
     args = parser.parse_intermixed_args(argv)  # options may follow key=value settings
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from boost.hypergradient import SolverConfig
 from boost.reweighting import HeadConfig
+from boost.train.lora import LoraSettings, check_block
+from boost.train.schedule import SCHEDULES
 
 
 @dataclass(frozen=True)
@@ -53,9 +55,9 @@ class ModelConfig:
     # a small Llama and a word-level tokenizer built in-process from the training data (boost/train/preset.py)
     name: str = "smollm2"
     attention: str = "block_mask"  # "block_mask" (any attention kernel) or "position_ids"
-    hidden_size: int = 128  # the CPU preset's width, depth and heads (other models ignore them)
-    layers: int = 4
-    heads: int = 4
+    hidden_size: int = 128  # the CPU preset's width (other models ignore it)
+    layers: int = 4  # the CPU preset's decoder layers (other models ignore it)
+    heads: int = 4  # the CPU preset's attention heads (other models ignore it)
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,9 @@ class EvalConfig:
     env: str | None = None  # None: the environment named by the real trajectories' task ids
     episodes: int = 100  # test tasks played after training (0: no rollouts; slow for SmolLM2 on a CPU)
     every: int = 0  # also every this many steps (0: only after training)
-    max_new_tokens: int = 8
-    batch_size: int = 50
-    seed: int = 0
+    max_new_tokens: int = 8  # tokens generated per agent turn in the rollouts
+    batch_size: int = 50  # episodes played in parallel
+    seed: int = 0  # seed that picks the test tasks played and the rollouts' sampling
 
     def __post_init__(self):
         if self.episodes < 0 or self.every < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
@@ -78,14 +80,31 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 1e-4  # AdamW on every model parameter
-    weight_decay: float = 0.0
+    lr: float = 1e-4  # AdamW on every trained model parameter (all of them, or LoRA's)
+    weight_decay: float = 0.0  # AdamW's decoupled weight decay of the model
     grad_clip: float = 1.0  # 0: off
     head_lr: float = 1e-2  # Adam on the reweighting head
+    schedule: str = "constant"  # the model's rate after warm-up: "constant", "cosine" or "linear" decay
+    warmup_steps: int = 0  # linear warm-up of the model's rate over this many inner steps
+    min_lr_ratio: float = 0.0  # cosine / linear: the rate decays to lr * this at the horizon
+    schedule_steps: int = 0  # the schedule's horizon in inner steps; 0: the run's steps
+    schedule_head: bool = False  # true: the head's rate (head_lr) follows the same warm-up and decay
 
     def __post_init__(self):
         if not (self.lr > 0 and self.head_lr > 0 and self.weight_decay >= 0 and self.grad_clip >= 0):
             raise ValueError("optim.lr and optim.head_lr must be > 0, weight_decay and grad_clip >= 0")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if not (self.warmup_steps >= 0 and self.schedule_steps >= 0 and 0 <= self.min_lr_ratio <= 1):
+            raise ValueError(
+                "optim.warmup_steps and optim.schedule_steps must be >= 0 and optim.min_lr_ratio in [0, 1]; "
+                f"got {self.warmup_steps}, {self.schedule_steps}, {self.min_lr_ratio}"
+            )
+
+    @property
+    def scheduled(self) -> bool:
+        """Whether the model's rate changes over the run (else it is left as the optimiser holds it)."""
+        return self.schedule != "constant" or self.warmup_steps > 0
 
 
 @dataclass(frozen=True)
@@ -99,7 +118,7 @@ class WeightingConfig:
     loss_drop: float = 0.2  # loss_filter: share of each batch's synthetic trajectories dropped (highest loss)
     oracle_threshold: float = 0.9  # oracle: keep synthetic with ground-truth quality >= this
     awr_beta: float = 0.0  # > 0: AWR, weights times min(exp(beta * (R - mean R)), awr_max)
-    awr_max: float = 20.0
+    awr_max: float = 20.0  # AWR: upper clip of the exp(beta * advantage) factor
     outer_start: int = 0  # no outer step before this inner step (behaviour-cloning warm-up)
     # keep the head's synthetic mass at head.init_mass (the mass acts like a step-size multiplier)
     freeze_mass: bool = False
@@ -126,6 +145,7 @@ class TrainConfig:
     head: HeadConfig = field(default_factory=HeadConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    lora: LoraSettings = field(default_factory=LoraSettings)  # off: every model weight is trained
     reweight: bool = True  # False: every trajectory has weight 1 (shorthand for weighting.method=uniform)
     # The parameters the hypergradient is taken over: "head" (the LM head, exact fused HVP/JVP on
     # the inner step's hidden states) or "trainable" (every trained parameter, central finite
@@ -136,21 +156,22 @@ class TrainConfig:
     fd_step: float = 1e-2  # block="trainable": norm of each finite-difference perturbation
     steps: int = 100  # inner steps (packed batches)
     outer_every: int = 1  # an outer step after every this many inner steps
-    log_every: int = 1
+    log_every: int = 1  # a metrics.jsonl / TensorBoard row every this many steps (and bad ones)
     checkpoint_every: int = 50  # 0: only at the end
+    keep_checkpoints: int = 3  # the newest this many checkpoint folders stay under out_dir/checkpoints
     # A step with a non-finite loss, validation loss, hypergradient, head weight or gradient is
     # skipped (model and head untouched) and logged; this many in a row stop the run, keeping the
     # last good checkpoint.
     max_bad_steps: int = 5
-    out_dir: str = "runs/boost"
+    out_dir: str = "runs/boost"  # the run folder: metrics, checkpoints, report
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     # > 0: torch.set_num_threads(threads) for the run. On a CPU shared with other jobs, 1 thread can be
     # many times faster than 2 (benchmarks/RESULTS.md, "CPU preset"); 0 keeps torch's default.
     threads: int = 0
-    seed: int = 0
+    seed: int = 0  # seed of the model's RNG (head initialisation, dropout)
 
     def __post_init__(self):
-        for name in ("steps", "outer_every", "log_every", "max_bad_steps"):
+        for name in ("steps", "outer_every", "log_every", "max_bad_steps", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
@@ -163,6 +184,7 @@ class TrainConfig:
             )
         if self.block not in ("head", "trainable"):
             raise ValueError(f"block must be 'head' or 'trainable', got {self.block!r}")
+        check_block(self.lora, self.block)
         if self.solver.method == "identity" and self.solver.alpha is not None:
             raise ValueError(
                 "solver.alpha is not used with solver.method=identity: the inner AdamW step defines the "

@@ -11,6 +11,7 @@ must clear before any method comparison means anything.
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 import shutil
@@ -21,6 +22,7 @@ import torch
 
 from boost.envs import make_env, play_episode, random_policy
 from boost.rollout import RolloutConfig, rollout, summarize_episodes
+from boost.train.checkpoint_io import is_peft_model
 
 _KEPT = ("episodes", "success_rate", "success_ci95", "mean_return", "mean_turns", "invalid_per_turn")
 
@@ -98,8 +100,15 @@ def agent_token_accuracy(
 
 
 def save_pretrained_atomic(model, tokenizer, folder: Path) -> Path:
-    """``save_pretrained`` model and tokenizer to ``folder``, replacing it only once both are written."""
+    """``save_pretrained`` model and tokenizer to ``folder``, replacing it only once both are written.
+
+    A peft (LoRA) model is saved merged (a copy with the adapters folded into the base weights), so
+    ``boost.evaluate`` loads it like any checkpoint; the adapters themselves are in the run's
+    checkpoints, in peft's format.
+    """
     folder = Path(folder)
+    if is_peft_model(model):
+        model = copy.deepcopy(model).merge_and_unload()
     tmp = folder.with_name(f".{folder.name}.tmp")
     old = folder.with_name(f".{folder.name}.old")
     for stale in (tmp, old):

@@ -25,8 +25,9 @@ validation batch plus fused head passes. ``block="trainable"`` takes it over eve
 parameter by central finite differences (two forward/backward passes of the inner batch per HVP,
 two forwards for the scores). ``reweight=False`` trains with weight 1 everywhere (the baseline).
 
-Writes under ``out_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoint.pt`` (written
-to a temporary file and renamed: a crash never leaves a half-written checkpoint), ``config.yaml``
+Writes under ``out_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoints/step-N/``
+(safetensors, no pickle, written to a temporary folder and renamed: a crash never leaves a half
+checkpoint; the newest ``keep_checkpoints`` stay, :mod:`boost.train.checkpoint_io`), ``config.yaml``
 and, at the end, ``report.md`` with ``training.png``. An ``out_dir`` that holds a run is refused
 unless resumed or overwritten, and a step with a non-finite number is skipped, logged and counted
 (:mod:`boost.train.checkpoint`, :mod:`boost.train.guards`).
@@ -48,7 +49,7 @@ import yaml
 from tqdm import tqdm
 
 import boost_kernels as bk
-from boost.atomic import replace_atomic, write_json_atomic, write_text_atomic
+from boost.atomic import write_json_atomic, write_text_atomic
 from boost.config import to_dict
 from boost.data import PackedBatch, PackingConfig, TokenizeConfig, TrajectoryPacker, tokenize_trajectories
 from boost.hypergradient import HeadBatch, head_hypergradient
@@ -64,12 +65,22 @@ from boost.train.baselines import (
     select_synthetic,
     weight_analysis,
 )
-from boost.train.checkpoint import CHECKPOINT, MetricsLog, RunDirError, config_differences, prepare_out_dir
+from boost.train.checkpoint import (
+    LEGACY_CHECKPOINT,
+    MetricsLog,
+    RunDirError,
+    config_differences,
+    prepare_out_dir,
+)
+from boost.train.checkpoint_io import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from boost.train.config import DataConfig, TrainConfig
 from boost.train.evaluation import append_eval, evaluate_trainer, save_pretrained_atomic
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
+from boost.train.lora import apply_lora, output_head
 from boost.train.preset import load_trainer_model
+from boost.train.schedule import horizon, lr_factor, set_lr
 from boost.train.selection import DataError, Selection, select_trajectories
+from boost.train.tensorboard_log import TensorBoardLog, tokens_per_second
 
 log = logging.getLogger(__name__)
 
@@ -169,9 +180,10 @@ class Trainer:
         selection = select_trajectories(cfg.data)  # bad data fails here, before the model loads
         self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = load_trainer_model(cfg.model, cfg.data.path, self.out, cfg.seed, device)
+        self.model = apply_lora(self.model, cfg.lora)  # unchanged when LoRA is off
         self.model.train()
         self.trunk = self.model.get_decoder()
-        self.lm_head = self.model.get_output_embeddings()
+        self.lm_head = output_head(self.model)
         impl = getattr(self.model.config, "_attn_implementation", "sdpa")
         self.mask_dtype = self.model.dtype if impl == "eager" else torch.bool
         self.method = "uniform" if not cfg.reweight else cfg.weighting.method
@@ -384,38 +396,54 @@ class Trainer:
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self) -> Path:
-        state = {
-            "step": self.step,
-            "config": to_dict(self.cfg),
-            "model": self.model.state_dict(),
-            "head": self.head.state_dict(),
-            "opt": self.opt.state_dict(),
-            "head_opt": self.head_opt.state_dict(),
-            # the warm start of Neumann / CG: without it a resumed run would solve cold and differ
-            "last_v": self.last_v,
+    def _checkpoint_parts(self) -> dict:
+        return {
+            "model": self.model,
+            "head": self.head,
+            "optimizers": {"model": self.opt, "head": self.head_opt},
         }
-        path = self.out / CHECKPOINT
-        replace_atomic(path, lambda tmp: torch.save(state, tmp))
-        return path
+
+    def save_checkpoint(self) -> Path:
+        """``out_dir/checkpoints/step-<step>/`` (:mod:`boost.train.checkpoint_io`: safetensors, no pickle)."""
+        position = {"train_batches": self.step, "validation_batches": self.step // self.cfg.outer_every}
+        return save_checkpoint(
+            self.out, self.step, **self._checkpoint_parts(), keep=self.cfg.keep_checkpoints,
+            # the warm start of Neumann / CG: without it a resumed run would solve cold and differ
+            tensors={"last_v": self.last_v},
+            info={"config": json_safe(to_dict(self.cfg)), "data_position": position},
+        )  # fmt: skip
+
+    def _check_schedule_horizon(self, path: Path, theirs: dict) -> None:
+        """A schedule's horizon must stay what it was (``steps`` may change if ``schedule_steps`` fixes it)."""
+        optim = self.cfg.optim
+        was = horizon(theirs.get("optim", {}).get("schedule_steps", 0), theirs.get("steps", 0))
+        if optim.scheduled and horizon(optim.schedule_steps, self.cfg.steps) != was:
+            raise RunDirError(
+                f"{path}: optim.schedule={optim.schedule} had a horizon of {was} steps and would have "
+                f"{horizon(optim.schedule_steps, self.cfg.steps)} now; resume with optim.schedule_steps={was} "
+                "to continue the same schedule"
+            )
 
     def resume(self) -> bool:
-        """Load ``out_dir/checkpoint.pt`` if there is one; it must come from the same config (steps aside)."""
-        path = self.out / CHECKPOINT
-        if not path.exists():
+        """Load the newest checkpoint folder, if any; it must come from the same config (steps aside)."""
+        if (self.out / LEGACY_CHECKPOINT).exists() and latest_checkpoint(self.out) is None:
+            raise RunDirError(
+                f"{self.out / LEGACY_CHECKPOINT}: a pickled checkpoint of an older boost, which is never "
+                "loaded (unsafe); start the run again (--overwrite)"
+            )
+        path = latest_checkpoint(self.out)
+        if path is None:
             return False
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        differing = config_differences(self.cfg, dict(state["config"]))
+        theirs = dict(read_state(path)["config"])
+        differing = config_differences(self.cfg, theirs)
         if differing:
             raise RunDirError(
                 f"{path}: written with another config ({'; '.join(differing)}); resume with the same "
                 "config, or start another run (another out_dir, or --overwrite)"
             )
-        self.model.load_state_dict(state["model"])
-        self.head.load_state_dict(state["head"])
-        self.opt.load_state_dict(state["opt"])
-        self.head_opt.load_state_dict(state["head_opt"])
-        self.last_v = state.get("last_v")
+        self._check_schedule_horizon(path, theirs)
+        state, tensors = load_checkpoint(path, **self._checkpoint_parts(), device=self.device)
+        self.last_v = tensors.get("last_v")
         self.step = int(state["step"])
         return True
 
@@ -425,6 +453,19 @@ class Trainer:
         past the warm-up."""
         cfg, step = self.cfg, self.step if step is None else step
         return self.method in LEARNED and step % cfg.outer_every == 0 and step > cfg.weighting.outer_start
+
+    def _scheduled_lr(self) -> float | None:
+        """Set the model's rate for the coming inner step (:mod:`boost.train.schedule`); None: constant."""
+        optim = self.cfg.optim
+        if not optim.scheduled:
+            return None
+        total = horizon(optim.schedule_steps, self.cfg.steps)
+        factor = lr_factor(self.step, schedule=optim.schedule, warmup=optim.warmup_steps, total=total,
+                           min_ratio=optim.min_lr_ratio)  # fmt: skip
+        set_lr(self.opt, optim.lr * factor)
+        if optim.schedule_head:
+            set_lr(self.head_opt, optim.head_lr * factor)
+        return optim.lr * factor
 
     def _elapsed(self, started: float) -> float:
         if self.device.type == "cuda":
@@ -443,7 +484,7 @@ class Trainer:
         cfg = self.cfg
         prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
         if resume and self.resume():
-            log.info("resumed from %s at step %d", self.out / CHECKPOINT, self.step)
+            log.info("resumed from %s at step %d", latest_checkpoint(self.out), self.step)
         write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg)))
         for line in self.data.summary:
             log.info(line)
@@ -452,14 +493,21 @@ class Trainer:
             self.data.validation, skip=sum(self.takes_outer_step(s) for s in range(1, self.step + 1))
         )
         guard, saved = BadStepCounter(cfg.max_bad_steps, start=self.step), self.step
-        with MetricsLog(self.out, resume_step=self.step) as metrics:
+        with (
+            MetricsLog(self.out, resume_step=self.step) as metrics,
+            TensorBoardLog(self.out, self.step) as board,
+        ):
             bar = tqdm(total=cfg.steps, initial=self.step, desc=self.method,
                        disable=not self.progress)  # fmt: skip
             while self.step < cfg.steps:
                 batch = next(batches).to(self.device)
+                lr = self._scheduled_lr()
                 started = time.perf_counter()
                 record, state = self.inner_step(batch)
                 record["inner_seconds"] = self._elapsed(started)
+                record["tokens"] = int(batch.lengths.sum())
+                if lr is not None:
+                    record["lr"] = lr
                 self.step += 1
                 if self.takes_outer_step():
                     val = next(val_batches).to(self.device)  # drawn even when skipped: resume stays exact
@@ -470,11 +518,19 @@ class Trainer:
                 bad = record.get("skipped", [])
                 if bad or self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     metrics.write({"step": self.step, **record})
-                    bar.set_postfix({k: f"{record[k]:.3g}" for k in ("loss", "n_eff", "mass") if k in record})
+                    board.write(self.step, record)
+                    shown = {**record, "tok/s": tokens_per_second(record)}
+                    bar.set_postfix(
+                        {
+                            k: f"{shown[k]:.3g}"
+                            for k in ("loss", "n_eff", "mass", "tok/s")
+                            if shown.get(k) is not None
+                        }
+                    )
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
                     append_eval(self.out, self.step, json_safe(evaluate_trainer(self)))
                 kept = (
-                    f"the checkpoint {self.out / CHECKPOINT} of step {saved} is intact (--resume continues from it)"
+                    f"the checkpoint {latest_checkpoint(self.out)} of step {saved} is intact (--resume continues from it)"
                     if saved
                     else "no checkpoint was saved yet"
                 )
