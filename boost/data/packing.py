@@ -325,8 +325,12 @@ class TrajectoryPacker:
     """
 
     def __init__(
-        self, trajectories: Sequence[TokenizedTrajectory], config: PackingConfig | None = None
+        self,
+        trajectories: Sequence[TokenizedTrajectory],
+        config: PackingConfig | None = None,
+        name: str = "batches",
     ) -> None:
+        self.name = name  # what the per-epoch log line calls these batches (e.g. "train", "validation")
         self.trajectories = trajectories
         self.config = config or PackingConfig()
         self.lengths = np.array([t.length for t in trajectories], dtype=np.int64)
@@ -362,7 +366,7 @@ class TrajectoryPacker:
                 bins = _best_fit_decreasing(order[start : start + cfg.window], self.lengths, cfg.token_budget)
                 plan += [bins[i] for i in rng.permutation(len(bins))]
         stats = self.epoch_stats[epoch] = self.stats(plan)
-        log.info("epoch %d: %s", epoch, stats.summary())
+        log.info("%s, epoch %d: %s", self.name, epoch, stats.summary())
         return plan
 
     def stats(self, plan: Sequence[Sequence[int]]) -> PackingStats:

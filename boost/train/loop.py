@@ -129,7 +129,7 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
             raise DataError(
                 f"{cfg.path}: no {name} trajectory survived tokenisation; see: {tok_report.summary()}"
             )
-        packers[name] = TrajectoryPacker(tokenized, pack_cfg)
+        packers[name] = TrajectoryPacker(tokenized, pack_cfg, name=name)
     sources = sorted({t.source for t in train})
     return TrainData(packers["train"], packers["validation"], packers["test"], sources, summary, train)
 
