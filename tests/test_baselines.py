@@ -89,3 +89,10 @@ def test_per_source_and_loss_heads_give_positive_weights_with_mean_mass():
         w[:3].sum().backward()  # differentiable in the head's parameters
     with pytest.raises(ValueError, match="head.num_sources > 0"):
         SourceHead(8, HeadConfig())
+
+
+def test_awr_is_neutral_for_truncated_trajectories():
+    """A truncated trajectory's reward is the whole episode's: AWR must not weight its kept part by it."""
+    rewards = torch.tensor([1.0, 1.0, 0.0])
+    f = awr_factors(rewards, beta=1.0, baseline=0.5, clip=5.0, truncated=torch.tensor([False, True, True]))
+    assert torch.allclose(f, torch.tensor([math.exp(0.5), 1.0, 1.0]))

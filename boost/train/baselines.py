@@ -177,9 +177,15 @@ def mean_return(trajectories: list[Trajectory]) -> float:
     return math.fsum(returns) / len(returns) if returns else 0.0
 
 
-def awr_factors(rewards: torch.Tensor, beta: float, baseline: float, clip: float) -> torch.Tensor:
-    """[S] ``min(exp(beta (R − baseline)), clip)``; 1 where the return is unknown (NaN)."""
+def awr_factors(
+    rewards: torch.Tensor, beta: float, baseline: float, clip: float, truncated: torch.Tensor | None = None
+) -> torch.Tensor:
+    """[S] ``min(exp(beta (R − baseline)), clip)``; 1 where the return is unknown (NaN) or does not
+    describe the tokens trained on (``truncated`` [S] bool: the episode's later turns were cut, and
+    its reward is the whole episode's)."""
     known = ~torch.isnan(rewards)
+    if truncated is not None:
+        known &= ~truncated.to(known.device)
     factor = torch.exp(beta * (torch.nan_to_num(rewards) - baseline)).clamp(max=clip)
     return torch.where(known, factor, torch.ones_like(factor))
 

@@ -247,7 +247,11 @@ class Trainer:
             w = fixed_weights(self.method, out.per_trajectory.detach(), synthetic, cfg.weighting.loss_drop)
         if cfg.weighting.awr_beta:
             w = w * awr_factors(
-                batch.rewards, cfg.weighting.awr_beta, self.awr_baseline, cfg.weighting.awr_max
+                batch.rewards,
+                cfg.weighting.awr_beta,
+                self.awr_baseline,
+                cfg.weighting.awr_max,
+                truncated=batch.truncated,
             )
         loss = (w.detach() * out.per_trajectory).sum() / batch.num_segments
         self.opt.zero_grad(set_to_none=True)
