@@ -1,4 +1,4 @@
-"""Implicit hypergradients over the LM-head block (DESIGN.md, "Implicit hypergradient").
+"""Implicit hypergradients over the LM-head block (docs/design.md, "Implicit hypergradient").
 
 The inner problem trains θ on the weighted loss L_in(θ, w) = Σ_i w_i L_i(θ) / Z (+ λ/2 |θ|², the
 damping of the linear system below); the outer objective is L_out on real validation trajectories.

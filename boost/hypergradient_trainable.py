@@ -1,6 +1,6 @@
 """Implicit hypergradients over all trainable parameters (e.g. LoRA), by finite differences.
 
-DESIGN.md, "Parameter block": for θ_S = every trainable parameter, σ_i and Hessian-vector products
+docs/design.md, "Parameter block": for θ_S = every trainable parameter, σ_i and Hessian-vector products
 come from central finite differences of plain forward and backward passes,
 
     σ_i ≈ [L_i(θ + εv) − L_i(θ − εv)] / (2ε),      H u ≈ [∇L_in(θ + εu) − ∇L_in(θ − εu)] / (2ε),

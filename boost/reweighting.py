@@ -1,6 +1,6 @@
 """The reweighting head: per-trajectory features -> weights w_i, and its outer objective.
 
-DESIGN.md, "Reweighting head"; the bound the regularisers come from is written out in
+docs/design.md, "Reweighting head"; the bound the regularisers come from is written out in
 ``docs/method.md``. Features per trajectory, all detached from the model θ:
 
     pooled [S, D]   mean of the last hidden states over the trajectory's counted tokens

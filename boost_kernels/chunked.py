@@ -5,7 +5,7 @@ This is the CPU path, the readable specification of what the Triton kernels comp
 of ``rows_per_chunk(V)`` rows, so the working memory is one ``[chunk, V]`` float32 block plus
 ``O(T)`` statistics.
 
-Notation (see DESIGN.md): for token t with hidden state ``h_t`` (row of ``hidden [T, D]``) and
+Notation (see docs/design.md): for token t with hidden state ``h_t`` (row of ``hidden [T, D]``) and
 label ``y_t`` (``-1``: not counted),
 
     z_raw = W h_t + b,   z = c·tanh(z_raw / c) (softcap c) or z_raw,   p = softmax(z),

@@ -17,7 +17,7 @@ Two kernels, each specialised by constexpr flags:
   without atomics. 16-bit dot operands are built so that nothing underflows (see the comment at
   the gradient tile).
 
-No [T, V] buffer exists anywhere. Interpreter pitfalls (DESIGN.md): under TRITON_INTERPRET=1 the
+No [T, V] buffer exists anywhere. Interpreter pitfalls (docs/design.md): under TRITON_INTERPRET=1 the
 operands are upcast to float32 before ``tl.dot`` (``UPCAST``; computed operands are
 first rounded to the input dtype, as on a GPU), tanh is written with ``exp``, and
 block sizes come from explicit tables rather than ``@triton.autotune``.

@@ -19,7 +19,7 @@ after that inner step (θ_t before it, θ_{t+1} after it):
 θ_t is kept for the outer step: the pre-step head (a [V, D] copy) for ``block="head"``, every
 trained parameter for ``block="trainable"`` (a copy of them), only on steps an outer step follows.
 
-With ``block="head"`` (default) the hypergradient is taken over the LM head (DESIGN.md, "Parameter
+With ``block="head"`` (default) the hypergradient is taken over the LM head (docs/design.md, "Parameter
 block"), reusing the inner step's hidden states, so an outer step costs one trunk forward on the
 validation batch plus fused head passes. ``block="trainable"`` takes it over every trained
 parameter by central finite differences (two forward/backward passes of the inner batch per HVP,
