@@ -5,6 +5,7 @@ resume, and the command line."""
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 
@@ -324,3 +325,14 @@ def test_cli_refuses_an_existing_run_and_stops_a_diverging_one_with_exit_1(asset
     assert math.isfinite(_strict_rows(tmp_path)[0]["loss"])
     code, line = _cli(capsys, *args)
     assert code == 2 and "already holds a run" in line and "--resume" in line and "--overwrite" in line
+
+
+def test_each_data_summary_line_is_logged_once(assets, tmp_path, caplog):
+    """The reader, the selection and the tokeniser log their lines as they go; the trainer does not
+    log the summary again, and the evaluation's replanning of epoch 0 logs nothing new."""
+    caplog.set_level(logging.INFO)
+    Trainer(_fast(assets, tmp_path, "steps=2"), progress=False).train()
+    lines = [r.getMessage().split("\n")[0] for r in caplog.records]
+    for start in ("real tasks:", "excluded ", "train: tokenised", "validation: tokenised", "train, epoch 0:"):
+        assert sum(line.startswith(start) for line in lines) == 1, start
+    assert sum("read " in line and " records" in line for line in lines) == 1

@@ -365,8 +365,10 @@ class TrajectoryPacker:
             for start in range(0, len(order), cfg.window):
                 bins = _best_fit_decreasing(order[start : start + cfg.window], self.lengths, cfg.token_budget)
                 plan += [bins[i] for i in rng.permutation(len(bins))]
+        first = epoch not in self.epoch_stats  # evaluation replans epoch 0: log each epoch once
         stats = self.epoch_stats[epoch] = self.stats(plan)
-        log.info("%s, epoch %d: %s", self.name, epoch, stats.summary())
+        if first:
+            log.info("%s, epoch %d: %s", self.name, epoch, stats.summary())
         return plan
 
     def stats(self, plan: Sequence[Sequence[int]]) -> PackingStats:

@@ -498,13 +498,17 @@ def _apply_length_policy(
 
 
 def tokenize_trajectories(
-    trajectories: Sequence[Trajectory], tokenizer: Any, config: TokenizeConfig | None = None
+    trajectories: Sequence[Trajectory],
+    tokenizer: Any,
+    config: TokenizeConfig | None = None,
+    name: str | None = None,
 ) -> tuple[list[TokenizedTrajectory], TokenizeReport]:
     """Tokenise trajectories turn by turn and apply the length policy.
 
     Returns:
         The kept trajectories in input order (``index`` points into ``trajectories``) and the report,
-        which is also logged (at WARNING level when anything was dropped or truncated).
+        which is also logged (at WARNING level when anything was dropped or truncated), after
+        ``name: `` when a name (e.g. the split) is given.
     """
     config = config or TokenizeConfig()
     turn_tokenizer = TurnTokenizer(tokenizer, config)
@@ -548,8 +552,10 @@ def tokenize_trajectories(
             report.tokens += item.length
             report.counted_tokens += item.num_counted
             out.append(item)
-    if report.num_dropped or report.truncated or report.assistant_turns_without_eot:
-        log.warning(report.summary())
-    else:
-        log.info(report.summary())
+    level = (
+        logging.WARNING
+        if report.num_dropped or report.truncated or report.assistant_turns_without_eot
+        else logging.INFO
+    )
+    log.log(level, "%s%s", f"{name}: " if name else "", report.summary())
     return out, report

@@ -45,7 +45,9 @@ def build_parser(description: str, examples: str = "") -> argparse.ArgumentParse
     runs.add_argument(
         "--overwrite", action="store_true", help="delete the run files in out_dir and start a new run"
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--quiet", action="store_true", help="no progress bars (the trainer's and transformers')"
+    )
     parser.add_argument(
         "overrides", nargs="*", help="key=value settings, e.g. steps=200 solver.method=neumann"
     )
@@ -58,6 +60,10 @@ def main(
     parser = build_parser(description, examples)
     args = parser.parse_intermixed_args(argv)  # options may follow key=value settings
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if args.quiet:  # also the model loading / saving bars of transformers (GGUF included)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         cfg = load_config(TrainConfig, args.config, args.overrides)
     except (ValueError, FileNotFoundError) as exc:

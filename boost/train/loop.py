@@ -109,6 +109,7 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
         synthetic, note = select([t for t in train if t.source != "real"])
         train = real + synthetic
         summary.append(note)
+        log.info(note)
     tok_cfg = TokenizeConfig(max_length=cfg.max_length)
     pack_cfg = PackingConfig(
         token_budget=cfg.token_budget, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id or 0,
@@ -123,7 +124,7 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
         if not items:
             packers[name] = None
             continue
-        tokenized, tok_report = tokenize_trajectories(items, tokenizer, tok_cfg)
+        tokenized, tok_report = tokenize_trajectories(items, tokenizer, tok_cfg, name=name)
         summary.append(f"{name}: {tok_report.summary()}")
         if not tokenized:
             raise DataError(
@@ -490,8 +491,6 @@ class Trainer:
         if resume and self.resume():
             log.info("resumed from %s at step %d", latest_checkpoint(self.out), self.step)
         write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg)))
-        for line in self.data.summary:
-            log.info(line)
         batches = _cycle(self.data.train, skip=self.step)
         val_batches = _cycle(  # one validation batch per outer step taken so far
             self.data.validation, skip=sum(self.takes_outer_step(s) for s in range(1, self.step + 1))

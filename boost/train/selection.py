@@ -108,7 +108,6 @@ def select_trajectories(cfg: DataConfig) -> Selection:
                 f"WARNING: {what}; trained on them (data.keep_held_out_synthetic=true), so the validation "
                 "objective and the test loss measure tasks the model has trained on"
             )
-            log.warning(summary[-1])
             kept, excluded = synthetic, []
         else:
             summary.append(f"excluded {what}; data.keep_held_out_synthetic=true keeps them")
@@ -118,4 +117,6 @@ def select_trajectories(cfg: DataConfig) -> Selection:
         summary.append(
             f"{unchecked} synthetic trajectories have no task_id: not checked against held-out tasks"
         )
+    for line in summary[1:]:  # the read report (summary[0]) is logged by the reader itself
+        (log.warning if line.startswith("WARNING") else log.info)(line)
     return Selection(split.train + kept, split.validation, split.test, excluded, summary)
