@@ -198,12 +198,8 @@ class Trainer:
                 f"sources ({', '.join(self.data.sources)}); set head.num_sources >= {len(self.data.sources)} or 0"
             )
         self.head = make_head(self.method, self.model.config.hidden_size, cfg.head).to(self.device)
-        self.opt = torch.optim.AdamW(
-            [p for p in self.model.parameters() if p.requires_grad],
-            lr=cfg.optim.lr,
-            weight_decay=cfg.optim.weight_decay,
-        )
-        if cfg.weighting.freeze_mass and hasattr(self.head, "log_mass"):
+        self.opt = torch.optim.AdamW(self._trained(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        if cfg.weighting.freeze_mass:  # every head (the baselines' too) is a ReweightingHead
             self.head.log_mass.requires_grad_(False)
         self.head_opt = torch.optim.Adam(
             [p for p in self.head.parameters() if p.requires_grad], lr=cfg.optim.head_lr
