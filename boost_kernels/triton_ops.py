@@ -9,6 +9,7 @@ interpreter's bf16 dot is wrong.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import types
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ import torch
 import triton
 
 from boost_kernels.chunked import is_transform_wrapped
-from boost_kernels.triton_kernels import token_grads_kernel, token_stats_kernel
+from boost_kernels.triton_kernels import token_grads_kernel, token_grads_slab_kernel, token_stats_kernel
 
 
 def interpreting() -> bool:
@@ -200,131 +201,156 @@ def token_losses(
 
 # 16-bit gradients accumulate in float32 scratch of at most this many bytes and are rounded to the
 # input dtype once, at the end. When d_hidden and d_weight fit together, one launch covers every
-# tile. Otherwise two passes each recompute the logit tiles: d_hidden one token slab at a time (each
-# launch sweeps the whole vocabulary), then d_weight one vocabulary slab at a time (each launch
-# sweeps every token). float32 inputs accumulate straight into the gradients (no scratch, one launch).
+# tile. Otherwise one launch runs two passes that each recompute the logit tiles: d_hidden token
+# slab by token slab, then d_weight vocabulary slab by vocabulary slab, through a ring of
+# SCRATCH_SLOTS float32 slots (token_grads_slab_kernel). float32 inputs accumulate straight into
+# the gradients (no scratch, one launch).
 SCRATCH_BYTES = 56 * 2**20  # + O(T) statistics stays under the issue's 64 MiB of extra memory
+# Slots of the ring: while one slab is rounded out by its last program, the next SCRATCH_SLOTS - 1
+# slabs keep the GPU busy. More slots mean narrower slabs (less L2 reuse inside a slab).
+SCRATCH_SLOTS = 4
 
 
-def _slab_rows(n: int, D: int, block: int) -> int:
-    """Rows of a [rows, D] float32 slab within SCRATCH_BYTES (a multiple of the block, at least one)."""
-    return min(n, max(block, SCRATCH_BYTES // (4 * D) // block * block))
+def _ring(D: int, block_t: int, block_v: int, slabs_wanted) -> tuple[int, int]:
+    """(rows per slot, slots) of the float32 ring: slots·rows·D·4 <= SCRATCH_BYTES unless a single
+    slot of one block of rows is already larger (then one slot of one block). Rows are a multiple
+    of both block sizes; ``slabs_wanted(rows)`` is the number of slabs at that slot size."""
+    unit = math.lcm(block_t, block_v)
+    row_bytes = 4 * D
+    rows = max(unit, SCRATCH_BYTES // (SCRATCH_SLOTS * row_bytes) // unit * unit)
+    slots = max(1, min(SCRATCH_BYTES // (rows * row_bytes), slabs_wanted(rows)))
+    return rows, slots
 
 
-def _rows(x: torch.Tensor | None, start: int, stop: int) -> torch.Tensor | None:
-    return None if x is None else x[start:stop]
+def grad_filter_eps(grad_filter: bool | float, dtype: torch.dtype) -> float:
+    """The gradient filter's threshold on |p - e_y|: 0 (off) for False, Cut Cross-Entropy's
+    ``finfo(dtype).eps / 32`` for True (2^-12 for bf16), or the given positive float."""
+    if grad_filter is False or grad_filter is None:
+        return 0.0
+    if grad_filter is True:
+        return torch.finfo(dtype).eps / 32
+    eps = float(grad_filter)
+    if not eps > 0.0:
+        raise ValueError(f"grad_filter must be True, False or a positive threshold, got {grad_filter!r}")
+    return eps
 
 
 def _launch_grads(
     hidden, weight, bias, labels, softcap, coef, lse, pdz, tangents, need_hidden, need_weight, need_bias,
-    deterministic=False,
+    deterministic=False, filter_eps=0.0,
 ):  # fmt: skip
     """Accumulate (d_hidden [T, D], d_weight [V, D], d_bias float32 [V]).
 
     d_hidden and d_weight come back in float32 for float32 inputs and in the input dtype for 16-bit
-    inputs, rounded once (see SCRATCH_BYTES for how those are accumulated). ``deterministic``: no
-    atomics; one program owns each token block (d_hidden) or vocabulary block (d_weight, d_bias)
-    and adds its tiles in a fixed order, so the result is bitwise the same run to run (two passes
-    over the logits, and fewer programs in flight for d_hidden: slower).
+    inputs, each element accumulated in float32 and rounded once (see SCRATCH_BYTES). A small
+    constant number of launches whatever T and V. ``deterministic``: no floating-point atomics; one
+    program owns each token block (d_hidden) or vocabulary block (d_weight, d_bias) and adds its
+    tiles in a fixed order, so the result is bitwise the same run to run (two passes over the
+    logits, and fewer programs in flight: slower). ``filter_eps`` > 0 (gradients only, not HVP):
+    skip the tiles where every |p - e_y| is below it (see grad_filter_eps).
     """
     T, D = hidden.shape
     V = weight.shape[0]
     _require_plain(hidden, weight, bias, coef, *(tangents or ()))
     bias, labels = _vec(bias), _vec(labels)
     hvp = tangents is not None
+    if hvp and filter_eps:
+        raise ValueError("the gradient filter is for first-order gradients only; the HVP stays exact")
     tangent_weight, tangent_hidden, tangent_bias = tangents if hvp else (None, None, None)
     tangent_bias = _vec(tangent_bias)
-    kernel = "grads_ordered" if deterministic else "grads"
-    cfg = block_config(kernel, hvp, hidden.dtype, device_info(hidden.device).arch)
     f32 = dict(dtype=torch.float32, device=hidden.device)
-    dummy = coef
-
-    def launch(t0, t1, v0, v1, dh_out, dw_out, db_out, owner=0):
-        """One launch over tokens [t0, t1) x vocabulary [v0, v1); None outputs are not computed."""
-        t_blocks, v_blocks = triton.cdiv(t1 - t0, cfg.block_t), triton.cdiv(v1 - v0, cfg.block_v)
-        grid = ((t_blocks * v_blocks, t_blocks, v_blocks)[owner],)
-        token_grads_kernel[grid](
-            hidden[t0:t1], weight[v0:v1], _rows(bias, v0, v1) if bias is not None else hidden,
-            labels[t0:t1], coef[t0:t1], lse[t0:t1],
-            _rows(tangent_weight, v0, v1) if tangent_weight is not None else hidden,
-            _rows(tangent_hidden, t0, t1) if tangent_hidden is not None else hidden,
-            _rows(tangent_bias, v0, v1) if tangent_bias is not None else hidden,
-            pdz[t0:t1] if pdz is not None else dummy,
-            dh_out if dh_out is not None else dummy,
-            dw_out if dw_out is not None else dummy,
-            db_out[v0:v1] if db_out is not None else dummy,
-            t1 - t0, v1 - v0, D, v0,
-            *_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden),
-            float(softcap) if softcap is not None else 1.0,
-            HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HVP=hvp,
-            HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
-            HAS_BETA=tangent_bias is not None,
-            NEED_DH=dh_out is not None, NEED_DW=dw_out is not None, NEED_DB=db_out is not None,
-            UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
-            BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_T=GROUP_T, OWNER=owner,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-
-    d_bias = torch.zeros(V, **f32) if need_bias else None
     exact = hidden.dtype == torch.float32
-    out = dict(dtype=hidden.dtype, device=hidden.device)
-    if exact:  # float32 gradients are their own accumulators
+    one_pass = not deterministic and (
+        exact or (need_hidden * T + need_weight * V) * D * 4 <= SCRATCH_BYTES
+    )
+    cfg = block_config("grads" if not deterministic else "grads_ordered", hvp, hidden.dtype,
+                       device_info(hidden.device).arch)  # fmt: skip
+    dummy = coef
+    operands = (
+        hidden, weight, bias if bias is not None else hidden, labels, coef, lse,
+        tangent_weight if tangent_weight is not None else hidden,
+        tangent_hidden if tangent_hidden is not None else hidden,
+        tangent_bias if tangent_bias is not None else hidden,
+        pdz if pdz is not None else dummy,
+    )  # fmt: skip
+    strides = (*_strides(hidden), *_strides(weight), *_strides(tangent_weight), *_strides(tangent_hidden))
+    flags = dict(
+        HAS_BIAS=bias is not None, HAS_SOFTCAP=softcap is not None, HVP=hvp,
+        HAS_U=tangent_weight is not None, HAS_DH=tangent_hidden is not None,
+        HAS_BETA=tangent_bias is not None,
+        NEED_DH=need_hidden, NEED_DW=need_weight, NEED_DB=need_bias,
+        UPCAST=interpreting(), DOT_PRECISION=_dot_precision(hidden.dtype),
+        BLOCK_T=cfg.block_t, BLOCK_V=cfg.block_v, BLOCK_D=cfg.block_d, GROUP_T=GROUP_T,
+        FILTER_EPS=float(filter_eps), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    cap = float(softcap) if softcap is not None else 1.0
+    d_bias = torch.zeros(V, **f32) if need_bias else None
+    t_blocks, v_blocks = triton.cdiv(T, cfg.block_t), triton.cdiv(V, cfg.block_v)
+
+    if one_pass:  # every tile in one launch, float32 accumulators (the gradients themselves if fp32)
         d_hidden = torch.zeros(T, D, **f32) if need_hidden else None
         d_weight = torch.zeros(V, D, **f32) if need_weight else None
-    else:
-        d_hidden = torch.empty(T, D, **out) if need_hidden else None
-        d_weight = torch.empty(V, D, **out) if need_weight else None
-    if not deterministic:
-        if exact:
-            launch(0, T, 0, V, d_hidden, d_weight, d_bias)
-            return d_hidden, d_weight, d_bias
-        if (need_hidden * T + need_weight * V) * D * 4 <= SCRATCH_BYTES:  # one pass, one launch
-            h_acc = torch.zeros(T, D, **f32) if need_hidden else None
-            w_acc = torch.zeros(V, D, **f32) if need_weight else None
-            launch(0, T, 0, V, h_acc, w_acc, d_bias)
-            for acc, grad in ((h_acc, d_hidden), (w_acc, d_weight)):
-                if acc is not None:
-                    grad.copy_(acc)
-            return d_hidden, d_weight, d_bias
+        token_grads_kernel[(t_blocks * v_blocks,)](
+            *operands,
+            d_hidden if d_hidden is not None else dummy,
+            d_weight if d_weight is not None else dummy,
+            d_bias if d_bias is not None else dummy,
+            T, V, D, 0, *strides, cap, **flags,
+        )  # fmt: skip
+        if not exact:
+            d_hidden = d_hidden.to(hidden.dtype) if d_hidden is not None else None
+            d_weight = d_weight.to(hidden.dtype) if d_weight is not None else None
+        return d_hidden, d_weight, d_bias
 
-    # Two passes: token slabs against the whole vocabulary, then vocabulary slabs against every
-    # token. The bias gradient rides with the first pass that visits every tile (the second when
-    # deterministic: only a program owning a vocabulary block may add into it without atomics).
-    bias_in_first = need_hidden and not deterministic
+    # One launch, two passes (token_grads_slab_kernel): token slabs, then vocabulary slabs.
+    owner = 1 if deterministic else 0
+    bias_first = need_bias and need_hidden and owner == 0
+    second_pass = need_weight or (need_bias and not bias_first)
+    unit = math.lcm(cfg.block_t, cfg.block_v)
+
+    def slabs(rows):
+        return (triton.cdiv(T, rows) if need_hidden else 0) + triton.cdiv(V, rows)
+
+    if exact:  # no scratch: one slab per pass, nothing to wait for
+        rows, slots = triton.cdiv(max(T, V), unit) * unit, 1
+    else:
+        rows, slots = _ring(D, cfg.block_t, cfg.block_v, slabs)
+    programs = 0
     if need_hidden:
-        rows = T if exact else _slab_rows(T, D, cfg.block_t)
-        scratch = None if exact else torch.empty(rows, D, **f32)
-        for t0 in range(0, T, rows):
-            t1 = min(t0 + rows, T)
-            acc = d_hidden[t0:t1] if exact else scratch
-            if not exact:
-                acc.zero_()
-            launch(
-                t0, t1, 0, V, acc, None, d_bias if bias_in_first else None, owner=1 if deterministic else 0
-            )
-            if not exact:
-                d_hidden[t0:t1].copy_(scratch[: t1 - t0])
-        del scratch, acc  # freed before the vocabulary pass allocates its own
-    if need_weight or (need_bias and not bias_in_first):
-        rows = V if exact or not need_weight else _slab_rows(V, D, cfg.block_v)
-        scratch = None if exact or not need_weight else torch.empty(rows, D, **f32)
-        for v0 in range(0, V, rows):
-            v1 = min(v0 + rows, V)
-            acc = d_weight[v0:v1] if exact and need_weight else scratch
-            if scratch is not None:
-                acc.zero_()
-            db = None if bias_in_first else d_bias
-            launch(0, T, v0, v1, None, acc, db, owner=2 if deterministic else 0)
-            if scratch is not None:
-                d_weight[v0:v1].copy_(scratch[: v1 - v0])
+        programs += t_blocks * v_blocks if owner == 0 else t_blocks
+    if second_pass:
+        programs += t_blocks * v_blocks if owner == 0 else v_blocks
+    out = f32 if exact else dict(dtype=hidden.dtype, device=hidden.device)
+    make = torch.zeros if exact else torch.empty
+    d_hidden = make(T, D, **out) if need_hidden else None
+    d_weight = make(V, D, **out) if need_weight else None
+    scratch = None if exact else torch.zeros(slots, rows, D, **f32)
+    sync = None if exact else torch.zeros(1 + 2 * slabs(rows), dtype=torch.int32, device=hidden.device)
+    token_grads_slab_kernel[(programs,)](
+        *operands,
+        d_hidden if d_hidden is not None else dummy,
+        d_weight if d_weight is not None else dummy,
+        d_bias if d_bias is not None else dummy,
+        scratch if scratch is not None else dummy,
+        sync if sync is not None else dummy,
+        T, V, D, 0, slots, rows, *strides, cap, OWNER=owner, STAGED=not exact, **flags,
+    )  # fmt: skip
     return d_hidden, d_weight, d_bias
 
 
 def token_loss_grads(
     hidden, weight, bias, labels, softcap, coef, lse=None, need_hidden=True, need_weight=True, need_bias=True,
-    deterministic=False,
+    deterministic=False, grad_filter=False,
 ):  # fmt: skip
-    """Triton version of :func:`boost_kernels.chunked.token_loss_grads` (``deterministic``: see _launch_grads)."""
+    """Triton version of :func:`boost_kernels.chunked.token_loss_grads` (``deterministic``: see _launch_grads).
+
+    ``grad_filter`` (off by default): skip the (token block, vocabulary block) tiles in which every
+    |p - e_y| is below a threshold (True: Cut Cross-Entropy's finfo(dtype).eps / 32, 2^-12 for
+    bf16; or a float). Each skipped entry changes d_hidden[t, :] by coef_t·g_tv·W[v, :] and
+    d_weight[v, :] by coef_t·g_tv·h[t, :] with |g_tv| < threshold, so
+    |Δd_hidden[t, d]| <= threshold·|coef_t|·Σ_v |W[v, d]|,
+    |Δd_weight[v, d]| <= threshold·Σ_t |coef_t|·|h[t, d]| and |Δd_bias[v]| <= threshold·Σ_t |coef_t|.
+    """
     if lse is None:
         lse = token_losses(hidden, weight, bias, labels, softcap)[1]
     return _launch_grads(
@@ -341,6 +367,7 @@ def token_loss_grads(
         need_weight,
         need_bias and bias is not None,
         deterministic,
+        grad_filter_eps(grad_filter, hidden.dtype),
     )
 
 
