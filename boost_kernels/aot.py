@@ -95,6 +95,7 @@ def calls(variants: bool = False) -> dict:
             "loss_bwd+bias+softcap": lambda x: _bwd(x, x["bias"], 30.0),
             "jvp+all_tangents+softcap": lambda x: _fwd(x, x["bias"], 30.0, tuple(x[k] for k in every)),
             "loss_bwd+deterministic": lambda x: _bwd(x, x["bias"], deterministic=True),
+            "loss_bwd+grad_filter": lambda x: _bwd(x, grad_filter=True),
             "hvp+deterministic": lambda x: _hvp(x, deterministic=True, **head_only),
             "hvp+all_tangents+softcap": lambda x: _hvp(x, x["bias"], 30.0, tuple(x[k] for k in every)),
         }

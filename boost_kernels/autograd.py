@@ -233,8 +233,9 @@ class TokenLossGrads(torch.autograd.Function):
                 )
             )
         if t_coef is not None and not _known_zero(t_coef):
+            exact = getattr(ctx.impl, "exact", ctx.impl)  # the gradient filter is for first order only
             accumulate(
-                ctx.impl.token_loss_grads(
+                exact.token_loss_grads(
                     hidden, weight, bias, labels, ctx.softcap, t_coef, lse, need_h, need_w, need_b
                 )
             )

@@ -48,11 +48,15 @@ class HeadHVP(NamedTuple):
     bias: torch.Tensor | None  # [V]: d(dL/db)
 
 
-def select_impl(backend: str, hidden: torch.Tensor, deterministic: bool = False) -> types.ModuleType:
+def select_impl(
+    backend: str, hidden: torch.Tensor, deterministic: bool = False, grad_filter: bool | float = False
+) -> types.ModuleType:
     """The module implementing the three primitives for this backend and these tensors.
 
     ``deterministic``: Triton gradients without atomics, bitwise the same run to run (the PyTorch
-    path is deterministic already)."""
+    path is deterministic already). ``grad_filter``: the Triton path's first-order gradients skip
+    tiles of negligible probability (see ``triton_ops.token_loss_grads``); the PyTorch path, the
+    JVP, the HVP and the double backward stay exact."""
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "torch":
@@ -68,7 +72,7 @@ def select_impl(backend: str, hidden: torch.Tensor, deterministic: bool = False)
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on CPU"
         )
-    return triton_ops.DETERMINISTIC if deterministic else triton_ops
+    return triton_ops.with_options(deterministic, grad_filter)
 
 
 class _Prepared(NamedTuple):
@@ -90,6 +94,7 @@ def _prepare(
     backend,
     validate,
     deterministic=False,
+    grad_filter=False,
 ) -> _Prepared:
     _validate.check_float("hidden", hidden, 2)
     _validate.check_float("weight", weight, 2)
@@ -112,7 +117,7 @@ def _prepare(
     safe_labels = torch.where(counted, labels, -1)
     segments = torch.where(counted, segment_ids, 0)
     num_tokens = torch.bincount(segment_ids[counted], minlength=num_segments)
-    impl = select_impl(backend, hidden, deterministic)
+    impl = select_impl(backend, hidden, deterministic, grad_filter)
     if T == 0:
         impl = chunked  # nothing to launch; the PyTorch path returns empty results
     return _Prepared(safe_labels, segments, counted, num_tokens, impl)
@@ -167,6 +172,7 @@ def trajectory_cross_entropy(
     validate: bool = True,
     precompute_grad: bool = True,
     deterministic: bool = False,
+    grad_filter: bool | float = False,
 ) -> TrajectoryLoss:
     """Fused LM head + cross-entropy, reduced per trajectory and weighted, without [T, V] logits.
 
@@ -178,6 +184,10 @@ def trajectory_cross_entropy(
     ``per_trajectory`` rather than ``loss`` (the precomputed gradient would go unused).
     ``deterministic`` (Triton path): gradients without atomics, bitwise the same run to run,
     slower (two passes over the logits; the PyTorch path is deterministic already).
+    ``grad_filter`` (Triton path, off by default): Cut Cross-Entropy's filtered mode; the gradient
+    skips the tiles in which every |softmax - onehot| is below a threshold (True: finfo(dtype).eps
+    / 32, 2^-12 for bf16; or a float), within the bound stated in ``triton_ops.token_loss_grads``.
+    Only the first-order gradient is filtered: the loss, JVP, HVP and double backward stay exact.
     """
     _validate.check_options(normalize, softcap, num_segments, normalizer)
     prep = _prepare(
@@ -191,6 +201,7 @@ def trajectory_cross_entropy(
         backend,
         validate,
         deterministic,
+        grad_filter,
     )
     w = _weights(traj_weights, num_segments, hidden.device)
     scale = _token_scale(prep, normalize, chunked.compute_dtype(hidden.dtype))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import sys
 import types
 from dataclasses import dataclass
 
@@ -260,9 +261,7 @@ def _launch_grads(
     tangent_bias = _vec(tangent_bias)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     exact = hidden.dtype == torch.float32
-    one_pass = not deterministic and (
-        exact or (need_hidden * T + need_weight * V) * D * 4 <= SCRATCH_BYTES
-    )
+    one_pass = not deterministic and (exact or (need_hidden * T + need_weight * V) * D * 4 <= SCRATCH_BYTES)
     cfg = block_config("grads" if not deterministic else "grads_ordered", hvp, hidden.dtype,
                        device_info(hidden.device).arch)  # fmt: skip
     dummy = coef
@@ -387,6 +386,24 @@ def token_loss_hvp(
         (tangent_weight, tangent_hidden, tangent_bias),
         need_hidden, need_weight, need_bias and bias is not None, deterministic,
     )  # fmt: skip
+
+
+def with_options(deterministic: bool = False, grad_filter: bool | float = False):
+    """The three primitives with these options: this module itself when both are off.
+
+    With ``grad_filter`` only ``token_loss_grads`` filters; the namespace's ``exact`` is the
+    unfiltered implementation, for the derivatives of the gradient (they stay exact)."""
+    exact = DETERMINISTIC if deterministic else sys.modules[__name__]
+    if not grad_filter_eps(grad_filter, torch.float32):
+        return exact
+    return types.SimpleNamespace(
+        token_losses=token_losses,
+        token_loss_grads=functools.partial(
+            token_loss_grads, deterministic=deterministic, grad_filter=grad_filter
+        ),
+        token_loss_hvp=exact.token_loss_hvp,
+        exact=exact,
+    )
 
 
 # The same primitives with bitwise-reproducible gradients (ops: ``deterministic=True``). The

@@ -10,6 +10,8 @@ coefficients down to 1/16384.
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -71,9 +73,11 @@ def test_small_coefficients_do_not_underflow(dtype, coefs):
     )
 
 
-def test_slabbed_16bit_gradients_are_rounded_once(monkeypatch):
-    """With scratch for one block of rows only, the two slab passes must give the one-launch result:
-    each gradient row accumulated in float32 and rounded once (not once per slab)."""
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_slabbed_16bit_gradients_are_rounded_once(monkeypatch, slots):
+    """With scratch for a few slabs only, the slab kernel (both passes in one launch, a ring of
+    ``slots`` float32 slots, each slab rounded by its last program) must give the one-launch
+    result: each gradient row accumulated in float32 and rounded once (not once per slab)."""
     if not triton_ops.interpreting():
         pytest.skip("compares interpreter runs")
     seed = fresh_seed()
@@ -83,7 +87,11 @@ def test_slabbed_16bit_gradients_are_rounded_once(monkeypatch):
     labels = torch.randint(0, 200, (70,), generator=g)
     coef = torch.rand(70, generator=g) / 70
     whole = triton_ops.token_loss_grads(hidden, weight, None, labels, None, coef, need_bias=False)
-    monkeypatch.setattr(triton_ops, "SCRATCH_BYTES", 1)  # slabs of one block: 3 token, 4 vocabulary
+    # Slots of 64 rows under the interpreter (32x64 tiles): 2 token slabs, then 4 vocabulary slabs.
+    rows = math.lcm(triton_ops.INTERPRETER_CONFIG.block_t, triton_ops.INTERPRETER_CONFIG.block_v)
+    monkeypatch.setattr(triton_ops, "SCRATCH_BYTES", slots * rows * 24 * 4)
+    cfg = triton_ops.INTERPRETER_CONFIG
+    assert triton_ops._ring(24, cfg.block_t, cfg.block_v, lambda r: 6) == (rows, slots)
     slabbed = triton_ops.token_loss_grads(hidden, weight, None, labels, None, coef, need_bias=False)
     assert torch.equal(whole[0], slabbed[0]), f"d_hidden differs, seed={seed}"
     assert torch.equal(whole[1], slabbed[1]), f"d_weight differs, seed={seed}"
