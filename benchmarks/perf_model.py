@@ -101,6 +101,29 @@ def _token_grads(x, e) -> Work:
     return Work("", 1, flops, min_bytes, tile_bytes, atomic_bytes)
 
 
+def _token_grads_slab(x, e) -> Work:
+    """Both passes of the slab kernel: d_hidden over token slabs, then d_weight over vocabulary slabs;
+    each pass recomputes the logit tiles. STAGED (16-bit): a float32 slot per slab, read, zeroed and
+    rounded into the 16-bit gradient once by the slab's last program."""
+    T, V, D, bt, bv, bd = x["T"], x["V"], x["D"], x["BLOCK_T"], x["BLOCK_V"], x["BLOCK_D"]
+    hvp = bool(x["HVP"])
+    u, dh = hvp and bool(x["HAS_U"]), hvp and bool(x["HAS_DH"])
+    need_h, need_w = bool(x["NEED_DH"]), bool(x["NEED_DW"])
+    staged, atomic = bool(x["STAGED"]), x["OWNER"] == 0
+    tiles = _cdiv(T, bt) * _cdiv(V, bv)
+    d = _cdiv(D, bd) * bd
+    logit_dots, logit_bytes = 1 + u + dh, bt * (1 + dh) + bv * (1 + u)
+    passes = need_h + need_w
+    flops = tiles * 2 * bt * bv * d * (passes * logit_dots + need_h * (1 + u) + need_w * (1 + dh))
+    grad_bytes = need_h * bv * (1 + u) + need_w * bt * (1 + dh)
+    tile_bytes = tiles * d * e * (passes * logit_bytes + grad_bytes)
+    atomic_bytes = atomic * tiles * d * 4 * (need_h * bt + need_w * bv)
+    rows = need_h * T + need_w * V
+    finish = rows * D * (4 + 4 + e) if staged else 0  # read the slot, zero it, write the gradient
+    min_bytes = passes * e * D * (T * (1 + dh) + V * (1 + u)) + 8 * D * rows + finish
+    return Work("", 1, flops, min_bytes, tile_bytes, atomic_bytes)
+
+
 def _cce_lse_forward(x, e) -> Work:
     B, V, D, bb, bv = x["B"], x["V"], x["D"], x["BLOCK_B"], x["BLOCK_V"]
     tiles = _cdiv(B, bb) * _cdiv(V, bv)
@@ -129,6 +152,7 @@ def _liger_cross_entropy(x, e) -> Work:
 KERNELS = {
     "token_stats_kernel": _token_stats,
     "token_grads_kernel": _token_grads,
+    "token_grads_slab_kernel": _token_grads_slab,
     "_cce_lse_forward_kernel": _cce_lse_forward,
     "_indexed_neg_dot_forward_kernel": _cce_indexed_dot,
     "_cce_backward_kernel": _cce_backward,

@@ -79,35 +79,113 @@ def _tool(name: str, *args: str) -> str:
     ).stdout
 
 
-_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*);")
-_LABEL = re.compile(r"^(\.L_x_\d+):")
-_BRANCH = re.compile(r"BRA\s+`?\(?(\.L_x_\d+)\)?")
+_INSTR = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)(.*);")
+_LABEL = re.compile(r"^([.$\w]+):$")
+_TARGET = re.compile(r"`\(?([.$\w]+)\)?")
+
+
+def _sccs(succ: list[list[int]]) -> list[int]:
+    """Strongly connected component id of every node (iterative Tarjan)."""
+    n = len(succ)
+    index, low, comp = [-1] * n, [0] * n, [-1] * n
+    stack, on_stack, counter, ncomp = [], [False] * n, 0, 0
+    for root in range(n):
+        if index[root] != -1:
+            continue
+        work = [(root, 0)]
+        while work:
+            v, i = work.pop()
+            if i == 0:
+                index[v] = low[v] = counter
+                counter += 1
+                stack.append(v)
+                on_stack[v] = True
+            if i < len(succ[v]):
+                work.append((v, i + 1))
+                w = succ[v][i]
+                if index[w] == -1:
+                    work.append((w, 0))
+                elif on_stack[w]:
+                    low[v] = min(low[v], index[w])
+                continue
+            for w in succ[v]:
+                if on_stack[w] or comp[w] == -1 and index[w] > index[v]:
+                    low[v] = min(low[v], low[w])
+            if low[v] == index[v]:
+                while True:
+                    w = stack.pop()
+                    on_stack[w] = False
+                    comp[w] = ncomp
+                    if w == v:
+                        break
+                ncomp += 1
+    return comp
 
 
 def parse_sass(sass: str) -> list[tuple[int, str, str, bool]]:
-    """[(address, opcode, operands, inside_a_loop)] of every instruction of the kernel."""
-    labels: dict[str, int] = {}
-    instrs: list[tuple[int, str, str]] = []
-    pending: list[str] = []
+    """[(address, opcode, operands, inside_a_loop)] of every instruction of the kernel.
+
+    Inside a loop = on a cycle of the control-flow graph (an instruction a thread can run more than
+    once): the edges are fall-through, branch targets (a predicated or conditional branch has
+    both) and nothing after an unpredicated EXIT / RET. A CALL to a label of the kernel's own code
+    (``.L_x_``: ptxas uses ``CALL.REL.NOINC`` without a return to leave loops) is a branch; a CALL
+    to a helper function falls through, and the helper's instructions count as inside a loop when
+    any of its call sites is (leaf helpers, as Triton's shuffles).
+    """
+    labels: dict[str, int] = {}  # label -> index of the instruction it names
+    instrs: list[tuple[int, str, str, bool]] = []  # (address, opcode, operands, predicated)
     for line in sass.splitlines():
         m = _LABEL.match(line.strip())
         if m:
-            pending.append(m.group(1))
+            labels[m.group(1)] = len(instrs)
             continue
         m = _INSTR.match(line)
         if m:
-            addr = int(m.group(1), 16)
-            for name in pending:
-                labels[name] = addr
-            pending = []
-            instrs.append((addr, m.group(2), m.group(3)))
-    loops = []  # [start, end] of every backward branch's body
-    for addr, op, rest in instrs:
-        if op.startswith("BRA"):
-            b = _BRANCH.search(op + rest)
-            if b and b.group(1) in labels and labels[b.group(1)] <= addr:
-                loops.append((labels[b.group(1)], addr))
-    return [(a, op, rest, any(s <= a <= e for s, e in loops)) for a, op, rest in instrs]
+            instrs.append((int(m.group(1), 16), m.group(3), m.group(4), m.group(2) is not None))
+    n = len(instrs)
+    succ: list[list[int]] = [[] for _ in range(n)]
+    calls: list[tuple[int, int]] = []  # (call site, callee entry)
+    for k, (_, op, rest, predicated) in enumerate(instrs):
+        base = op.split(".")[0]
+        target = _TARGET.search(rest)
+        falls = k + 1 < n
+        if base in ("BRX", "JMX"):
+            raise RuntimeError(f"indirect branch {op} in the SASS: loops cannot be found")
+        if base in ("BRA", "JMP"):
+            if target is None or target.group(1) not in labels:
+                raise RuntimeError(f"branch without a known target: {op}{rest}")
+            succ[k].append(labels[target.group(1)])
+            conditional = predicated or op != base or rest.strip().split("`")[0].strip(" ,")
+            if falls and conditional:
+                succ[k].append(k + 1)
+        elif base in ("EXIT", "RET"):
+            if falls and predicated:
+                succ[k].append(k + 1)
+        else:
+            if base == "CALL" and target is not None and target.group(1) in labels:
+                if target.group(1).startswith(".L_x_"):
+                    # ptxas' loop exit: a call to a label of the kernel itself that never returns.
+                    succ[k].append(labels[target.group(1)])
+                else:
+                    calls.append((k, labels[target.group(1)]))
+            if falls:
+                succ[k].append(k + 1)
+    comp = _sccs(succ)
+    size: dict[int, int] = {}
+    for c in comp:
+        size[c] = size.get(c, 0) + 1
+    in_loop = [size[comp[k]] > 1 or k in succ[k] for k in range(n)]
+    for site, entry in calls:
+        if in_loop[site]:  # every instruction the callee can reach runs again on each iteration
+            seen, todo = set(), [entry]
+            while todo:
+                v = todo.pop()
+                if v not in seen:
+                    seen.add(v)
+                    todo.extend(succ[v])
+            for v in seen:
+                in_loop[v] = True
+    return [(a, op, rest, in_loop[k]) for k, (a, op, rest, _) in enumerate(instrs)]
 
 
 def _mma_name(op: str) -> str | None:

@@ -78,6 +78,7 @@ _AMPERE_CONFIGS |= {("grads_ordered", *key[1:]): c for key, c in _AMPERE_CONFIGS
 # of the 64x128 ones (64 vs 43), the tangent kernels move from 32-row mma.sync tiles to wgmma, and
 # every 16-bit kernel pipelines 3 stages. 128x256 tiles spill (registers), so they are not used.
 _HOPPER_CONFIGS = dict(_AMPERE_CONFIGS) | {
+    ("grads_ordered", False, True): BlockConfig(32, 32, 16, 4, 1),  # 32x32x32 spills 8 bytes here
     ("stats", False, False): BlockConfig(128, 128, 64, 8, 3),
     ("stats", True, False): BlockConfig(64, 128, 64, 8, 3),
     ("grads", False, False): BlockConfig(128, 128, 32, 8, 3),
