@@ -5,8 +5,8 @@ every |p - e_y| in it is below eps = finfo(dtype).eps / 32 (2^-12 for bf16). Whe
 depends on how peaked real next-token distributions are, so this measures it on SmolLM2-135M-Instruct
 (the packaged GGUF) run over real English text (this repository's README.md and DEVELOPERS.md), for
 the tile shapes of our kernels, in natural vocabulary order and with CCE's reordering of the
-vocabulary by mean logit. boost's kernels do not filter (yet); this is the measurement that decides
-whether they should.
+vocabulary by mean logit. boost's gradient kernels filter on request (``grad_filter=True``, off by
+default; natural vocabulary order, no reordering): this measures what that can skip.
 
     python benchmarks/grad_filter_share.py [--max-tokens 4096]
 """

@@ -65,7 +65,7 @@ _AMPERE_CONFIGS = {
     ("stats", False, False): BlockConfig(64, 128, 64, 8, 3),
     ("stats", True, False): BlockConfig(32, 128, 32, 8, 2),
     ("grads", False, False): BlockConfig(64, 128, 32, 8, 2),
-    ("grads", True, False): BlockConfig(64, 64, 32, 8, 1),
+    ("grads", True, False): BlockConfig(64, 128, 32, 8, 2),  # 64x64 s1 before the slab kernel
     ("stats", False, True): BlockConfig(32, 32, 32, 4, 2),
     ("stats", True, True): BlockConfig(16, 32, 32, 4, 1),
     ("grads", False, True): BlockConfig(32, 32, 32, 4, 1),

@@ -55,15 +55,18 @@ def _collect(proc: subprocess.Popen) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def reports() -> tuple[list[dict], list[dict]]:
-    """(target calls, variant calls). Three processes at once: capturing the 16-bit backward's
-    thousands of slab launches at the larger shape takes tens of seconds per architecture."""
+    """(target calls, variant calls). Four report processes at once (compiling is the slow part)."""
     shapes = [a for s in TARGET_SHAPES for a in ("--shape", *map(str, s))]
     procs = [_start(*shapes, "--dtypes", "bf16", "--arch", arch) for arch in ("80", "90")]
     # bias, softcap and every tangent, 16-bit and float32, at a small shape
     procs.append(_start("--shape", "4096", "2048", "32000", "--dtypes", "bf16", "fp32", "--variants"))
+    # 16-bit gradients whose float32 copies fit the scratch: the one-launch kernel, not the slab one
+    procs.append(_start("--shape", "1024", "1024", "8192", "--dtypes", "bf16", "--variants"))
     targets, variants = _collect(procs[0]) + _collect(procs[1]), _collect(procs[2])
+    one_pass = _collect(procs[3])
     assert len(targets) == 2 * 2 * 4  # shapes x archs x (fwd, bwd, jvp, hvp)
-    return targets, variants
+    assert any(k["kernel"] == "token_grads_kernel" for _, k in _kernels(one_pass))
+    return targets, variants + one_pass
 
 
 @pytest.fixture(scope="module")
@@ -136,7 +139,7 @@ def test_deterministic_mode_has_no_floating_point_atomics(variant_calls):
     """Integer atomics (the slab kernel's tickets and slab counters) do not change results; a float
     atomic add would make them depend on the order programs finish in."""
     calls = [c for c in variant_calls if "deterministic" in c["call"]]
-    assert len(calls) == 2 * 2 * 2  # (loss_bwd, hvp) x (bf16, fp32) x archs
+    assert len(calls) == 2 * 3 * 2  # (loss_bwd, hvp) x (bf16, fp32, small bf16) x archs
     for c, k in _kernels(calls):
         floats = [a for a in k["atomics"] if FLOAT_ATOMIC.search(a)]
         assert not floats, f"{c['call']} {c['dtype']} sm_{c['arch']} {k['kernel']}: {k['atomics']}"
