@@ -1,6 +1,6 @@
 """Triton kernels for the fused LM-head primitives (see ``chunked.py`` for the readable spec).
 
-Two kernels, each specialised by constexpr flags:
+Three kernels, each specialised by constexpr flags:
 
 * ``token_stats_kernel`` — one program per (token block, vocabulary split), 1-D grid with the
   splits of a token block adjacent. Each program streams its vocabulary range in ``BLOCK_V``
@@ -11,11 +11,16 @@ Two kernels, each specialised by constexpr flags:
 * ``token_grads_kernel`` — one program per (token block, vocabulary block), 1-D grid in grouped
   order (``GROUP_T`` token blocks sweep the vocabulary together, for L2 reuse). Each program
   recomputes one logit tile, forms ``p - e_y`` (GRAD mode) or the Hessian-vector tiles (HVP mode)
-  and accumulates into d_hidden and d_weight with relaxed float32 atomics (``REDG``: no GPU-wide
-  fence per atomic, unlike Triton's default ``acq_rel``); or, with ``OWNER`` 1 / 2 (the
-  deterministic mode), one program per token / vocabulary block adds its tiles in a fixed order
-  without atomics. 16-bit dot operands are built so that nothing underflows (see the comment at
-  the gradient tile).
+  and accumulates into float32 d_hidden and d_weight with relaxed atomics (``REDG``: no GPU-wide
+  fence per atomic, unlike Triton's default ``acq_rel``). Used when the float32 accumulators are
+  the gradients (float32 inputs) or fit the scratch bound.
+* ``token_grads_slab_kernel`` — the same tiles in one launch of two passes (d_hidden by token
+  slabs, then d_weight by vocabulary slabs) through a ring of float32 scratch slots, each slab
+  rounded once to 16 bits by its last program; or, with ``OWNER`` 1 (the deterministic mode), one
+  program per row block adding in a fixed order without float atomics.
+
+16-bit dot operands are built so that nothing underflows (see the comment at the gradient tile).
+An optional gradient filter (``FILTER_EPS``) skips tiles whose |p - e_y| is negligible.
 
 No [T, V] buffer exists anywhere. Interpreter pitfalls (docs/design.md): under TRITON_INTERPRET=1 the
 operands are upcast to float32 before ``tl.dot`` (``UPCAST``; computed operands are

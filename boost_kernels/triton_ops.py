@@ -83,7 +83,7 @@ _HOPPER_CONFIGS = dict(_AMPERE_CONFIGS) | {
     ("stats", True, False): BlockConfig(64, 128, 64, 8, 3),
     ("grads", False, False): BlockConfig(128, 128, 32, 8, 3),
     ("grads", True, False): BlockConfig(64, 128, 32, 8, 3),
-    ("grads_ordered", False, False): BlockConfig(64, 128, 32, 8, 3),  # 128x128 spills (OWNER=2)
+    ("grads_ordered", False, False): BlockConfig(64, 128, 32, 8, 3),  # 128x128 spilled (owner mode)
     ("grads_ordered", True, False): BlockConfig(64, 128, 32, 8, 3),
 }
 GPU_CONFIGS = {80: _AMPERE_CONFIGS, 90: _HOPPER_CONFIGS}
