@@ -21,6 +21,8 @@ and check each trajectory's loss against running it alone.
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -61,7 +63,10 @@ def resolve_attention(requested: str, device: torch.device, precision: str) -> t
     if requested == "auto":
         if not missing:
             return "flash_varlen", "model.attention=auto: flash-attn installed, CUDA, bf16"
-        return "block_mask", f"model.attention=auto: SDPA with the block mask (no {missing[0]})"
+        return (
+            "block_mask",
+            f"model.attention=auto: SDPA with the block mask; flash_varlen needs {missing[0]}",
+        )
     return requested, f"model.attention={requested}"
 
 
@@ -74,9 +79,28 @@ def prepare_model(model, choice: str) -> None:
     current = getattr(model.config, "_attn_implementation", None) or "sdpa"
     if choice == "flash_varlen":
         if current != FLASH_IMPLEMENTATION:
-            model.set_attn_implementation(FLASH_IMPLEMENTATION)
+            set_implementation(model, FLASH_IMPLEMENTATION)
     elif "flash" in current:
-        model.set_attn_implementation("sdpa")
+        set_implementation(model, "sdpa")
+
+
+def set_implementation(model, name: str) -> None:
+    """``model.set_attn_implementation(name)`` (a peft model passes it on to its base model)."""
+    model.set_attn_implementation(name)
+
+
+@contextmanager
+def attention_for_generation(model, choice: str) -> Iterator[None]:
+    """Rollouts (``generate``: a KV cache, left padding, float32 weights outside autocast) run with
+    ``sdpa``; the flash path is for packed training batches. Restores ``flash_attention_2`` after."""
+    if choice != "flash_varlen":
+        yield
+        return
+    set_implementation(model, "sdpa")
+    try:
+        yield
+    finally:
+        set_implementation(model, FLASH_IMPLEMENTATION)
 
 
 def model_inputs(batch: PackedBatch, choice: str, mask_dtype: torch.dtype = torch.bool) -> dict[str, object]:
