@@ -70,7 +70,7 @@ def test_the_flash_path_trains_like_the_block_mask(assets, tmp_path, monkeypatch
         "lazy_import_flash_attention",
         lambda *a, **k: ((None, kernel, None, None, None), (process, dict)),
     )
-    monkeypatch.setattr(loop, "resolve_attention", lambda *a: ("flash_varlen", "test: reference kernel"))
+    monkeypatch.setattr(loop, "resolve_attention", lambda *a, **k: ("flash_varlen", "test: reference kernel"))
     # set_attn_implementation("flash_attention_2") refuses without flash-attn: set the config directly
     monkeypatch.setattr(backend, "set_implementation", lambda model, name: setattr(
         model.config, "_attn_implementation", name))  # fmt: skip
@@ -86,3 +86,21 @@ def test_the_flash_path_trains_like_the_block_mask(assets, tmp_path, monkeypatch
     for a, b in zip(_metrics(tmp_path / "flash"), _metrics(tmp_path / "mask")):
         for key in ("loss", "val_loss", "n_eff", "real_train_loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+
+
+def test_the_finite_differences_of_block_trainable_run_in_float32_under_bf16(assets, tmp_path, monkeypatch):
+    seen, original = [], loop.Trainer.hidden_states
+
+    def hidden_states(self, batch, precision=None):
+        seen.append(precision or self.precision)
+        return original(self, batch, precision)
+
+    monkeypatch.setattr(loop.Trainer, "hidden_states", hidden_states)
+    run = ("steps=1", "precision=bf16", "block=trainable", "solver.method=identity", "checkpoint_every=0")
+    trainer = Trainer(_config(assets, tmp_path, *run), progress=False)
+    trainer.train()
+    # inner step and validation forward in bf16; the two central differences of the scores in float32
+    assert seen[:2] == ["bf16", "bf16"] and seen[2:4] == ["fp32", "fp32"]
+    monkeypatch.setattr(backend, "flash_attn_installed", lambda: True)
+    choice, why = backend.resolve_attention("auto", torch.device("cuda"), "bf16", fp32_forwards=True)
+    assert choice == "block_mask" and "block=trainable" in why

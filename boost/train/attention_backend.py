@@ -38,8 +38,14 @@ def flash_attn_installed() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
-def resolve_attention(requested: str, device: torch.device, precision: str) -> tuple[str, str]:
+def resolve_attention(
+    requested: str, device: torch.device, precision: str, fp32_forwards: bool = False
+) -> tuple[str, str]:
     """``(choice, why)``: the path ``requested`` resolves to on ``device`` with ``precision``.
+
+    ``fp32_forwards``: some forwards must run in float32 whatever the precision (``block=trainable``'s
+    finite differences of the losses, which bf16 rounding makes less accurate), which flash-attn
+    cannot do.
 
     Raises:
         ValueError: an unknown setting, or ``flash_varlen`` where it cannot run (the message says why
@@ -54,6 +60,8 @@ def resolve_attention(requested: str, device: torch.device, precision: str) -> t
         missing.append("the flash-attn package (pip install flash-attn)")
     if precision != "bf16":
         missing.append("precision=bf16 (flash-attn takes 16-bit inputs)")
+    if fp32_forwards:
+        missing.append("no float32 forwards (block=trainable's finite differences run the trunk in float32)")
     if requested == "flash_varlen":
         if missing:
             raise ValueError(

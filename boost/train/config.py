@@ -56,9 +56,9 @@ class ModelConfig:
     # a local checkpoint folder (save_pretrained), "smollm2" (packaged GGUF), or "cpu": the CPU preset,
     # a small Llama and a word-level tokenizer built in-process from the training data (boost/train/preset.py)
     name: str = "smollm2"
-    # "auto": flash-attention's varlen kernel on CUDA in bf16 when flash-attn is installed, else "block_mask"
-    # (SDPA with a block-diagonal mask); "flash_varlen", "block_mask" or "position_ids" to force one
-    # (boost/train/attention_backend.py). The choice is printed at start.
+    # "auto": flash-attn's varlen kernel on CUDA in bf16 if installed, else "block_mask" (SDPA). Or force
+    # "flash_varlen", "block_mask" (a block-diagonal mask) or "position_ids"; the choice is printed at
+    # start (boost/train/attention_backend.py).
     attention: str = "auto"
     hidden_size: int = 128  # the CPU preset's width (other models ignore it)
     layers: int = 4  # the CPU preset's decoder layers (other models ignore it)
@@ -174,12 +174,12 @@ class TrainConfig:
     # many times faster than 2 (benchmarks/RESULTS.md, "CPU preset"); 0 keeps torch's default.
     threads: int = 0
     seed: int = 0  # seed of the model's RNG (head initialisation, dropout)
-    # ---- precision and gradient accumulation (boost/train/precision.py, boost/train/accumulation.py)
-    # "auto": bf16 autocast with float32 master weights on CUDA, float32 on the CPU; "fp32"; "bf16"
-    # (allowed on the CPU when asked for: slow there, for tests). Printed at start.
+    # "auto": bf16 autocast (float32 master weights) on CUDA, float32 on the CPU; or "fp32", "bf16" (the
+    # CPU too, when asked for). Printed at start (boost/train/precision.py).
     precision: str = "auto"
-    # packed batches per inner step: their summed gradient is one step, weighted as their union (the
-    # outer step sees that accumulated step); > 1 costs one extra forward per micro-batch
+    # packed micro-batches per inner step, stepped as their union. The gradients are summed and the outer
+    # step is taken on the accumulated step; > 1 costs one extra forward per micro-batch
+    # (boost/train/accumulation.py).
     grad_accum: int = 1
 
     def __post_init__(self):

@@ -186,7 +186,9 @@ class Trainer:
         self.model, self.tokenizer = load_trainer_model(cfg.model, cfg.data.path, self.out, cfg.seed, device)
         # precision and attention (boost/train/precision.py, attention_backend.py): chosen and printed once
         self.precision, why_precision = resolve_precision(cfg.precision, self.device)
-        self.attention, why_attention = resolve_attention(cfg.model.attention, self.device, self.precision)
+        self.attention, why_attention = resolve_attention(
+            cfg.model.attention, self.device, self.precision, fp32_forwards=cfg.block == "trainable"
+        )
         prepare_model(self.model, self.attention)
         log.info("precision: %s (%s); attention: %s (%s)", self.precision, why_precision, self.attention,
                  why_attention)  # fmt: skip
@@ -217,11 +219,11 @@ class Trainer:
         self.last_v = None  # the previous outer step's v: warm start of Neumann / CG (checkpointed)
 
     # ------------------------------------------------------------------ pieces
-    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
+    def hidden_states(self, batch: PackedBatch, precision: str | None = None) -> torch.Tensor:
         """[T, D] float32 last hidden states of a packed batch (with grad when grad mode is on); the trunk
-        runs under the run's precision (bf16 autocast or float32)."""
+        runs under ``precision`` (default: the run's; bf16 autocast or float32)."""
         inputs = model_inputs(batch, self.attention, self.mask_dtype)
-        with autocast(self.precision, self.device):
+        with autocast(precision or self.precision, self.device):
             hidden = self.trunk(**inputs).last_hidden_state
         return hidden.flatten(0, 1).float()  # [rows, T / rows, D] -> [T, D]
 
@@ -372,14 +374,17 @@ class Trainer:
         w = state["w"].detach()
         S = batch.num_segments
         micro = state["micro"]  # [batch], or the micro-batches of an accumulated step (batch = their union)
+        # finite differences of the losses run the trunk in float32 whatever the precision: under bf16
+        # autocast their error grows ~2.5x (measured: benchmarks/RESULTS.md, "Precision, attention ...")
+        hidden = partial(self.hidden_states, precision="fp32")
 
         def inner_loss():
             parts = zip(micro, segment_slices(micro))
-            return sum((w[sl] * self.losses(self.hidden_states(m), m, precompute_grad=False).per_trajectory).sum()
+            return sum((w[sl] * self.losses(hidden(m), m, precompute_grad=False).per_trajectory).sum()
                        for m, sl in parts) / S  # fmt: skip
 
         def per_trajectory():
-            return torch.cat([self.losses(self.hidden_states(m), m).per_trajectory for m in micro])
+            return torch.cat([self.losses(hidden(m), m).per_trajectory for m in micro])
 
         with _parameters_set_to(params, state["pre_step"]):
             hyper = trainable_hypergradient(

@@ -11,8 +11,8 @@
   hidden states are handed on as float32, so the fused head loss, the reweighting head and the
   whole hypergradient (the HVPs, the CG / Neumann solve and the scores) run in float32 on the
   values the bf16 trunk produced. Allowed on the CPU when asked for explicitly (CPU autocast works,
-  and is how the tests exercise this path), but it is slow on most CPUs, so ``auto`` never picks it
-  there.
+  and is how the tests exercise this path); ``auto`` never picks it there: the CPU stays float32 by
+  default, and a CPU without bfloat16 instructions (AVX512-BF16 / AMX) runs it slowly.
 
 float16 is not offered: it needs a loss scaler, and every GPU the project targets has bfloat16.
 """
@@ -43,7 +43,7 @@ def resolve_precision(requested: str, device: torch.device) -> tuple[str, str]:
             raise ValueError(
                 f"precision=bf16 but {torch.cuda.get_device_name(device)} has no bfloat16; use precision=fp32"
             )
-        return "bf16", "precision=bf16" + ("" if cuda else " on the CPU (slow on most CPUs; for tests)")
+        return "bf16", "precision=bf16" + ("" if cuda else " on the CPU (slow without AVX512-BF16 / AMX)")
     if bf16_ok:
         return "bf16", "precision=auto on CUDA: bf16 autocast, float32 master weights"
     return "fp32", f"precision=auto on {'a CUDA device without bfloat16' if cuda else 'the CPU'}"
