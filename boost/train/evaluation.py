@@ -22,6 +22,7 @@ import torch
 
 from boost.envs import make_env, play_episode, random_policy
 from boost.rollout import RolloutConfig, rollout, summarize_episodes
+from boost.train.attention_backend import attention_for_generation
 from boost.train.checkpoint_io import is_peft_model
 
 _KEPT = ("episodes", "success_rate", "success_ci95", "mean_return", "mean_turns", "invalid_per_turn")
@@ -159,12 +160,13 @@ def evaluate_trainer(trainer, rollouts: bool = True) -> dict[str, Any]:
     if rollouts and cfg.episodes:
         env_name = env_of(trainer.data.validation.trajectories, cfg.env)
         out["env"] = env_name
-        out.update(
-            task_success(
-                trainer.model, trainer.tokenizer, env_name, cfg.episodes, cfg.seed,
-                max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
-            )
-        )  # fmt: skip
+        with attention_for_generation(trainer.model, trainer.attention):  # flash-attn trains, sdpa generates
+            out.update(
+                task_success(
+                    trainer.model, trainer.tokenizer, env_name, cfg.episodes, cfg.seed,
+                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                )
+            )  # fmt: skip
     return out
 
 

@@ -56,6 +56,8 @@ from boost.hypergradient import HeadBatch, head_hypergradient
 from boost.hypergradient_trainable import trainable_hypergradient
 from boost.reweighting import outer_objective, trajectory_features, weight_summary
 from boost.step_response import ClipRecord, optimizer_response
+from boost.train.accumulation import concat_batches, segment_slices
+from boost.train.attention_backend import model_inputs, prepare_model, resolve_attention
 from boost.train.baselines import (
     LEARNED,
     awr_factors,
@@ -77,6 +79,7 @@ from boost.train.config import DataConfig, TrainConfig
 from boost.train.evaluation import append_eval, evaluate_trainer, save_pretrained_atomic
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
 from boost.train.lora import apply_lora, output_head
+from boost.train.precision import autocast, resolve_precision
 from boost.train.preset import load_trainer_model
 from boost.train.schedule import horizon, lr_factor, set_lr
 from boost.train.selection import DataError, Selection, select_trajectories
@@ -181,6 +184,14 @@ class Trainer:
         selection = select_trajectories(cfg.data)  # bad data fails here, before the model loads
         self.out.mkdir(parents=True, exist_ok=True)
         self.model, self.tokenizer = load_trainer_model(cfg.model, cfg.data.path, self.out, cfg.seed, device)
+        # precision and attention (boost/train/precision.py, attention_backend.py): chosen and printed once
+        self.precision, why_precision = resolve_precision(cfg.precision, self.device)
+        self.attention, why_attention = resolve_attention(
+            cfg.model.attention, self.device, self.precision, fp32_forwards=cfg.block == "trainable"
+        )
+        prepare_model(self.model, self.attention)
+        log.info("precision: %s (%s); attention: %s (%s)", self.precision, why_precision, self.attention,
+                 why_attention)  # fmt: skip
         self.model = apply_lora(self.model, cfg.lora)  # unchanged when LoRA is off
         self.model.train()
         self.trunk = self.model.get_decoder()
@@ -208,10 +219,13 @@ class Trainer:
         self.last_v = None  # the previous outer step's v: warm start of Neumann / CG (checkpointed)
 
     # ------------------------------------------------------------------ pieces
-    def hidden_states(self, batch: PackedBatch) -> torch.Tensor:
-        """[T, D] last hidden states of a packed batch (with grad when grad mode is on)."""
-        inputs = batch.model_inputs(self.cfg.model.attention, self.mask_dtype)
-        return self.trunk(**inputs).last_hidden_state.flatten(0, 1)  # [rows, T / rows, D] -> [T, D]
+    def hidden_states(self, batch: PackedBatch, precision: str | None = None) -> torch.Tensor:
+        """[T, D] float32 last hidden states of a packed batch (with grad when grad mode is on); the trunk
+        runs under ``precision`` (default: the run's; bf16 autocast or float32)."""
+        inputs = model_inputs(batch, self.attention, self.mask_dtype)
+        with autocast(precision or self.precision, self.device):
+            hidden = self.trunk(**inputs).last_hidden_state
+        return hidden.flatten(0, 1).float()  # [rows, T / rows, D] -> [T, D]
 
     def _bias(self):
         return getattr(self.lm_head, "bias", None)
@@ -225,9 +239,16 @@ class Trainer:
     def _source_index(self, batch: PackedBatch) -> torch.Tensor:
         return torch.tensor([self.data.sources.index(s) for s in batch.sources], device=self.device)
 
-    def inner_step(self, batch: PackedBatch) -> tuple[dict, dict]:
+    def inner_step(self, batch: PackedBatch, micro: list[PackedBatch] | None = None) -> tuple[dict, dict]:
+        """One inner step on ``batch``; with ``micro`` (``grad_accum`` > 1) ``batch`` is their union
+        (:func:`boost.train.accumulation.concat_batches`) and the gradient is accumulated over them."""
         cfg = self.cfg
-        hidden = self.hidden_states(batch)
+        micro = micro or [batch]
+        if len(micro) > 1:  # the union's weights need every micro-batch's features before any backward
+            with torch.no_grad():
+                hidden = torch.cat([self.hidden_states(m) for m in micro])
+        else:
+            hidden = self.hidden_states(batch)
         # The weights need the per-trajectory losses (a feature), so the step backpropagates through
         # per_trajectory, not through the op's own weighted total.
         out = self.losses(hidden, batch, precompute_grad=False)
@@ -255,7 +276,10 @@ class Trainer:
         clip = pre_step = None
         bad = nonfinite(loss=loss, head_weights=w)  # a bad step is skipped: no optimiser step
         if not bad:
-            loss.backward()
+            if len(micro) > 1:
+                loss = self._accumulate(micro, w.detach(), batch.num_segments)
+            else:
+                loss.backward()
             params = self._trained()
             total = gradient_norm(params, cfg.optim.grad_clip)
             bad = nonfinite(gradient=total)
@@ -280,8 +304,19 @@ class Trainer:
             **({"skipped": bad} if bad else {}),
         }
         state = {"hidden": hidden.detach(), "w": w, "synthetic": synthetic, "clip": clip, "pre_step": pre_step,
-                 "pooled": None if features is None else features.pooled}  # fmt: skip
+                 "pooled": None if features is None else features.pooled, "micro": micro}  # fmt: skip
         return record, state
+
+    def _accumulate(self, micro: list[PackedBatch], w: torch.Tensor, S: int) -> torch.Tensor:
+        """Backpropagate Σ_i w_i L_i / S (the union's loss) one micro-batch at a time; ``.grad`` sums
+        them. Returns the loss (detached)."""
+        total = torch.zeros((), device=self.device)
+        for m, part in zip(micro, segment_slices(micro)):
+            out = self.losses(self.hidden_states(m), m, precompute_grad=False)
+            loss = (w[part] * out.per_trajectory).sum() / S
+            loss.backward()
+            total += loss.detach()
+        return total
 
     def _trained(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -338,13 +373,18 @@ class Trainer:
         self._update_reference(val_hidden, val, val_out)
         w = state["w"].detach()
         S = batch.num_segments
+        micro = state["micro"]  # [batch], or the micro-batches of an accumulated step (batch = their union)
+        # finite differences of the losses run the trunk in float32 whatever the precision: under bf16
+        # autocast their error grows ~2.5x (measured: benchmarks/RESULTS.md, "Precision, attention ...")
+        hidden = partial(self.hidden_states, precision="fp32")
 
         def inner_loss():
-            out = self.losses(self.hidden_states(batch), batch, precompute_grad=False)
-            return (w * out.per_trajectory).sum() / S
+            parts = zip(micro, segment_slices(micro))
+            return sum((w[sl] * self.losses(hidden(m), m, precompute_grad=False).per_trajectory).sum()
+                       for m, sl in parts) / S  # fmt: skip
 
         def per_trajectory():
-            return self.losses(self.hidden_states(batch), batch).per_trajectory
+            return torch.cat([self.losses(hidden(m), m).per_trajectory for m in micro])
 
         with _parameters_set_to(params, state["pre_step"]):
             hyper = trainable_hypergradient(
@@ -406,7 +446,8 @@ class Trainer:
 
     def save_checkpoint(self) -> Path:
         """``out_dir/checkpoints/step-<step>/`` (:mod:`boost.train.checkpoint_io`: safetensors, no pickle)."""
-        position = {"train_batches": self.step, "validation_batches": self.step // self.cfg.outer_every}
+        position = {"train_batches": self.step * self.cfg.grad_accum,
+                    "validation_batches": self.step // self.cfg.outer_every}  # fmt: skip
         return save_checkpoint(
             self.out, self.step, **self._checkpoint_parts(), keep=self.cfg.keep_checkpoints,
             # the warm start of Neumann / CG: without it a resumed run would solve cold and differ
@@ -487,7 +528,7 @@ class Trainer:
         if resume and self.resume():
             log.info("resumed from %s at step %d", latest_checkpoint(self.out), self.step)
         write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg)))
-        batches = _cycle(self.data.train, skip=self.step)
+        batches = _cycle(self.data.train, skip=self.step * cfg.grad_accum)
         val_batches = _cycle(  # one validation batch per outer step taken so far
             self.data.validation, skip=sum(self.takes_outer_step(s) for s in range(1, self.step + 1))
         )
@@ -499,10 +540,11 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc=self.method,
                        disable=not self.progress)  # fmt: skip
             while self.step < cfg.steps:
-                batch = next(batches).to(self.device)
+                micro = [next(batches).to(self.device) for _ in range(cfg.grad_accum)]
+                batch = concat_batches(micro)  # grad_accum = 1: the batch itself
                 lr = self._scheduled_lr()
                 started = time.perf_counter()
-                record, state = self.inner_step(batch)
+                record, state = self.inner_step(batch, micro)
                 record["inner_seconds"] = self._elapsed(started)
                 record["tokens"] = int(batch.lengths.sum())
                 if lr is not None:

@@ -1,0 +1,80 @@
+"""Gradient accumulation over packed micro-batches: the accumulated step is one step on their union.
+
+With ``grad_accum = k`` an inner step draws k packed batches. The weighted loss of the step is the
+one of their union, Σ_i w_i L_i / S with S the trajectories of all k batches, so the weights are
+computed once, by the same code as for one batch, on the union's features (the reweighting head's
+normaliser and the ``loss_filter`` baseline look at the whole step, not at one micro-batch):
+
+1. a forward of every micro-batch without gradients gives the hidden states, the per-trajectory
+   losses and so the features and weights w of the union (:func:`concat_batches`);
+2. each micro-batch is then run again with gradients and ``(w[its trajectories] · L_i).sum() / S`` is
+   backpropagated: ``.grad`` holds the union's gradient, summed, and only one micro-batch's
+   activations are alive at a time;
+3. one optimiser step (clipping on the summed gradient); the outer step then sees that accumulated
+   step: ``identity``'s response reads the summed ``.grad`` and the optimiser state after the one step,
+   and the scores σ_i are taken for every trajectory of every micro-batch, on the union's hidden
+   states (``block=head``) or micro-batch by micro-batch (``block=trainable``).
+
+Step 1 costs one extra forward per micro-batch (on the CPU preset an accumulated step of 2 took 1.5-1.8x
+the time of one step on the same trajectories, at 0.8x the peak memory: benchmarks/RESULTS.md); with
+``grad_accum = 1`` it is skipped and a step is exactly what it was.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from boost.data.packing import PackedBatch
+
+
+def segment_slices(batches: Sequence[PackedBatch]) -> list[slice]:
+    """Where each batch's trajectories sit among the union's S = Σ S_k (in order)."""
+    out, start = [], 0
+    for b in batches:
+        out.append(slice(start, start + b.num_segments))
+        start += b.num_segments
+    return out
+
+
+def concat_batches(batches: Sequence[PackedBatch]) -> PackedBatch:
+    """One :class:`PackedBatch` holding ``batches`` back to back: tokens concatenated (T = Σ T_k),
+    segment ids and ``cu_seqlens`` shifted, per-trajectory tensors concatenated.
+
+    Batches of one row each give one row of T tokens (every sequence still inside it, so the block
+    mask and flash's varlen inputs stay exact); batches of R rows of L tokens give Σ R rows of L.
+    A single batch is returned as it is.
+    """
+    if not batches:
+        raise ValueError("concat_batches needs at least one batch")
+    if len(batches) == 1:
+        return batches[0]
+    multi = [b.rows > 1 for b in batches]
+    if any(multi):
+        lengths = {b.num_tokens // b.rows for b in batches}
+        if not all(multi) or len(lengths) != 1:
+            raise ValueError("concat_batches: batches of rows must all have the same row length")
+    cat = torch.cat
+    segment_ids, cu, offset, segments = [], [batches[0].cu_seqlens[:1]], 0, 0
+    for b in batches:
+        segment_ids.append(torch.where(b.segment_ids >= 0, b.segment_ids + segments, -1))
+        cu.append(b.cu_seqlens[1:] + offset)
+        offset += b.num_tokens
+        segments += b.num_segments
+    truncated = None if any(b.truncated is None for b in batches) else cat([b.truncated for b in batches])
+    return PackedBatch(
+        input_ids=cat([b.input_ids for b in batches]),
+        position_ids=cat([b.position_ids for b in batches]),
+        labels=cat([b.labels for b in batches]),
+        segment_ids=cat(segment_ids),
+        cu_seqlens=cat(cu),
+        max_seqlen=max(b.max_seqlen for b in batches),
+        **{k: cat([getattr(b, k) for b in batches]) for k in (
+            "trajectory_index", "lengths", "num_counted", "rewards", "has_reward", "is_real")},
+        sources=[s for b in batches for s in b.sources],
+        task_ids=[t for b in batches for t in b.task_ids],
+        token_budget=sum(b.token_budget for b in batches),
+        truncated=truncated,
+        rows=sum(b.rows for b in batches) if all(multi) else 1,
+    )  # fmt: skip
