@@ -485,7 +485,8 @@ def _concat_rows(rows: list[PackedBatch | None], row_length: int, pad_token_id: 
     return PackedBatch(
         **{k: cat(v) for k, v in parts.items()},
         cu_seqlens=cat(cu),
-        max_seqlen=max(r.max_seqlen for r in full),
+        # A row of padding only is one sequence of row_length tokens in cu_seqlens.
+        max_seqlen=max([r.max_seqlen for r in full] + [row_length] * (len(full) < len(rows))),
         **{k: cat([getattr(r, k) for r in full]) for k in (
             "trajectory_index", "lengths", "num_counted", "rewards", "has_reward", "is_real")},
         sources=[s for r in full for s in r.sources],

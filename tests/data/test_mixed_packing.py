@@ -77,3 +77,15 @@ def test_rows_need_mixed_mode_and_fitting_trajectories():
     rng = np.random.default_rng(0)
     with pytest.raises(ValueError, match=r"longer than the row length 64 \(budget / rows\)"):
         TrajectoryPacker([fake(0, 65, rng)], PackingConfig(token_budget=128, rows=2, mode="mixed"))
+
+
+def test_max_seqlen_counts_a_row_of_padding_only():
+    """A batch in rows whose last row holds no trajectory: cu_seqlens lists that row as one sequence of
+    the row length, so max_seqlen (handed to varlen attention) must cover it."""
+    rng = np.random.default_rng(3)
+    items = [fake(i, 10, rng, "a") for i in range(2)]  # 20 tokens: one row of 4 x 64 is enough
+    packer = TrajectoryPacker(items, PackingConfig(token_budget=4 * 64, mode="mixed", rows=4))
+    batch = packer.collate(packer.plan(0)[0])
+    lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
+    assert 64 in lengths, lengths  # the test needs a row of padding only
+    assert batch.max_seqlen == max(lengths)
