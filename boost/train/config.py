@@ -9,6 +9,30 @@ from boost.reweighting import HeadConfig
 from boost.train.lora import LoraSettings, check_block
 from boost.train.schedule import SCHEDULES
 
+PARALLEL = ("none", "ddp", "fsdp2")
+
+
+def check_parallel(cfg) -> None:
+    """What ``parallel`` supports (boost/train/distributed.py); the message names the way out."""
+    if cfg.parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
+    if cfg.parallel_debug and cfg.parallel == "none":
+        raise ValueError("parallel_debug checks the ranks of a parallel run: set parallel=ddp or fsdp2")
+    if cfg.parallel != "fsdp2":
+        return
+    why = {
+        "block=trainable": cfg.block == "trainable",  # finite differences on sharded parameters
+        "solver.method=identity": cfg.solver.method == "identity",  # AdamW's state of W is sharded
+        "LoRA": cfg.lora.enabled,
+        "eval.episodes > 0 (rollouts)": cfg.eval.episodes > 0,  # generate() needs the whole model
+    }
+    unsupported = [name for name, on in why.items() if on]
+    if unsupported:
+        raise ValueError(
+            f"parallel=fsdp2 does not support {', '.join(unsupported)} yet; use parallel=ddp, or "
+            "block=head with solver.method=cg / neumann, no LoRA and eval.episodes=0"
+        )
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -169,6 +193,12 @@ class TrainConfig:
     # many times faster than 2 (benchmarks/RESULTS.md, "CPU preset"); 0 keeps torch's default.
     threads: int = 0
     seed: int = 0  # seed of the model's RNG (head initialisation, dropout)
+    # Data parallelism under torchrun (boost/train/distributed.py): "none" (one process), "ddp" or
+    # "fsdp2" (fully_shard per decoder layer); NCCL on CUDA, gloo on CPU. README, "Several processes".
+    parallel: str = "none"
+    # parallel: after every outer step, check that the head is bit-identical on every rank (a hash,
+    # all-gathered) and write the global batch's per-trajectory numbers to parallel_debug.jsonl
+    parallel_debug: bool = False
 
     def __post_init__(self):
         for name in ("steps", "outer_every", "log_every", "max_bad_steps", "keep_checkpoints"):
@@ -196,6 +226,7 @@ class TrainConfig:
             )
         if not self.fd_step > 0:
             raise ValueError(f"fd_step must be > 0, got {self.fd_step}")
+        check_parallel(self)
         if self.model.attention not in ("block_mask", "position_ids"):
             raise ValueError(
                 f"model.attention must be 'block_mask' or 'position_ids', got {self.model.attention!r}"
