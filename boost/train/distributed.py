@@ -360,7 +360,9 @@ class TorchRun(SingleProcess):
         table = table[table[:, 0] >= 0]
         table = table[torch.argsort(table[:, 0])]
         if table.shape[0] != batch.global_size:
-            raise ParallelError(f"gathered {table.shape[0]} trajectories, the global batch has {batch.global_size}")
+            raise ParallelError(
+                f"gathered {table.shape[0]} trajectories, the global batch has {batch.global_size}"
+            )
         out, at = [], 1
         for t, width in zip(tensors, widths[1:]):
             out.append(table[:, at : at + width].reshape(-1, *t.shape[1:]).to(t.dtype))
@@ -512,7 +514,9 @@ def _model_and_optimizer_state(trainer):
     return {"model": model_state, "optimizer": optim_state}
 
 
-def save_distributed_checkpoint(trainer, tensors: dict[str, torch.Tensor | None], info: dict[str, Any]) -> Path:
+def save_distributed_checkpoint(
+    trainer, tensors: dict[str, torch.Tensor | None], info: dict[str, Any]
+) -> Path:
     """``out_dir/checkpoints/step-N/`` of a parallel run, written by every rank, renamed by rank 0.
 
         dcp/                   the model and its AdamW state (torch.distributed.checkpoint: each rank
@@ -547,7 +551,9 @@ def save_distributed_checkpoint(trainer, tensors: dict[str, torch.Tensor | None]
             save_file({**stored, **_rng_states()}, str(tmp / TENSORS_FILE))
             state = {"format": FORMAT_VERSION, "step": trainer.step, "tensors": sorted(stored),
                      "parallel": {"mode": parallel.kind, "world_size": parallel.world}, **info}  # fmt: skip
-            (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+            (tmp / STATE_FILE).write_text(
+                json.dumps(state, indent=2, allow_nan=False) + "\n", encoding="utf-8"
+            )
         parallel.barrier()
         if parallel.is_main:
             os.replace(tmp, final)
@@ -598,7 +604,9 @@ def save_full_model(trainer, folder: Path, save_pretrained_atomic) -> None:
     if trainer.parallel.kind == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(
+            trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
         if trainer.parallel.is_main:
             _save_pretrained_with(trainer.model, trainer.tokenizer, Path(folder), full)
     elif trainer.parallel.is_main:

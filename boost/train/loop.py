@@ -197,7 +197,9 @@ class Trainer:
         selection = select_trajectories(cfg.data)  # bad data fails here, before the model loads
         self.out.mkdir(parents=True, exist_ok=True)
         with self.parallel.main_first():  # the CPU preset is built into out_dir once
-            self.model, self.tokenizer = load_trainer_model(cfg.model, cfg.data.path, self.out, cfg.seed, device)
+            self.model, self.tokenizer = load_trainer_model(
+                cfg.model, cfg.data.path, self.out, cfg.seed, device
+            )
         self.model = apply_lora(self.model, cfg.lora)  # unchanged when LoRA is off
         self.model.train()
         self.trunk = self.model.get_decoder()
@@ -397,7 +399,9 @@ class Trainer:
         )  # fmt: skip
         self.head_opt.zero_grad(set_to_none=True)
         bad = self.parallel.agree(
-            nonfinite(validation_loss=val_loss, hypergradient=hyper.traj_weights, outer_objective=objective.loss)
+            nonfinite(
+                validation_loss=val_loss, hypergradient=hyper.traj_weights, outer_objective=objective.loss
+            )
         )
         if not bad:  # a bad outer step is skipped: the head (and the warm start) are untouched
             # a batch without synthetic trajectories gives the head no gradient (real weights are fixed)
@@ -531,7 +535,8 @@ class Trainer:
                 checkpoint is kept).
         """
         cfg = self.cfg
-        main = self.parallel.is_main  # parallel: rank 0 writes the run's files, every rank its checkpoint shard
+        # parallel: rank 0 writes the run's files, every rank its checkpoint shard
+        main = self.parallel.is_main
         if main:
             prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
         self.parallel.barrier()
