@@ -43,11 +43,15 @@ def _launch(ranks: int, runs: list[dict], folder: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
+TRAINABLE = ("block=trainable", "solver.method=neumann", "solver.steps=2", "solver.alpha=1e-3")
+
+
 def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
     model, data = assets
+    extra = TRAINABLE if out.name.startswith("trainable") else ()
     return [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
             "data.max_length=512", f"steps={steps}", "eval.episodes=0", "checkpoint_every=3",
-            f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else [])]  # fmt: skip
+            f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else []), *extra]  # fmt: skip
 
 
 def _resumable_copy(out: Path, to: Path) -> Path:
@@ -70,17 +74,24 @@ def assets(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
-    """Output folders: {"plain", "ddp-1", "ddp-2", "fsdp2-1", "fsdp2-2", "ddp-2to1", "ddp-1to2", ...}."""
+    """Output folders: {"plain", "ddp-1", "ddp-2", "fsdp2-1", "fsdp2-2", "ddp-2to1", "ddp-1to2", ...,
+    "trainable-1", "trainable-2"} (the last two: DDP with block=trainable)."""
     root = tmp_path_factory.mktemp("distributed_runs")
-    out = {name: root / name for name in ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)))}
+    names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), "trainable-1", "trainable-2")
+    out = {name: root / name for name in names}
 
     def run(name, kind, resume=False):
         return {"overrides": _overrides(assets, out[name], kind), "resume": resume}
 
-    _launch(1, [run("plain", "none"), run("ddp-1", "ddp"), run("fsdp2-1", "fsdp2")], root)
+    _launch(
+        1,
+        [run("plain", "none"), run("ddp-1", "ddp"), run("fsdp2-1", "fsdp2"), run("trainable-1", "ddp")],
+        root,
+    )
     for kind in KINDS:
         out[f"{kind}-1to2"] = _resumable_copy(out[f"{kind}-1"], root / f"{kind}-1to2")
-    _launch(2, [run(f"{k}-2", k) for k in KINDS] + [run(f"{k}-1to2", k, True) for k in KINDS], root)
+    resumes = [run(f"{k}-1to2", k, True) for k in KINDS]
+    _launch(2, [run(f"{k}-2", k) for k in KINDS] + [run("trainable-2", "ddp")] + resumes, root)
     for kind in KINDS:
         out[f"{kind}-2to1"] = _resumable_copy(out[f"{kind}-2"], root / f"{kind}-2to1")
     _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS], root)
@@ -106,18 +117,27 @@ def _final_parameters(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", [*KINDS, "trainable"])
 def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
+    """DDP and FSDP2 with the head block (CG), and DDP with block=trainable (Neumann, finite differences:
+    the same perturbations θ ± εv on every rank, each HVP summed over ranks).
+
+    block=trainable's scores are differences of float32 losses, [L_i(θ+εv) − L_i(θ−εv)] / 2ε: the
+    trunk's rounding on another packing (~1e-7 of L) is amplified by L / (L(θ+εv) − L(θ−εv)); measured
+    (2026-12-02) 8e-6 on the hypergradients and 1.8e-5 on the weights (the head's Adam steps follow
+    them), hence 1e-4 there. The head block (fused JVP / HVP, no differences) agrees to ~2e-7.
+    """
+    scores = 1e-4 if kind == "trainable" else TOLERANCE
     one, two = _debug_rows(runs[f"{kind}-1"]), _debug_rows(runs[f"{kind}-2"])
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
     for a, b in zip(two, one):
         assert a["index"] == b["index"]  # the same trajectories, in the global batch's order
-        for key in ("loss", "weight", "hypergradient"):
-            assert _relative(a[key], b[key]) <= TOLERANCE, (kind, a["step"], key)
+        for key, tolerance in (("loss", TOLERANCE), ("weight", scores), ("hypergradient", scores)):
+            assert _relative(a[key], b[key]) <= tolerance, (kind, a["step"], key)
         assert any(h != 0 for h in a["hypergradient"])  # the outer step had something to compare
     for a, b in zip(_metrics(runs[f"{kind}-2"]), _metrics(runs[f"{kind}-1"])):
         for key in ("loss", "val_loss", "n_eff", "mass", "solver_residual"):
-            assert _relative([a[key]], [b[key]]) <= TOLERANCE, (kind, a["step"], key)
+            assert _relative([a[key]], [b[key]]) <= scores, (kind, a["step"], key)
     p2, p1 = _final_parameters(runs[f"{kind}-2"]), _final_parameters(runs[f"{kind}-1"])
     assert p2.keys() == p1.keys()
     for name in p1:
@@ -188,6 +208,7 @@ def test_ranks_collate_disjoint_shares_and_an_empty_share_is_a_phantom(assets):
     packer = prepare_data(cfg.data, AutoTokenizer.from_pretrained(assets[0])).train
     positions = [0, 1, 2]
     shares = [p.collate(packer)(positions) for p in _ranks(2)]
+    assert all(s.rows == 1 for s in shares)
     index = [t.index for t in packer.trajectories]
     assert shares[0].trajectory_index.tolist() == [index[0], index[2]] and shares[
         0
@@ -201,6 +222,24 @@ def test_ranks_collate_disjoint_shares_and_an_empty_share_is_a_phantom(assets):
     assert bool((phantom.labels == -100).all()) and bool((phantom.segment_ids == -1).all())
     moved = phantom.to("cpu")
     assert type(moved) is type(phantom) and moved.global_size == 1
+
+
+def test_with_rows_a_share_keeps_only_the_rows_it_fills(assets):
+    from transformers import AutoTokenizer
+
+    from boost.train import prepare_data
+
+    cfg = load_config(TrainConfig, None, [*_overrides(assets, Path("unused"), "none"), "data.rows=4",
+                                          "data.max_length=256"])  # fmt: skip
+    packer = prepare_data(cfg.data, AutoTokenizer.from_pretrained(assets[0])).train
+    positions = max(packer.plan(0), key=len)  # the fullest batch of the epoch
+    whole = packer.collate(positions)
+    shares = [p.collate(packer)(positions) for p in _ranks(2)]
+    assert sum(s.num_segments for s in shares) == whole.num_segments and whole.rows == 4
+    assert all(s.rows < whole.rows and s.num_tokens == 256 * s.rows for s in shares)
+    assert sorted(i for s in shares for i in s.trajectory_index.tolist()) == sorted(
+        whole.trajectory_index.tolist()
+    )
 
 
 def test_a_view_takes_and_scatters_this_ranks_trajectories():

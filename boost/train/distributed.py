@@ -12,9 +12,9 @@ What each rank holds and what crosses ranks, per inner step (S trajectories in t
 
 * **Data.** The packer plans the *global* batches exactly as for one process (the config's token
   budget is the global budget). Rank r collates ``positions[r::N]`` of every global batch: disjoint
-  trajectories, at most the global budget each. A rank whose share is empty (a global batch of fewer
-  than N trajectories) runs a *phantom*: one trajectory with every label removed, whose loss is 0 and
-  which is left out of every global quantity.
+  trajectories, about 1/N of the tokens each (with ``data.rows > 1``, the rows its share fills). A
+  rank whose share is empty (a global batch of fewer than N trajectories) runs a *phantom*: one
+  trajectory with every label removed, whose loss is 0 and which is left out of every global quantity.
 * **The model step.** Each rank's loss is Σ_{i local} w_i L_i / S (S global). The gradients are
   summed over ranks, not averaged (DDP with a sum communication hook; FSDP2 with its gradient divide
   factor set to 1 and sum-only reductions), so the step's gradient is Σ_i w_i ∇L_i / S as on one
@@ -76,6 +76,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from boost.data import PackedBatch, TrajectoryPacker
+from boost.data.packing import _concat_rows, assign_rows
 from boost.reweighting import TrajectoryFeatures
 from boost.train.checkpoint_io import (
     CHECKPOINTS,
@@ -311,7 +312,7 @@ class TorchRun(SingleProcess):
         def collate(positions: Sequence[int]) -> ShardBatch:
             positions = list(positions)
             mine = positions[self.rank :: self.world]
-            batch = packer.collate(mine or positions[:1])
+            batch = _collate_share(packer, mine or positions[:1])
             if not mine:  # a phantom: no token counts, so it adds 0 to every loss and gradient
                 batch.labels = torch.full_like(batch.labels, -100)
                 batch.segment_ids = torch.full_like(batch.segment_ids, -1)
@@ -457,6 +458,20 @@ class TorchRun(SingleProcess):
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _collate_share(packer: TrajectoryPacker, positions: list[int]) -> PackedBatch:
+    """``packer.collate``, except that with ``data.rows > 1`` the rows a share leaves empty are dropped
+    (a share of 1/N of the trajectories fills about 1/N of the rows: the rank computes that many)."""
+    cfg = packer.config
+    if cfg.rows == 1:
+        return packer.collate(positions)
+    placed = assign_rows([packer.lengths[p] for p in positions], cfg.rows, cfg.row_length)
+    rows = [
+        packer._collate_row([packer.trajectories[p] for p, r in zip(positions, placed) if r == row], cfg.row_length)
+        for row in sorted(set(placed))
+    ]  # fmt: skip
+    return _concat_rows(rows, cfg.row_length, cfg.pad_token_id)
 
 
 class _Trunk(torch.nn.Module):
