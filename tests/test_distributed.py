@@ -48,7 +48,7 @@ TRAINABLE = ("block=trainable", "solver.method=neumann", "solver.steps=2", "solv
 
 def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
     model, data = assets
-    extra = TRAINABLE if out.name.startswith("trainable") else ()
+    extra = {"trainable": TRAINABLE, "identity": ("solver.method=identity",)}.get(out.name.split("-")[0], ())
     return [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
             "data.max_length=512", f"steps={steps}", "eval.episodes=0", "checkpoint_every=3",
             f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else []), *extra]  # fmt: skip
@@ -75,9 +75,11 @@ def assets(tmp_path_factory):
 @pytest.fixture(scope="module")
 def runs(assets, tmp_path_factory):
     """Output folders: {"plain", "ddp-1", "ddp-2", "fsdp2-1", "fsdp2-2", "ddp-2to1", "ddp-1to2", ...,
-    "trainable-1", "trainable-2"} (the last two: DDP with block=trainable)."""
+    "trainable-1", "trainable-2" (DDP, block=trainable), "identity-1", "identity-2" (FSDP2, solver.method=identity),
+    "diverging"}."""
     root = tmp_path_factory.mktemp("distributed_runs")
-    names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), "trainable-1", "trainable-2")
+    more = ("trainable-1", "trainable-2", "identity-1", "identity-2", "diverging")
+    names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), *more)
     out = {name: root / name for name in names}
 
     def run(name, kind, resume=False):
@@ -85,13 +87,29 @@ def runs(assets, tmp_path_factory):
 
     _launch(
         1,
-        [run("plain", "none"), run("ddp-1", "ddp"), run("fsdp2-1", "fsdp2"), run("trainable-1", "ddp")],
+        [
+            run("plain", "none"),
+            run("ddp-1", "ddp"),
+            run("fsdp2-1", "fsdp2"),
+            run("trainable-1", "ddp"),
+            run("identity-1", "fsdp2"),
+        ],
         root,
     )
     for kind in KINDS:
         out[f"{kind}-1to2"] = _resumable_copy(out[f"{kind}-1"], root / f"{kind}-1to2")
     resumes = [run(f"{k}-1to2", k, True) for k in KINDS]
-    _launch(2, [run(f"{k}-2", k) for k in KINDS] + [run("trainable-2", "ddp")] + resumes, root)
+    # an lr that blows the model up after one step: the next steps are non-finite and skipped
+    diverging = {"overrides": [*_overrides(assets, out["diverging"], "ddp", steps=3), "optim.lr=1e30",
+                               "checkpoint_every=0"]}  # fmt: skip
+    _launch(
+        2,
+        [run(f"{k}-2", k) for k in KINDS]
+        + [run("trainable-2", "ddp"), run("identity-2", "fsdp2")]
+        + resumes
+        + [diverging],
+        root,
+    )
     for kind in KINDS:
         out[f"{kind}-2to1"] = _resumable_copy(out[f"{kind}-2"], root / f"{kind}-2to1")
     _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS], root)
@@ -117,10 +135,11 @@ def _final_parameters(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("kind", [*KINDS, "trainable"])
+@pytest.mark.parametrize("kind", [*KINDS, "trainable", "identity"])
 def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
-    """DDP and FSDP2 with the head block (CG), and DDP with block=trainable (Neumann, finite differences:
-    the same perturbations θ ± εv on every rank, each HVP summed over ranks).
+    """DDP and FSDP2 with the head block (CG), DDP with block=trainable (Neumann, finite differences:
+    the same perturbations θ ± εv on every rank, each HVP summed over ranks) and FSDP2 with the AdamW
+    look-ahead (solver.method=identity: the sharded optimiser state of the head, gathered).
 
     block=trainable's scores are differences of float32 losses, [L_i(θ+εv) − L_i(θ−εv)] / 2ε: the
     trunk's rounding on another packing (~1e-7 of L) is amplified by L / (L(θ+εv) − L(θ−εv)); measured
@@ -171,6 +190,12 @@ def test_a_run_resumes_on_another_number_of_ranks_with_the_same_losses(runs, kin
         (runs[f"{kind}-{direction}"] / "checkpoints/step-00000005/trainer_state.json").read_text()
     )
     assert state["parallel"] == {"mode": kind, "world_size": int(direction[-1])}
+
+
+def test_non_finite_steps_are_skipped_on_every_rank_and_ddp_goes_on(runs):
+    rows = _metrics(runs["diverging"])
+    assert [r["step"] for r in rows] == [1, 2, 3] and "loss" not in rows[0].get("skipped", [])
+    assert all("loss" in r["skipped"] for r in rows[1:])  # the same decision on both ranks, no hang
 
 
 def test_fsdp2_checkpoints_are_sharded_per_rank(runs):

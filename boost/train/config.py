@@ -22,7 +22,6 @@ def check_parallel(cfg) -> None:
         return
     why = {
         "block=trainable": cfg.block == "trainable",  # finite differences on sharded parameters
-        "solver.method=identity": cfg.solver.method == "identity",  # AdamW's state of W is sharded
         "LoRA": cfg.lora.enabled,
         "eval.episodes > 0 (rollouts)": cfg.eval.episodes > 0,  # generate() needs the whole model
     }
@@ -30,7 +29,7 @@ def check_parallel(cfg) -> None:
     if unsupported:
         raise ValueError(
             f"parallel=fsdp2 does not support {', '.join(unsupported)} yet; use parallel=ddp, or "
-            "block=head with solver.method=cg / neumann, no LoRA and eval.episodes=0"
+            "block=head, no LoRA and eval.episodes=0"
         )
 
 

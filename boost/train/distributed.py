@@ -52,8 +52,8 @@ Rank 0 writes metrics, TensorBoard, reports and the final model; every rank writ
 checkpoint through ``torch.distributed.checkpoint`` (:func:`save_distributed_checkpoint`), which loads
 on any number of ranks, under DDP or FSDP2. ``parallel_debug=true`` all-gathers a hash of the head,
 its normaliser state and its optimiser after every outer step and stops if any rank differs, and
-rank 0 writes the global batch's per-trajectory losses, weights and hypergradients to
-``parallel_debug.jsonl``.
+rank 0 appends the global batch's per-trajectory losses, weights and hypergradients to
+``parallel_debug.jsonl`` (a resumed run appends the steps after its checkpoint again).
 """
 
 from __future__ import annotations
@@ -229,6 +229,13 @@ class SingleProcess:
     def full(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor
 
+    def skip_backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """A skipped (non-finite) step: nothing to do on one process."""
+
+    def stepped(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
+        """(optimizer, params) for :func:`boost.step_response.optimizer_response`: as they are."""
+        return optimizer, params
+
     def no_sync(self):
         return contextlib.nullcontext()
 
@@ -262,7 +269,7 @@ class TorchRun(SingleProcess):
             dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
-        self.mesh, self._ddp = None, None
+        self.mesh, self._ddp, self._head_param = None, None, None
         if not self.is_main:  # one log per run: the other ranks only warn
             logging.getLogger("boost").setLevel(logging.WARNING)
 
@@ -298,6 +305,7 @@ class TorchRun(SingleProcess):
         for layer in trainer.model.get_decoder().layers:
             fully_shard(layer, mesh=self.mesh)
         fully_shard(trunk, mesh=self.mesh)  # the root: embedding, final norm and LM head
+        self._head_param = trainer.lm_head.weight  # the sharded DTensor the optimiser will hold
         for module in trunk.modules():
             if isinstance(module, FSDPModule):  # sum, not mean, and no PREMUL_SUM (gloo lacks it)
                 module.set_gradient_divide_factor(1.0)
@@ -427,6 +435,34 @@ class TorchRun(SingleProcess):
         from torch.distributed.tensor import DTensor
 
         return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    def stepped(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
+        """FSDP2, ``block=head``: the AdamW state and gradient of the LM head are sharded DTensors of the
+        parameter the optimiser holds, not of the gathered ``lm_head.weight``; returns a stand-in AdamW
+        over one full-size copy of W with the gathered state (``exp_avg``, ``exp_avg_sq``, the step's
+        clipped gradient: three more [V, D] tensors per rank during the outer step)."""
+        if self.kind != "fsdp2":
+            return optimizer, params
+        if len(params) != 1 or self._head_param is None:
+            raise ParallelError("parallel=fsdp2 computes the optimiser's response for the LM head only")
+        sharded = self._head_param
+        group = next(g for g in optimizer.param_groups if any(p is sharded for p in g["params"]))
+        state = optimizer.state[sharded]
+        full = torch.nn.Parameter(self.full(sharded.detach()), requires_grad=False)
+        full.grad = self.full(sharded.grad)
+        stand_in = type(optimizer).__new__(type(optimizer))
+        torch.optim.Optimizer.__init__(stand_in, [full], {k: v for k, v in group.items() if k != "params"})
+        stand_in.state[full] = {
+            k: self.full(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()
+        }
+        return stand_in, [full]
+
+    def skip_backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """A skipped step under DDP: its forward expects a backward (else the next forward fails with
+        "Expected to have finished reduction"), so run it and throw the (non-finite) gradients away."""
+        if self._ddp is not None:
+            loss.backward()
+            optimizer.zero_grad(set_to_none=True)
 
     def no_sync(self):
         """DDP does not synchronise ``torch.autograd.grad``: the outer step reduces by hand."""

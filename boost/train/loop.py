@@ -281,7 +281,9 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
         clip = pre_step = None
         bad = nonfinite(loss=loss_total, head_weights=w)  # a bad step is skipped: no optimiser step
-        if not bad:
+        if bad:
+            self.parallel.skip_backward(loss, self.opt)  # DDP: the forward's reduction must still finish
+        else:
             loss.backward()
             params = self._trained()
             total = self.parallel.full(gradient_norm(params, cfg.optim.grad_clip))
@@ -322,7 +324,8 @@ class Trainer:
         def response(g):
             grads = list(torch.split(g, [p.numel() for p in params])) if flat else [g]
             grads = [d.view_as(p) for d, p in zip(grads, params)]
-            v = optimizer_response(self.opt, params, grads, state["clip"])
+            opt, stepped = self.parallel.stepped(self.opt, params)  # FSDP2: W's state gathered
+            v = optimizer_response(opt, stepped, grads, state["clip"])
             return torch.cat([x.reshape(-1) for x in v]) if flat else v[0]
 
         return response
