@@ -145,13 +145,17 @@ def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
     trunk's rounding on another packing (~1e-7 of L) is amplified by L / (L(θ+εv) − L(θ−εv)); measured
     (2026-12-02) 8e-6 on the hypergradients and 1.8e-5 on the weights (the head's Adam steps follow
     them), hence 1e-4 there. The head block (fused JVP / HVP, no differences) agrees to ~2e-7.
+    identity at Adam's first step: the response nearly cancels (the first step is ≈ lr·sign(G),
+    docs/method.md), so the small v carries the gradient's rounding at a large relative size:
+    measured 1.9e-4 on the hypergradients at step 1, 1.6e-6 to 8e-6 after, 6e-6 on the weights.
     """
     scores = 1e-4 if kind == "trainable" else TOLERANCE
+    hyper = {"trainable": 1e-4, "identity": 1e-3}.get(kind, TOLERANCE)
     one, two = _debug_rows(runs[f"{kind}-1"]), _debug_rows(runs[f"{kind}-2"])
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
     for a, b in zip(two, one):
         assert a["index"] == b["index"]  # the same trajectories, in the global batch's order
-        for key, tolerance in (("loss", TOLERANCE), ("weight", scores), ("hypergradient", scores)):
+        for key, tolerance in (("loss", TOLERANCE), ("weight", scores), ("hypergradient", hyper)):
             assert _relative(a[key], b[key]) <= tolerance, (kind, a["step"], key)
         assert any(h != 0 for h in a["hypergradient"])  # the outer step had something to compare
     for a, b in zip(_metrics(runs[f"{kind}-2"]), _metrics(runs[f"{kind}-1"])):

@@ -41,7 +41,8 @@ What each rank holds and what crosses ranks, per inner step (S trajectories in t
   vectors (CG: four, Neumann: three) at full size, i.e. about (3 + 4) · V · D · 4 bytes (SmolLM2-135M,
   V·D = 28.3M: 0.8 GB per rank), against 2 · V · D · 4 bytes for a reduce-scatter scheme that keeps
   the vectors sharded but needs an all-reduce per dot product of CG as well. The trunk (the bulk of
-  the parameters, optimiser state and activations) stays sharded.
+  the parameters, optimiser state and activations) stays sharded. ``solver.method=identity`` also
+  gathers the head's AdamW moments and clipped gradient (:meth:`TorchRun.stepped`).
 
 Reductions and agreement with one process: a sum over ranks of per-rank partial sums rounds
 differently from one sum, so results agree to float32 rounding (about 1e-7 relative per reduction),
