@@ -93,10 +93,10 @@ from boost.train.checkpoint_io import (
     load_optimizer_states,
     read_state,
 )
+from boost.train.config import PARALLEL
 
 log = logging.getLogger(__name__)
 
-PARALLEL = ("none", "ddp", "fsdp2")
 DCP_DIR = "dcp"  # the model and its optimiser, written by torch.distributed.checkpoint
 DEBUG_FILE = "parallel_debug.jsonl"
 
