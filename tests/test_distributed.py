@@ -112,7 +112,8 @@ def runs(assets, tmp_path_factory):
     )
     for kind in KINDS:
         out[f"{kind}-2to1"] = _resumable_copy(out[f"{kind}-2"], root / f"{kind}-2to1")
-    _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS], root)
+    out["ddp-2to1-fsdp2"] = _resumable_copy(out["ddp-2"], root / "ddp-2to1-fsdp2")  # DDP's, under FSDP2
+    _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS] + [run("ddp-2to1-fsdp2", "fsdp2", True)], root)
     return out
 
 
@@ -194,6 +195,14 @@ def test_a_run_resumes_on_another_number_of_ranks_with_the_same_losses(runs, kin
         (runs[f"{kind}-{direction}"] / "checkpoints/step-00000005/trainer_state.json").read_text()
     )
     assert state["parallel"] == {"mode": kind, "world_size": int(direction[-1])}
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp2(runs):
+    resumed, original = _metrics(runs["ddp-2to1-fsdp2"]), _metrics(runs["ddp-2"])
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(resumed[3:], original[3:]):
+        for key in ("loss", "val_loss", "n_eff"):
+            assert _relative([a[key]], [b[key]]) <= TOLERANCE, (a["step"], key)
 
 
 def test_non_finite_steps_are_skipped_on_every_rank_and_ddp_goes_on(runs):
