@@ -54,7 +54,7 @@ checkpoint through ``torch.distributed.checkpoint`` (:func:`save_distributed_che
 on any number of ranks, under DDP or FSDP2. ``parallel_debug=true`` all-gathers a hash of the head,
 its normaliser state and its optimiser after every outer step and stops if any rank differs, and
 rank 0 appends the global batch's per-trajectory losses, weights and hypergradients to
-``parallel_debug.jsonl`` (a resumed run appends the steps after its checkpoint again).
+``parallel_debug.jsonl`` (a resumed run first drops the rows after its checkpoint).
 """
 
 from __future__ import annotations
@@ -271,6 +271,7 @@ class TorchRun(SingleProcess):
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
         self.mesh, self._ddp, self._head_param = None, None, None
+        self._debug_files: set[Path] = set()  # parallel_debug.jsonl files written by this process
         if not self.is_main:  # one log per run: the other ranks only warn
             logging.getLogger("boost").setLevel(logging.WARNING)
 
@@ -485,10 +486,15 @@ class TorchRun(SingleProcess):
         view = state["view"]
         h = self.sum(view.scatter(hypergradient.detach().float()))
         if self.is_main:
+            path = Path(trainer.out) / DEBUG_FILE
+            if path not in self._debug_files:  # a resumed run: drop the rows after its checkpoint
+                self._debug_files.add(path)
+                kept = [r for r in _read_lines(path) if json.loads(r)["step"] < trainer.step]
+                path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
             row = {"step": trainer.step, "index": view.index.tolist(),
                    "loss": view.per_trajectory.float().tolist(), "weight": state["w"].detach().float().tolist(),
                    "hypergradient": h.tolist(), "head_hash": digest}  # fmt: skip
-            with open(Path(trainer.out) / DEBUG_FILE, "a", encoding="utf-8") as f:
+            with open(path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
@@ -509,6 +515,14 @@ def _collate_share(packer: TrajectoryPacker, positions: list[int]) -> PackedBatc
         for row in sorted(set(placed))
     ]  # fmt: skip
     return _concat_rows(rows, cfg.row_length, cfg.pad_token_id)
+
+
+def _read_lines(path: Path) -> list[str]:
+    return (
+        [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if path.exists()
+        else []
+    )
 
 
 class _Trunk(torch.nn.Module):
