@@ -253,6 +253,7 @@ def head_hypergradient(
     normalizer: float | None = None,
     init: torch.Tensor | None = None,
     precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Hypergradient:
     """dL_out/dw_i for the trajectories of ``train`` (see the module docstring for the method).
 
@@ -266,6 +267,10 @@ def head_hypergradient(
         init: the previous outer step's v, to warm-start Neumann / CG (``cfg.warm_start``).
         precondition: ``identity`` only, g -> v: the inner optimiser's response
             (:func:`boost.step_response.optimizer_response`); default ``cfg.alpha · g``.
+        reduce: data parallelism (:mod:`boost.train.distributed`): ``train`` is this rank's share of
+            the batch, ``normalizer`` the global count, ``val_grad`` already summed over ranks, and
+            ``reduce(Hu)`` sums each local [V, D] product over ranks (in place allowed). The scores
+            stay local: the result holds this rank's trajectories.
     Returns:
         :class:`Hypergradient`; backpropagate ``traj_weights`` into whatever produced w.
     """
@@ -282,7 +287,8 @@ def head_hypergradient(
         g = val_grad.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
 
         def hvp(u):
-            return head_hvp(train, weight.detach(), w, normalizer, u)
+            out = head_hvp(train, weight.detach(), w, normalizer, u)
+            return out if reduce is None else reduce(out)
 
         v, warm = solve(hvp, g, cfg, init, precondition)
         residual = solve_residual(hvp, v, g, cfg)

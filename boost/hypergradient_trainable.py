@@ -128,6 +128,7 @@ def trainable_hypergradient(
     step: float = 1e-3,
     init: torch.Tensor | None = None,
     precondition=None,
+    reduce=None,
 ) -> Hypergradient:
     """dL_out/dw_i for θ_S = ``params`` by the implicit function theorem, with finite differences.
 
@@ -140,6 +141,9 @@ def trainable_hypergradient(
         step: |εu| of every finite difference.
         init: the previous flat v (warm start of Neumann / CG).
         precondition: ``identity`` only, flat g -> flat v: the inner optimiser's response.
+        reduce: data parallelism: the losses are this rank's share (normalised by the global count),
+            ``val_grad`` is summed over ranks already, and ``reduce(Hu)`` sums each local flat product
+            over ranks. v, hence every perturbation θ ± εv, is then the same on every rank.
     Returns:
         :class:`boost.hypergradient.Hypergradient` with v flat (parameters concatenated).
     """
@@ -150,7 +154,8 @@ def trainable_hypergradient(
     g = _flat(val_grad, dtype)
 
     def hvp(u):
-        return finite_difference_hvp(inner_loss, params, u, step)
+        out = finite_difference_hvp(inner_loss, params, u, step)
+        return out if reduce is None else reduce(out)
 
     v, warm = solve(hvp, g, cfg, init, precondition)
     residual = solve_residual(hvp, v, g, cfg)

@@ -319,6 +319,7 @@ def outer_objective(
     hypergradient: torch.Tensor,
     synthetic: torch.Tensor,
     pooled: torch.Tensor | None = None,
+    regularize: bool = True,
 ) -> OuterObjective:
     """The head's loss for one outer step (see the module docstring).
 
@@ -328,6 +329,8 @@ def outer_objective(
         synthetic [S] bool.
         pooled [S, D]: the trajectories' pooled hidden states (``features.pooled``); needed when
             ``head.cfg.task_shift > 0``, with the head's validation reference set.
+        regularize: add the regularisers to ``loss`` (they are still computed and returned). Data
+            parallelism sums the ranks' head gradients: one rank adds them, the others pass False.
     """
     if weights.shape != hypergradient.shape or weights.shape != synthetic.shape:
         raise ValueError(
@@ -347,8 +350,9 @@ def outer_objective(
         task_shift = cfg.task_shift * (weights * d)[synthetic].sum() / weights.shape[0]
         shift = d[synthetic].mean()
     syn_weight = weights[synthetic].mean() if bool(synthetic.any()) else zero
+    loss = surrogate + concentration + task_shift if regularize else surrogate
     return OuterObjective(
-        surrogate + concentration + task_shift, surrogate, concentration, task_shift, n_eff, head.mass,
+        loss, surrogate, concentration, task_shift, n_eff, head.mass,
         syn_weight, shift,
     )  # fmt: skip
 

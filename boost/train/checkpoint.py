@@ -40,9 +40,12 @@ RUN_FILES = (
 # Settings a resumed run may change: where the run lives, how long it runs, how often it saves, and
 # when it gives up on non-finite steps. Everything else must match the checkpoint.
 # optim.schedule_steps may change as long as the schedule's horizon does not (checked by the trainer).
+# parallel / parallel_debug: a parallel run's checkpoint loads under DDP or FSDP2 on any number of ranks
+# (boost/train/distributed.py); a single-process checkpoint is refused by a parallel run and vice versa.
 RESUMABLE_CHANGES = frozenset(
-    {"out_dir", "steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "optim.schedule_steps"}
-)
+    {"out_dir", "steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "optim.schedule_steps",
+     "parallel", "parallel_debug"}
+)  # fmt: skip
 
 
 class RunDirError(ValueError):

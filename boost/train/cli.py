@@ -76,10 +76,14 @@ def main(
         parser.error(str(exc))
     try:
         final = trainer.train(resume=args.resume, overwrite=args.overwrite)
+        if not trainer.parallel.is_main:  # a parallel run: rank 0 writes the report
+            trainer.parallel.close()
+            return 0
         report = write_report(trainer.out, trainer.data.summary)
     except RUN_ERRORS as exc:
         parser.exit(1, f"{parser.prog}: {exc}\n")
     except RunDirError as exc:  # a resume with another config
         parser.error(str(exc))
+    trainer.parallel.close()
     print(f"final: {final}; report: {report}")
     return 0

@@ -11,6 +11,34 @@ from boost.train.lora import LoraSettings, check_block
 from boost.train.precision import PRECISIONS
 from boost.train.schedule import SCHEDULES
 
+PARALLEL = ("none", "ddp", "fsdp2")
+
+
+def check_parallel(cfg) -> None:
+    """What ``parallel`` supports (boost/train/distributed.py); the message names the way out."""
+    if cfg.parallel not in PARALLEL:
+        raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
+    if cfg.parallel_debug and cfg.parallel == "none":
+        raise ValueError("parallel_debug checks the ranks of a parallel run: set parallel=ddp or fsdp2")
+    if cfg.parallel != "none" and cfg.grad_accum > 1:
+        raise ValueError(
+            f"grad_accum={cfg.grad_accum} is not supported with parallel={cfg.parallel} yet; raise "
+            "data.token_budget (the global batch) instead, or set grad_accum=1"
+        )
+    if cfg.parallel != "fsdp2":
+        return
+    why = {
+        "block=trainable": cfg.block == "trainable",  # finite differences on sharded parameters
+        "LoRA": cfg.lora.enabled,
+        "eval.episodes > 0 (rollouts)": cfg.eval.episodes > 0,  # generate() needs the whole model
+    }
+    unsupported = [name for name, on in why.items() if on]
+    if unsupported:
+        raise ValueError(
+            f"parallel=fsdp2 does not support {', '.join(unsupported)} yet; use parallel=ddp, or "
+            "block=head, no LoRA and eval.episodes=0"
+        )
+
 
 @dataclass(frozen=True)
 class DataConfig:
@@ -181,6 +209,12 @@ class TrainConfig:
     # step is taken on the accumulated step; > 1 costs one extra forward per micro-batch
     # (boost/train/accumulation.py).
     grad_accum: int = 1
+    # Data parallelism under torchrun (boost/train/distributed.py): "none" (one process), "ddp" or
+    # "fsdp2" (fully_shard per decoder layer); NCCL on CUDA, gloo on CPU. README, "Several processes".
+    parallel: str = "none"
+    # parallel: after every outer step, check that the head is bit-identical on every rank (a hash,
+    # all-gathered) and write the global batch's per-trajectory numbers to parallel_debug.jsonl
+    parallel_debug: bool = False
 
     def __post_init__(self):
         for name in ("steps", "outer_every", "log_every", "max_bad_steps", "keep_checkpoints", "grad_accum"):
@@ -208,6 +242,7 @@ class TrainConfig:
             )
         if not self.fd_step > 0:
             raise ValueError(f"fd_step must be > 0, got {self.fd_step}")
+        check_parallel(self)
         if self.model.attention not in ATTENTION:
             raise ValueError(
                 f"model.attention must be one of {', '.join(ATTENTION)}; got {self.model.attention!r}"

@@ -76,6 +76,15 @@ from boost.train.checkpoint import (
 )
 from boost.train.checkpoint_io import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from boost.train.config import DataConfig, TrainConfig
+from boost.train.distributed import (
+    NullLog,
+    is_distributed_checkpoint,
+    load_distributed_checkpoint,
+    make_parallel,
+    owned,
+    save_distributed_checkpoint,
+    save_full_model,
+)
 from boost.train.evaluation import append_eval, evaluate_trainer, save_pretrained_atomic
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
 from boost.train.lora import apply_lora, output_head
@@ -138,8 +147,12 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
     return TrainData(packers["train"], packers["validation"], packers["test"], sources, summary, train)
 
 
-def _cycle(packer: TrajectoryPacker, skip: int = 0) -> Iterator[PackedBatch]:
-    """Batches epoch after epoch (a new order each epoch), after skipping ``skip`` of them."""
+def _cycle(packer: TrajectoryPacker, skip: int = 0, collate=None) -> Iterator[PackedBatch]:
+    """Batches epoch after epoch (a new order each epoch), after skipping ``skip`` of them.
+
+    ``collate(positions)``: how a planned batch is built (default ``packer.collate``; a parallel run
+    collates this rank's share, :mod:`boost.train.distributed`)."""
+    collate = collate or packer.collate
     epoch = 0
     while True:
         plan = packer.plan(epoch)
@@ -147,7 +160,7 @@ def _cycle(packer: TrajectoryPacker, skip: int = 0) -> Iterator[PackedBatch]:
             if skip:
                 skip -= 1
                 continue
-            yield packer.collate(positions)
+            yield collate(positions)
         epoch += 1
 
 
@@ -179,11 +192,17 @@ class Trainer:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
-        self.device = torch.device(device)
+        # parallel=ddp / fsdp2 under torchrun (boost/train/distributed.py); none: every hook is the identity
+        self.parallel = make_parallel(cfg.parallel, device, cfg.parallel_debug)
+        self.device = self.parallel.device(device)
+        device = str(self.device)
         self.out = Path(cfg.out_dir)
         selection = select_trajectories(cfg.data)  # bad data fails here, before the model loads
         self.out.mkdir(parents=True, exist_ok=True)
-        self.model, self.tokenizer = load_trainer_model(cfg.model, cfg.data.path, self.out, cfg.seed, device)
+        with self.parallel.main_first():  # the CPU preset is built into out_dir once
+            self.model, self.tokenizer = load_trainer_model(
+                cfg.model, cfg.data.path, self.out, cfg.seed, device
+            )
         # precision and attention (boost/train/precision.py, attention_backend.py): chosen and printed once
         self.precision, why_precision = resolve_precision(cfg.precision, self.device)
         self.attention, why_attention = resolve_attention(
@@ -209,6 +228,7 @@ class Trainer:
                 f"sources ({', '.join(self.data.sources)}); set head.num_sources >= {len(self.data.sources)} or 0"
             )
         self.head = make_head(self.method, self.model.config.hidden_size, cfg.head).to(self.device)
+        self.parallel.wrap(self)  # DDP / FSDP2 around the trunk, before the optimiser sees the parameters
         self.opt = torch.optim.AdamW(self._trained(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         if cfg.weighting.freeze_mass:  # every head (the baselines' too) is a ReweightingHead
             self.head.log_mass.requires_grad_(False)
@@ -232,6 +252,7 @@ class Trainer:
 
     def losses(self, hidden: torch.Tensor, batch: PackedBatch, weight: torch.Tensor | None = None, **kwargs):
         weight = self.lm_head.weight if weight is None else weight
+        kwargs = {**self.parallel.loss_options(batch), **kwargs}  # parallel: normalised by the global S
         return bk.trajectory_cross_entropy(
             hidden, weight, batch.labels, batch.segment_ids, batch.num_segments, bias=self._bias(), **kwargs
         )
@@ -252,36 +273,44 @@ class Trainer:
         # The weights need the per-trajectory losses (a feature), so the step backpropagates through
         # per_trajectory, not through the op's own weighted total.
         out = self.losses(hidden, batch, precompute_grad=False)
-        synthetic = ~batch.is_real
         features = None
         if self.method in LEARNED:
             features = trajectory_features(
                 hidden.detach(), batch.segment_ids, batch.segment_ids >= 0, out.per_trajectory.detach(),
-                out.num_tokens, synthetic, source=self._source_index(batch) if cfg.head.num_sources else None,
+                out.num_tokens, ~batch.is_real, source=self._source_index(batch) if cfg.head.num_sources else None,
                 returns=torch.nan_to_num(batch.rewards) if cfg.head.use_returns else None,
             )  # fmt: skip
-            w = self.head(features)
+        # the global batch's trajectories (a parallel run gathers every rank's; one process: this batch)
+        view = self.parallel.view(batch, out.per_trajectory.detach(), out.num_tokens, self._source_index(batch),
+                                  features)  # fmt: skip
+        synthetic = ~view.is_real
+        if self.method in LEARNED:
+            w = self.head(view.features)
         else:
-            w = fixed_weights(self.method, out.per_trajectory.detach(), synthetic, cfg.weighting.loss_drop)
+            w = fixed_weights(self.method, view.per_trajectory, synthetic, cfg.weighting.loss_drop)
         if cfg.weighting.awr_beta:
             w = w * awr_factors(
-                batch.rewards,
+                view.rewards,
                 cfg.weighting.awr_beta,
                 self.awr_baseline,
                 cfg.weighting.awr_max,
-                truncated=batch.truncated,
+                truncated=view.truncated,
             )
-        loss = (w.detach() * out.per_trajectory).sum() / batch.num_segments
+        w_local = view.take(w)  # this rank's trajectories (all of them on one process)
+        loss = (w_local.detach() * out.per_trajectory).sum() / view.size
+        loss_total = self.parallel.sum(loss.detach().clone())  # over ranks (one process: the loss)
         self.opt.zero_grad(set_to_none=True)
         clip = pre_step = None
-        bad = nonfinite(loss=loss, head_weights=w)  # a bad step is skipped: no optimiser step
-        if not bad:
-            if len(micro) > 1:
-                loss = self._accumulate(micro, w.detach(), batch.num_segments)
+        bad = nonfinite(loss=loss_total, head_weights=w)  # a bad step is skipped: no optimiser step
+        if bad:
+            self.parallel.skip_backward(loss, self.opt)  # DDP: the forward's reduction must still finish
+        else:
+            if len(micro) > 1:  # grad_accum > 1 (one process only: config.check_parallel)
+                loss_total = self._accumulate(micro, w_local.detach(), view.size)
             else:
                 loss.backward()
             params = self._trained()
-            total = gradient_norm(params, cfg.optim.grad_clip)
+            total = self.parallel.full(gradient_norm(params, cfg.optim.grad_clip))
             bad = nonfinite(gradient=total)
             if bad:
                 self.opt.zero_grad(set_to_none=True)
@@ -292,19 +321,20 @@ class Trainer:
                 # look-ahead linearises there), so keep the head / the trained parameters it had
                 # before the step
                 if self.takes_outer_step(self.step + 1):
-                    kept = [self.lm_head.weight] if cfg.block == "head" else params
+                    kept = [self.parallel.full(self.lm_head.weight)] if cfg.block == "head" else params
                     pre_step = [p.detach().clone() for p in kept]
                 self.opt.step()
-        per = out.per_trajectory.detach()
-        real_loss = float(per[batch.is_real].mean()) if bool(batch.is_real.any()) else None  # JSON null
+        per = view.per_trajectory
+        real_loss = float(per[view.is_real].mean()) if bool(view.is_real.any()) else None  # JSON null
         record = {
-            "loss": float(loss.detach()),
+            "loss": float(loss_total),
             "real_train_loss": real_loss,
-            "trajectories": batch.num_segments,
+            "trajectories": view.size,
             **({"skipped": bad} if bad else {}),
         }
-        state = {"hidden": hidden.detach(), "w": w, "synthetic": synthetic, "clip": clip, "pre_step": pre_step,
-                 "pooled": None if features is None else features.pooled, "micro": micro}  # fmt: skip
+        state = {"hidden": hidden.detach(), "w": w, "w_local": w_local, "view": view, "synthetic": synthetic,
+                 "clip": clip, "pre_step": pre_step, "micro": micro,
+                 "pooled": None if features is None else view.features.pooled}  # fmt: skip
         return record, state
 
     def _accumulate(self, micro: list[PackedBatch], w: torch.Tensor, S: int) -> torch.Tensor:
@@ -329,7 +359,8 @@ class Trainer:
         def response(g):
             grads = list(torch.split(g, [p.numel() for p in params])) if flat else [g]
             grads = [d.view_as(p) for d, p in zip(grads, params)]
-            v = optimizer_response(self.opt, params, grads, state["clip"])
+            opt, stepped = self.parallel.stepped(self.opt, params)  # FSDP2: W's state gathered
+            v = optimizer_response(opt, stepped, grads, state["clip"])
             return torch.cat([x.reshape(-1) for x in v]) if flat else v[0]
 
         return response
@@ -341,15 +372,18 @@ class Trainer:
                 val_hidden.detach(), val.segment_ids, val.segment_ids >= 0, val_out.per_trajectory,
                 val_out.num_tokens, ~val.is_real,
             ).pooled  # fmt: skip
-            self.head.update_reference(pooled[val_out.num_tokens > 0])
+            pooled, tokens = self.parallel.gather(val, pooled, val_out.num_tokens)  # every rank's
+            self.head.update_reference(pooled[tokens > 0])
 
     def _head_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
         """(validation loss, hypergradient) over the LM head, from the fused ops."""
         with torch.no_grad():
             val_hidden = self.hidden_states(val)
-        Wg = self.lm_head.weight.detach().requires_grad_()  # θ_{t+1}; shares W's storage: no [V, D] copy
+        # θ_{t+1}; shares W's storage: no [V, D] copy (FSDP2: the head gathered on every rank)
+        Wg = self.parallel.full(self.lm_head.weight).detach().requires_grad_()
         val_out = self.losses(val_hidden, val, Wg)
         (g,) = torch.autograd.grad(val_out.loss, Wg)
+        g = self.parallel.sum(g)  # parallel: each rank's loss is normalised by the global count
         self._update_reference(val_hidden, val, val_out)
         bias = self._bias()
         train = HeadBatch(
@@ -357,9 +391,10 @@ class Trainer:
             bias=None if bias is None else bias.detach(),
         )  # fmt: skip
         (w_pre,) = state["pre_step"]  # the head that produced the inner step's logits
-        return val_out.loss.detach(), head_hypergradient(
-            train, w_pre, state["w"].detach().float(), g, self.cfg.solver, init=self.last_v,
+        return self.parallel.sum(val_out.loss.detach().clone()), head_hypergradient(
+            train, w_pre, state["w_local"].detach().float(), g, self.cfg.solver, init=self.last_v,
             precondition=self._precondition([self.lm_head.weight], state),
+            normalizer=self.parallel.normalizer(batch), reduce=self.parallel.reduce,
         )  # fmt: skip
 
     def _trainable_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
@@ -369,10 +404,10 @@ class Trainer:
         val_hidden = self.hidden_states(val)
         val_out = self.losses(val_hidden, val)
         grads = torch.autograd.grad(val_out.loss, params, allow_unused=True)
-        g = [torch.zeros_like(p) if d is None else d for d, p in zip(grads, params)]
+        g = [self.parallel.sum(torch.zeros_like(p) if d is None else d) for d, p in zip(grads, params)]
         self._update_reference(val_hidden, val, val_out)
-        w = state["w"].detach()
-        S = batch.num_segments
+        w = state["w_local"].detach()
+        S = state["view"].size  # the global batch's trajectories
         micro = state["micro"]  # [batch], or the micro-batches of an accumulated step (batch = their union)
         # finite differences of the losses run the trunk in float32 whatever the precision: under bf16
         # autocast their error grows ~2.5x (measured: benchmarks/RESULTS.md, "Precision, attention ...")
@@ -390,25 +425,35 @@ class Trainer:
             hyper = trainable_hypergradient(
                 inner_loss, per_trajectory, params, g, self.cfg.solver, normalizer=S, step=self.cfg.fd_step,
                 init=self.last_v, precondition=self._precondition(params, state, flat=True),
+                reduce=self.parallel.reduce,
             )  # fmt: skip
-        return val_out.loss.detach(), hyper
+        return self.parallel.sum(val_out.loss.detach().clone()), hyper
 
     def outer_step(self, batch: PackedBatch, state: dict, val: PackedBatch) -> dict:
         block = self._head_block if self.cfg.block == "head" else self._trainable_block
-        val_loss, hyper = block(batch, state, val)
+        with self.parallel.no_sync():  # DDP: the blocks reduce their own gradients
+            val_loss, hyper = block(batch, state, val)
+        view = state["view"]
+        # parallel: this rank's dL/dw_i (0 elsewhere), the regularisers once (rank 0); the head's
+        # gradient is then summed over ranks
         objective = outer_objective(
-            self.head, state["w"], hyper.traj_weights, state["synthetic"], pooled=state["pooled"]
-        )
+            self.head, state["w"], view.scatter(hyper.traj_weights), state["synthetic"], pooled=state["pooled"],
+            regularize=self.parallel.is_main,
+        )  # fmt: skip
         self.head_opt.zero_grad(set_to_none=True)
-        bad = nonfinite(
-            validation_loss=val_loss, hypergradient=hyper.traj_weights, outer_objective=objective.loss
+        bad = self.parallel.agree(
+            nonfinite(
+                validation_loss=val_loss, hypergradient=hyper.traj_weights, outer_objective=objective.loss
+            )
         )
         if not bad:  # a bad outer step is skipped: the head (and the warm start) are untouched
             # a batch without synthetic trajectories gives the head no gradient (real weights are fixed)
             if objective.loss.requires_grad:
                 objective.loss.backward()
+                self.parallel.reduce_gradients(self.head)
                 self.head_opt.step()
             self.last_v = hyper.v if self.cfg.solver.warm_start else None
+        self.parallel.after_outer_step(self, state, hyper.traj_weights)  # parallel_debug: ranks agree
         residual = hyper.residual if math.isfinite(hyper.residual) else None  # None: identity, no solve
         shift = float(objective.shift) if math.isfinite(float(objective.shift)) else None
         return {
@@ -420,7 +465,7 @@ class Trainer:
             "task_shift_distance": shift,
             "solver_residual": residual,
             "solver_warm_started": hyper.warm_started,
-            "weights": weight_summary(state["w"], self._source_index(batch), self.data.sources),
+            "weights": weight_summary(state["w"], view.source, self.data.sources),
         }
 
     @torch.no_grad()
@@ -429,11 +474,12 @@ class Trainer:
         if packer is None:
             return None
         total, count = 0.0, 0
-        for batch in packer.batches(0):
+        for batch in self.parallel.batches(packer, 0):  # parallel: this rank's share of each batch
             batch = batch.to(self.device)
             out = self.losses(self.hidden_states(batch), batch)
             total += float(out.per_trajectory.sum())
-            count += batch.num_segments
+            count += owned(batch)
+        total, count = self.parallel.sum_floats(total, count)
         return total / max(count, 1)
 
     # ------------------------------------------------------------------ checkpoints
@@ -448,6 +494,9 @@ class Trainer:
         """``out_dir/checkpoints/step-<step>/`` (:mod:`boost.train.checkpoint_io`: safetensors, no pickle)."""
         position = {"train_batches": self.step * self.cfg.grad_accum,
                     "validation_batches": self.step // self.cfg.outer_every}  # fmt: skip
+        if self.parallel.enabled:  # torch.distributed.checkpoint, every rank its shard
+            info = {"config": json_safe(to_dict(self.cfg)), "data_position": position}
+            return save_distributed_checkpoint(self, {"last_v": self.last_v}, info)
         return save_checkpoint(
             self.out, self.step, **self._checkpoint_parts(), keep=self.cfg.keep_checkpoints,
             # the warm start of Neumann / CG: without it a resumed run would solve cold and differ
@@ -484,7 +533,13 @@ class Trainer:
                 "config, or start another run (another out_dir, or --overwrite)"
             )
         self._check_schedule_horizon(path, theirs)
-        state, tensors = load_checkpoint(path, **self._checkpoint_parts(), device=self.device)
+        if self.parallel.enabled:  # any number of ranks, DDP or FSDP2
+            state, tensors = load_distributed_checkpoint(self, path)
+        elif is_distributed_checkpoint(path):
+            raise RunDirError(f"{path}: written by a parallel run (torch.distributed.checkpoint); resume it "
+                              "with torchrun and parallel=ddp or parallel=fsdp2")  # fmt: skip
+        else:
+            state, tensors = load_checkpoint(path, **self._checkpoint_parts(), device=self.device)
         self.last_v = tensors.get("last_v")
         self.step = int(state["step"])
         return True
@@ -524,21 +579,28 @@ class Trainer:
                 checkpoint is kept).
         """
         cfg = self.cfg
-        prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
+        # parallel: rank 0 writes the run's files, every rank its checkpoint shard
+        main = self.parallel.is_main
+        if main:
+            prepare_out_dir(self.out, resume=resume, overwrite=overwrite)
+        self.parallel.barrier()
         if resume and self.resume():
             log.info("resumed from %s at step %d", latest_checkpoint(self.out), self.step)
-        write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg)))
-        batches = _cycle(self.data.train, skip=self.step * cfg.grad_accum)
+        if main:
+            write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg)))
+        batches = _cycle(self.data.train, skip=self.step * cfg.grad_accum,
+                         collate=self.parallel.collate(self.data.train))  # fmt: skip
         val_batches = _cycle(  # one validation batch per outer step taken so far
-            self.data.validation, skip=sum(self.takes_outer_step(s) for s in range(1, self.step + 1))
-        )
+            self.data.validation, skip=sum(self.takes_outer_step(s) for s in range(1, self.step + 1)),
+            collate=self.parallel.collate(self.data.validation),
+        )  # fmt: skip
         guard, saved = BadStepCounter(cfg.max_bad_steps, start=self.step), self.step
         with (
-            MetricsLog(self.out, resume_step=self.step) as metrics,
-            TensorBoardLog(self.out, self.step) as board,
+            MetricsLog(self.out, resume_step=self.step) if main else NullLog() as metrics,
+            TensorBoardLog(self.out, self.step) if main else NullLog() as board,
         ):
             bar = tqdm(total=cfg.steps, initial=self.step, desc=self.method,
-                       disable=not self.progress)  # fmt: skip
+                       disable=not self.progress or not main)  # fmt: skip
             while self.step < cfg.steps:
                 micro = [next(batches).to(self.device) for _ in range(cfg.grad_accum)]
                 batch = concat_batches(micro)  # grad_accum = 1: the batch itself
@@ -546,7 +608,8 @@ class Trainer:
                 started = time.perf_counter()
                 record, state = self.inner_step(batch, micro)
                 record["inner_seconds"] = self._elapsed(started)
-                record["tokens"] = int(batch.lengths.sum())
+                (tokens,) = self.parallel.sum_floats(float(batch.lengths.sum()) if owned(batch) else 0.0)
+                record["tokens"] = int(tokens)  # of the global batch
                 if lr is not None:
                     record["lr"] = lr
                 self.step += 1
@@ -569,7 +632,9 @@ class Trainer:
                         }
                     )
                 if cfg.eval.every and self.step % cfg.eval.every == 0:
-                    append_eval(self.out, self.step, json_safe(evaluate_trainer(self)))
+                    evaluated = json_safe(evaluate_trainer(self))
+                    if main:
+                        append_eval(self.out, self.step, evaluated)
                 kept = (
                     f"the checkpoint {latest_checkpoint(self.out)} of step {saved} is intact (--resume continues from it)"
                     if saved
@@ -582,9 +647,13 @@ class Trainer:
                 bar.update(1)
             bar.close()
         self.save_checkpoint()
-        save_pretrained_atomic(self.model, self.tokenizer, self.out / "model")  # for boost.evaluate
+        if self.parallel.enabled:  # rank 0 writes the whole model (FSDP2: gathered from the shards)
+            save_full_model(self, self.out / "model", save_pretrained_atomic)
+        else:
+            save_pretrained_atomic(self.model, self.tokenizer, self.out / "model")  # for boost.evaluate
         final = {"step": self.step, "method": self.method, "validation_loss": self.evaluate(self.data.validation),
                  **evaluate_trainer(self), **weight_analysis(self),
                  "packing": {str(e): s.as_dict() for e, s in self.data.train.epoch_stats.items()}}  # fmt: skip
-        write_json_atomic(self.out / "final.json", json_safe(final))
+        if main:
+            write_json_atomic(self.out / "final.json", json_safe(final))
         return final

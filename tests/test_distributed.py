@@ -1,0 +1,305 @@
+"""Data parallelism (boost/train/distributed.py) on CPU ranks with gloo: 2 ranks against 1 on the same
+global batches, under DDP and FSDP2, and resuming a run on another number of ranks.
+
+The runs are launched with ``torchrun --standalone`` (a free port), several runs per launch
+(tests/distributed_worker.py): one launch of 1 rank (a plain single-process run, then DDP and FSDP2
+on 1 rank), one of 2 ranks (DDP and FSDP2, and the 1-rank runs resumed on 2 ranks from their
+step-3 checkpoints), one of 1 rank (the 2-rank runs resumed on 1 rank). Tiny chat model and gridnav
+data as in tests/test_train.py; 5 steps, an outer step (CG) after each.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from boost.config import load_config
+from boost.data.generate import main as generate
+from boost.train import TrainConfig, Trainer
+from boost.train.distributed import DEBUG_FILE, BatchView, ParallelError, TorchRun, make_parallel
+from boost.train.loop import RunDirError
+from tests.envs.tiny_chat_lm import save_tiny_chat_model
+
+ROOT = Path(__file__).resolve().parents[1]
+TOLERANCE = 1e-5  # relative, |a - b| / |b| over each compared vector
+KINDS = ("ddp", "fsdp2")
+
+
+def _launch(ranks: int, runs: list[dict], folder: Path) -> None:
+    spec = folder / f"spec-{ranks}-{len(list(folder.glob('spec-*')))}.json"
+    spec.write_text(json.dumps(runs))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           "-m", "tests.distributed_worker", str(spec)]  # fmt: skip
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+TRAINABLE = ("block=trainable", "solver.method=neumann", "solver.steps=2", "solver.alpha=1e-3")
+
+
+def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
+    model, data = assets
+    extra = {"trainable": TRAINABLE, "identity": ("solver.method=identity",)}.get(out.name.split("-")[0], ())
+    return [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
+            "data.max_length=512", f"steps={steps}", "eval.episodes=0", "checkpoint_every=3",
+            f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else []), *extra]  # fmt: skip
+
+
+def _resumable_copy(out: Path, to: Path) -> Path:
+    """``out`` as it was after step 3: the step-3 checkpoint and the files a resume trims itself."""
+    shutil.copytree(out, to)
+    shutil.rmtree(to / "checkpoints" / "step-00000005")
+    return to  # metrics.jsonl and parallel_debug.jsonl still hold steps 4 and 5: the resume drops them
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed_assets")
+    data = root / "data.jsonl"
+    assert (
+        generate(["--env", "gridnav", "--out", str(data), "--sources", "real:24,corrupt:16,eps0.3:16"]) == 0
+    )
+    return save_tiny_chat_model(root / "model"), data
+
+
+@pytest.fixture(scope="module")
+def runs(assets, tmp_path_factory):
+    """Output folders: {"plain", "ddp-1", "ddp-2", "fsdp2-1", "fsdp2-2", "ddp-2to1", "ddp-1to2", ...,
+    "trainable-1", "trainable-2" (DDP, block=trainable), "identity-1", "identity-2" (FSDP2, solver.method=identity),
+    "diverging"}."""
+    root = tmp_path_factory.mktemp("distributed_runs")
+    more = ("trainable-1", "trainable-2", "identity-1", "identity-2", "diverging")
+    names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), *more)
+    out = {name: root / name for name in names}
+
+    def run(name, kind, resume=False):
+        return {"overrides": _overrides(assets, out[name], kind), "resume": resume}
+
+    _launch(
+        1,
+        [
+            run("plain", "none"),
+            run("ddp-1", "ddp"),
+            run("fsdp2-1", "fsdp2"),
+            run("trainable-1", "ddp"),
+            run("identity-1", "fsdp2"),
+        ],
+        root,
+    )
+    for kind in KINDS:
+        out[f"{kind}-1to2"] = _resumable_copy(out[f"{kind}-1"], root / f"{kind}-1to2")
+    resumes = [run(f"{k}-1to2", k, True) for k in KINDS]
+    # an lr that blows the model up after one step: the next steps are non-finite and skipped
+    diverging = {"overrides": [*_overrides(assets, out["diverging"], "ddp", steps=3), "optim.lr=1e30",
+                               "checkpoint_every=0"]}  # fmt: skip
+    _launch(
+        2,
+        [run(f"{k}-2", k) for k in KINDS]
+        + [run("trainable-2", "ddp"), run("identity-2", "fsdp2")]
+        + resumes
+        + [diverging],
+        root,
+    )
+    for kind in KINDS:
+        out[f"{kind}-2to1"] = _resumable_copy(out[f"{kind}-2"], root / f"{kind}-2to1")
+    out["ddp-2to1-fsdp2"] = _resumable_copy(out["ddp-2"], root / "ddp-2to1-fsdp2")  # DDP's, under FSDP2
+    _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS] + [run("ddp-2to1-fsdp2", "fsdp2", True)], root)
+    return out
+
+
+def _relative(a, b) -> float:
+    if None in (a, b) or None in list(a) + list(b):  # e.g. no real trajectory in the batch: both None
+        return 0.0 if list(a) == list(b) else float("inf")
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+def _debug_rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / DEBUG_FILE).read_text().splitlines()]
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _final_parameters(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "model" / "model.safetensors"))
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "trainable", "identity"])
+def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
+    """DDP and FSDP2 with the head block (CG), DDP with block=trainable (Neumann, finite differences:
+    the same perturbations θ ± εv on every rank, each HVP summed over ranks) and FSDP2 with the AdamW
+    look-ahead (solver.method=identity: the sharded optimiser state of the head, gathered).
+
+    block=trainable's scores are differences of float32 losses, [L_i(θ+εv) − L_i(θ−εv)] / 2ε: the
+    trunk's rounding on another packing (~1e-7 of L) is amplified by L / (L(θ+εv) − L(θ−εv)); measured
+    (2026-12-02) 8e-6 on the hypergradients and 1.8e-5 on the weights (the head's Adam steps follow
+    them), hence 1e-4 there. The head block (fused JVP / HVP, no differences) agrees to ~2e-7.
+    identity at Adam's first step: the response nearly cancels (the first step is ≈ lr·sign(G),
+    docs/method.md), so the small v carries the gradient's rounding at a large relative size:
+    measured 1.9e-4 on the hypergradients at step 1, 1.6e-6 to 8e-6 after, 6e-6 on the weights.
+    """
+    scores = 1e-4 if kind == "trainable" else TOLERANCE
+    hyper = {"trainable": 1e-4, "identity": 1e-3}.get(kind, TOLERANCE)
+    one, two = _debug_rows(runs[f"{kind}-1"]), _debug_rows(runs[f"{kind}-2"])
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3, 4, 5]
+    for a, b in zip(two, one):
+        assert a["index"] == b["index"]  # the same trajectories, in the global batch's order
+        for key, tolerance in (("loss", TOLERANCE), ("weight", scores), ("hypergradient", hyper)):
+            assert _relative(a[key], b[key]) <= tolerance, (kind, a["step"], key)
+        assert any(h != 0 for h in a["hypergradient"])  # the outer step had something to compare
+    for a, b in zip(_metrics(runs[f"{kind}-2"]), _metrics(runs[f"{kind}-1"])):
+        for key in ("loss", "val_loss", "n_eff", "mass", "solver_residual"):
+            assert _relative([a[key]], [b[key]]) <= scores, (kind, a["step"], key)
+    p2, p1 = _final_parameters(runs[f"{kind}-2"]), _final_parameters(runs[f"{kind}-1"])
+    assert p2.keys() == p1.keys()
+    for name in p1:
+        assert _relative(p2[name], p1[name]) <= TOLERANCE, (kind, name)
+
+
+def test_one_parallel_rank_computes_what_the_single_process_trainer_does(runs, assets):
+    plain = _metrics(runs["plain"])
+    final, start = _final_parameters(runs["plain"]), load_file(str(assets[0] / "model.safetensors"))
+    assert max(_relative(final[n], start[n]) for n in final) > 100 * TOLERANCE  # training moved them
+    for kind in KINDS:
+        for a, b in zip(_metrics(runs[f"{kind}-1"]), plain):
+            for key in ("loss", "val_loss", "n_eff", "solver_residual"):
+                assert _relative([a[key]], [b[key]]) <= 1e-6, (kind, a["step"], key)
+        ours = _final_parameters(runs[f"{kind}-1"])
+        assert all(_relative(ours[n], final[n]) <= TOLERANCE for n in final), kind
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("direction", ["2to1", "1to2"])
+def test_a_run_resumes_on_another_number_of_ranks_with_the_same_losses(runs, kind, direction):
+    source = runs[f"{kind}-{direction[0]}"]
+    resumed = _metrics(runs[f"{kind}-{direction}"])
+    original = _metrics(source)
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    assert resumed[:3] == original[:3]  # the rows up to the checkpoint, kept as they were
+    assert [r["step"] for r in _debug_rows(runs[f"{kind}-{direction}"])] == [1, 2, 3, 4, 5]
+    for a, b in zip(resumed[3:], original[3:]):
+        for key in ("loss", "val_loss", "real_train_loss", "n_eff"):
+            assert _relative([a[key]], [b[key]]) <= TOLERANCE, (kind, direction, a["step"], key)
+    state = json.loads(
+        (runs[f"{kind}-{direction}"] / "checkpoints/step-00000005/trainer_state.json").read_text()
+    )
+    assert state["parallel"] == {"mode": kind, "world_size": int(direction[-1])}
+
+
+def test_a_ddp_checkpoint_resumes_under_fsdp2(runs):
+    resumed, original = _metrics(runs["ddp-2to1-fsdp2"]), _metrics(runs["ddp-2"])
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(resumed[3:], original[3:]):
+        for key in ("loss", "val_loss", "n_eff"):
+            assert _relative([a[key]], [b[key]]) <= TOLERANCE, (a["step"], key)
+
+
+def test_non_finite_steps_are_skipped_on_every_rank_and_ddp_goes_on(runs):
+    rows = _metrics(runs["diverging"])
+    assert [r["step"] for r in rows] == [1, 2, 3] and "loss" not in rows[0].get("skipped", [])
+    assert all("loss" in r["skipped"] for r in rows[1:])  # the same decision on both ranks, no hang
+
+
+def test_fsdp2_checkpoints_are_sharded_per_rank(runs):
+    folder = runs["fsdp2-2"] / "checkpoints" / "step-00000005"
+    assert sorted(p.name for p in (folder / "dcp").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    assert (folder / "head.safetensors").is_file() and not (folder / "model.safetensors").exists()
+
+
+def test_a_single_process_run_refuses_a_parallel_checkpoint(runs, assets, tmp_path):
+    copy = shutil.copytree(runs["ddp-1"], tmp_path / "run")
+    cfg = load_config(TrainConfig, None, _overrides(assets, copy, "none", steps=6))
+    with pytest.raises(RunDirError, match="written by a parallel run.*torchrun"):
+        Trainer(cfg, progress=False).train(resume=True)
+
+
+# ------------------------------------------------------------------ without a process group
+
+
+def _ranks(world: int) -> list[TorchRun]:
+    """TorchRun objects of each rank of a world, for the parts that need no process group."""
+    out = []
+    for rank in range(world):
+        p = TorchRun.__new__(TorchRun)
+        p.rank, p.world = rank, world
+        out.append(p)
+    return out
+
+
+def test_ranks_collate_disjoint_shares_and_an_empty_share_is_a_phantom(assets):
+    from transformers import AutoTokenizer
+
+    from boost.train import prepare_data
+
+    cfg = load_config(TrainConfig, None, _overrides(assets, Path("unused"), "none"))
+    packer = prepare_data(cfg.data, AutoTokenizer.from_pretrained(assets[0])).train
+    positions = [0, 1, 2]
+    shares = [p.collate(packer)(positions) for p in _ranks(2)]
+    assert all(s.rows == 1 for s in shares)
+    index = [t.index for t in packer.trajectories]
+    assert shares[0].trajectory_index.tolist() == [index[0], index[2]] and shares[
+        0
+    ].global_order.tolist() == [0, 2]
+    assert shares[1].trajectory_index.tolist() == [index[1]] and shares[1].global_order.tolist() == [1]
+    assert {s.global_size for s in shares} == {3}
+    lone = [p.collate(packer)([5]) for p in _ranks(2)]
+    assert lone[0].global_order.tolist() == [0]
+    phantom = lone[1]  # nothing left for rank 1: a copy of the trajectory with no counted token
+    assert phantom.global_order.tolist() == [-1] and phantom.num_counted.tolist() == [0]
+    assert bool((phantom.labels == -100).all()) and bool((phantom.segment_ids == -1).all())
+    moved = phantom.to("cpu")
+    assert type(moved) is type(phantom) and moved.global_size == 1
+
+
+def test_with_rows_a_share_keeps_only_the_rows_it_fills(assets):
+    from transformers import AutoTokenizer
+
+    from boost.train import prepare_data
+
+    cfg = load_config(TrainConfig, None, [*_overrides(assets, Path("unused"), "none"), "data.rows=4",
+                                          "data.max_length=256"])  # fmt: skip
+    packer = prepare_data(cfg.data, AutoTokenizer.from_pretrained(assets[0])).train
+    positions = max(packer.plan(0), key=len)  # the fullest batch of the epoch
+    whole = packer.collate(positions)
+    shares = [p.collate(packer)(positions) for p in _ranks(2)]
+    assert sum(s.num_segments for s in shares) == whole.num_segments and whole.rows == 4
+    assert all(s.rows < whole.rows and s.num_tokens == 256 * s.rows for s in shares)
+    assert sorted(i for s in shares for i in s.trajectory_index.tolist()) == sorted(
+        whole.trajectory_index.tolist()
+    )
+
+
+def test_a_view_takes_and_scatters_this_ranks_trajectories():
+    local = torch.tensor([2, 0, -1])
+    view = BatchView(4, local, *([torch.zeros(4)] * 7), None)
+    x = torch.tensor([10.0, 11.0, 12.0, 13.0], requires_grad=True)
+    taken = view.take(x)
+    assert taken.tolist() == [12.0, 10.0, 0.0]
+    taken.sum().backward()
+    assert x.grad.tolist() == [1.0, 0.0, 1.0, 0.0]
+    assert view.scatter(torch.tensor([1.0, 2.0, 3.0])).tolist() == [2.0, 0.0, 1.0, 0.0]
+
+
+def test_parallel_settings_are_checked_before_anything_runs(monkeypatch):
+    with pytest.raises(ValueError, match="parallel must be one of none, ddp, fsdp2"):
+        TrainConfig(parallel="deepspeed")
+    with pytest.raises(ValueError, match="parallel=fsdp2 does not support block=trainable.*use parallel=ddp"):
+        load_config(TrainConfig, None, ["parallel=fsdp2", "block=trainable", "solver.method=neumann",
+                                        "solver.alpha=0.1", "eval.episodes=0"])  # fmt: skip
+    with pytest.raises(ValueError, match="parallel_debug checks the ranks"):
+        TrainConfig(parallel_debug=True)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ParallelError, match="torchrun --standalone --nproc-per-node N"):
+        make_parallel("ddp", "cpu")
