@@ -25,8 +25,8 @@ def _unions_of(k: int, monkeypatch) -> None:
     """Make the trainer's training stream yield the union of every k consecutive batches."""
     original = loop._cycle
 
-    def cycle(packer, skip=0):
-        stream = original(packer, skip * k if packer.name == "train" else skip)
+    def cycle(packer, skip=0, collate=None):
+        stream = original(packer, skip * k if packer.name == "train" else skip, collate)
         if packer.name != "train":
             return stream
         return (concat_batches([first, *(next(stream) for _ in range(k - 1))]) for first in stream)
