@@ -7,9 +7,17 @@ import re
 import pytest
 import torch
 
+import boost.rollout as rollout_module
 from boost.envs import END_REASONS, make_env
 from boost.prefix_cache import PrefixCachedDecoder
-from boost.rollout import RolloutConfig, RolloutError, check_chat_template, rollout, summarize_episodes
+from boost.rollout import (
+    EpisodeProgress,
+    RolloutConfig,
+    RolloutError,
+    check_chat_template,
+    rollout,
+    summarize_episodes,
+)
 
 
 def replay(env_name, episode):
@@ -160,3 +168,43 @@ def test_bad_input_gets_clear_errors(tiny_model):
             check_chat_template(tokenizer, "tiny")
     finally:
         tokenizer.chat_template = template
+
+
+def test_the_progress_bar_counts_episodes_and_moves_every_turn():
+    """A running episode counts its share of the turn limit; a finished one counts 1."""
+    bar = EpisodeProgress(total=2, limit=4, desc="t", enabled=False)
+    bar.turn(0, 1)
+    bar.turn(1, 1)
+    bar.show()
+    assert bar.position == pytest.approx(0.5) and bar.done == 0
+    bar.turn(0, 2)
+    bar.turn(1, 2)
+    bar.finish(0, success=True)  # episode 0 ends after 2 of 4 turns: its remaining share at once
+    assert bar.position == pytest.approx(1.5) and (bar.done, bar.successes) == (1, 1)
+    bar.turn(1, 7)  # past the limit (context or env limits): never more than 1
+    bar.show()
+    assert bar.position == pytest.approx(2.0)
+    bar.finish(1, success=False)
+    assert bar.position == 2 and (bar.done, bar.successes, bar.turns) == (2, 1, 5)
+
+
+def test_the_rollout_bar_moves_before_any_episode_ends(tiny_model, monkeypatch):
+    """All episodes in flight at once (the 0/8-for-46-minutes case): the bar moves every turn."""
+    seen = []
+
+    class Recording(rollout_module.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            seen.append((self.n, self.postfix or ""))
+
+    monkeypatch.setattr(rollout_module, "tqdm", Recording)
+    model, tokenizer = tiny_model
+    tasks = make_env("gridnav").sample_tasks("test", 4, seed=0)
+    config = RolloutConfig(max_turns=3, max_new_tokens=6, batch_size=4)
+    episodes = rollout(model, tokenizer, "gridnav", tasks, config, progress=True)
+    positions = [n for n, _ in seen]
+    first_end = min(e.turns for e in episodes)
+    assert first_end >= 2, "the test needs episodes that outlive a turn"
+    before_any_end = [n for n, postfix in seen if "done=0," in postfix]
+    assert len(before_any_end) >= first_end - 1 and before_any_end[0] == pytest.approx(len(tasks) / 3)
+    assert positions == sorted(positions) and positions[-1] == len(tasks)
