@@ -15,6 +15,8 @@ episode ended sat at 0/N for the whole run (46 minutes for 8 SmolLM2 episodes on
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -106,6 +108,31 @@ def check_chat_template(tokenizer: Any, model_name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers():
+    """Hide transformers' GGUF conversion bar when its progress bars are off (``--quiet``).
+
+    ``transformers.utils.logging.disable_progress_bar()`` silences the loading bars, but the GGUF
+    loader calls ``tqdm`` directly ("Converting and de-quantizing GGUF tensors..."), so it printed
+    anyway; inside this block that ``tqdm`` is disabled too.
+    """
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf
+    except ImportError:  # another transformers layout: nothing to silence
+        gguf = None
+    if gguf is None or hf_logging.is_progress_bar_enabled() or not hasattr(gguf, "tqdm"):
+        yield
+        return
+    bar = gguf.tqdm
+    gguf.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
+
+
 def load_model(
     model: str,
     gguf_file: str | None = None,
@@ -136,7 +163,8 @@ def load_model(
             raise RolloutError(f"--chat-template {chat_template!r} is not a file; give a Jinja template file")
         tokenizer.chat_template = template_path.read_text(encoding="utf-8")
     check_chat_template(tokenizer, model)
-    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    with _gguf_bar_follows_transformers():
+        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
     lm.eval()
     return lm, tokenizer
 

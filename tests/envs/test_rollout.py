@@ -15,6 +15,7 @@ from boost.rollout import (
     RolloutConfig,
     RolloutError,
     check_chat_template,
+    load_model,
     rollout,
     summarize_episodes,
 )
@@ -208,3 +209,29 @@ def test_the_rollout_bar_moves_before_any_episode_ends(tiny_model, monkeypatch):
     before_any_end = [n for n, postfix in seen if "done=0," in postfix]
     assert len(before_any_end) >= first_end - 1 and before_any_end[0] == pytest.approx(len(tasks) / 3)
     assert positions == sorted(positions) and positions[-1] == len(tasks)
+
+
+def test_quiet_hides_the_gguf_conversion_bar_too(tiny_model_dir, monkeypatch, capsys):
+    """transformers' GGUF loader calls tqdm itself; ``--quiet`` (bars off in transformers) hides it."""
+    import transformers.modeling_gguf_pytorch_utils as gguf
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    real = AutoModelForCausalLM.from_pretrained
+
+    def loading(*args, **kwargs):  # a GGUF load's conversion loop, on the tiny checkpoint
+        for _ in gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loading)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.disable_progress_bar()
+        load_model(str(tiny_model_dir))
+        assert "GGUF" not in capsys.readouterr().err
+        hf_logging.enable_progress_bar()
+        load_model(str(tiny_model_dir))
+        assert "de-quantizing GGUF" in capsys.readouterr().err  # the same bar shows when bars are on
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
