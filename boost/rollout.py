@@ -133,6 +133,27 @@ def _gguf_bar_follows_transformers():
         gguf.tqdm = bar
 
 
+def _plain_if_dequantized(lm: Any) -> Any:
+    """Detach the GGUF quantizer from a model whose weights transformers dequantized on load.
+
+    For architectures its GGUF loader does not keep in GGUF blocks (SmolLM2 / Llama in
+    transformers 5.x: ``quantizer.supported`` is False), transformers converts every tensor to a
+    plain float ``nn.Linear`` weight but leaves the quantizer attached, and ``save_pretrained`` then
+    refuses the model ("quantized with gguf and is not serializable"): a trained SmolLM2 could not be
+    saved for ``boost.evaluate``. Such a model is an ordinary float checkpoint, and is made one here.
+    """
+    quantizer = getattr(lm, "hf_quantizer", None)
+    dequantized = (
+        type(quantizer).__name__ == "GgufHfQuantizer" and getattr(quantizer, "supported", True) is False
+    )
+    if not dequantized or not all(p.is_floating_point() for p in lm.parameters()):
+        return lm
+    lm.hf_quantizer = None
+    if getattr(lm.config, "quantization_config", None) is not None:
+        del lm.config.quantization_config
+    return lm
+
+
 def load_model(
     model: str,
     gguf_file: str | None = None,
@@ -164,7 +185,8 @@ def load_model(
         tokenizer.chat_template = template_path.read_text(encoding="utf-8")
     check_chat_template(tokenizer, model)
     with _gguf_bar_follows_transformers():
-        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    lm = _plain_if_dequantized(lm).to(device)
     lm.eval()
     return lm, tokenizer
 

