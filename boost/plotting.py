@@ -24,3 +24,10 @@ def save_png(fig, path: Path, dpi: int = 100) -> Path:
     replace_atomic(path, lambda tmp: fig.savefig(tmp, dpi=dpi, format="png"))
     pyplot().close(fig)
     return path
+
+
+def integer_ticks(ax) -> None:
+    """Ticks on whole numbers only on ``ax``'s x axis (steps are counts: no 2.5)."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))

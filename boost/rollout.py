@@ -7,10 +7,16 @@ call produces all replies; a slot whose episode ends takes the next task. Decodi
 the environment verbatim (stripped), which handles invalid actions as it defines. An episode ends
 when the environment says so, at the turn limit, or when the next prompt would not fit the model's
 context (``context_limit``, counted in the metrics).
+
+The progress bar counts episodes and moves every batched turn (:class:`EpisodeProgress`): with
+every episode in flight at once, none ends until near the end, so a bar that moved only when an
+episode ended sat at 0/N for the whole run (46 minutes for 8 SmolLM2 episodes on a CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import importlib.util
 import math
 import os
@@ -102,6 +108,52 @@ def check_chat_template(tokenizer: Any, model_name: str) -> None:
         )
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_transformers():
+    """Hide transformers' GGUF conversion bar when its progress bars are off (``--quiet``).
+
+    ``transformers.utils.logging.disable_progress_bar()`` silences the loading bars, but the GGUF
+    loader calls ``tqdm`` directly ("Converting and de-quantizing GGUF tensors..."), so it printed
+    anyway; inside this block that ``tqdm`` is disabled too.
+    """
+    from transformers.utils import logging as hf_logging
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf
+    except ImportError:  # another transformers layout: nothing to silence
+        gguf = None
+    if gguf is None or hf_logging.is_progress_bar_enabled() or not hasattr(gguf, "tqdm"):
+        yield
+        return
+    bar = gguf.tqdm
+    gguf.tqdm = functools.partial(bar, disable=True)
+    try:
+        yield
+    finally:
+        gguf.tqdm = bar
+
+
+def _plain_if_dequantized(lm: Any) -> Any:
+    """Detach the GGUF quantizer from a model whose weights transformers dequantized on load.
+
+    For architectures its GGUF loader does not keep in GGUF blocks (SmolLM2 / Llama in
+    transformers 5.x: ``quantizer.supported`` is False), transformers converts every tensor to a
+    plain float ``nn.Linear`` weight but leaves the quantizer attached, and ``save_pretrained`` then
+    refuses the model ("quantized with gguf and is not serializable"): a trained SmolLM2 could not be
+    saved for ``boost.evaluate``. Such a model is an ordinary float checkpoint, and is made one here.
+    """
+    quantizer = getattr(lm, "hf_quantizer", None)
+    dequantized = (
+        type(quantizer).__name__ == "GgufHfQuantizer" and getattr(quantizer, "supported", True) is False
+    )
+    if not dequantized or not all(p.is_floating_point() for p in lm.parameters()):
+        return lm
+    lm.hf_quantizer = None
+    if getattr(lm.config, "quantization_config", None) is not None:
+        del lm.config.quantization_config
+    return lm
+
+
 def load_model(
     model: str,
     gguf_file: str | None = None,
@@ -132,12 +184,69 @@ def load_model(
             raise RolloutError(f"--chat-template {chat_template!r} is not a file; give a Jinja template file")
         tokenizer.chat_template = template_path.read_text(encoding="utf-8")
     check_chat_template(tokenizer, model)
-    lm = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device)
+    with _gguf_bar_follows_transformers():
+        lm = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    lm = _plain_if_dequantized(lm).to(device)
     lm.eval()
     return lm, tokenizer
 
 
 # ---- the rollout loop ----------------------------------------------------------------------------
+
+
+class EpisodeProgress:
+    """A tqdm bar of a batched rollout, in episodes, that moves every turn.
+
+    A finished episode counts 1; a running one counts the share of the turn limit it has played
+    (``turns / limit``, at most 1), so the bar advances after every batched ``generate`` call. The
+    postfix shows the episodes finished, their success rate and the turns played.
+
+    Args:
+        total: episodes to play.
+        limit: turns an episode may take at most (> 0).
+        desc: the bar's label.
+        enabled: False: no bar (the counts are still kept).
+    """
+
+    def __init__(self, total: int, limit: int, desc: str, enabled: bool = True):
+        self.limit = max(limit, 1)
+        self.total = total
+        self.running: dict[int, float] = {}  # task index -> credit of its turns so far, in [0, 1]
+        self.done = self.successes = self.turns = 0
+        self.bar = tqdm(
+            total=total, desc=desc, unit="episode", disable=not enabled,
+            bar_format="{l_bar}{bar}| {n:.1f}/{total_fmt} episodes [{elapsed}<{remaining}{postfix}]",
+        )  # fmt: skip
+
+    @property
+    def position(self) -> float:
+        """Episodes finished plus the running ones' shares of the turn limit."""
+        return self.done + sum(self.running.values())
+
+    def _show(self) -> None:
+        new = self.total if self.done == self.total else self.position
+        self.bar.set_postfix(
+            done=self.done, success=f"{self.successes / self.done:.2f}" if self.done else "-", turns=self.turns,
+            refresh=False,
+        )  # fmt: skip
+        self.bar.update(new - self.bar.n)
+
+    def turn(self, index: int, turns: int) -> None:
+        """Episode ``index`` has now played ``turns`` turns (call once per batched turn, then :meth:`show`)."""
+        self.turns += 1
+        self.running[index] = min(turns / self.limit, 1.0)
+
+    def finish(self, index: int, success: bool) -> None:
+        """Episode ``index`` ended (its remaining share is counted at once)."""
+        self.running.pop(index, None)
+        self.done, self.successes = self.done + 1, self.successes + bool(success)
+        self._show()
+
+    def show(self) -> None:
+        self._show()
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -211,16 +320,12 @@ def rollout(
     pending = deque(enumerate(tasks))
     slots: list[tuple[int, Episode] | None] = [None] * len(envs)
     results: list[Episode | None] = [None] * len(tasks)
-    bar = tqdm(total=len(tasks), desc=f"rollout {env_name}", disable=not progress)
-    n_done = n_success = 0
+    bar = EpisodeProgress(len(tasks), limit, f"rollout {env_name}", enabled=progress)
 
     def finish(slot: int) -> None:
-        nonlocal n_done, n_success
         index, episode = slots[slot]
         results[index] = episode
-        n_done, n_success = n_done + 1, n_success + episode.success
-        bar.update(1)
-        bar.set_postfix(success=f"{n_success / n_done:.2f}")
+        bar.finish(index, episode.success)
         slots[slot] = None
 
     def refill(slot: int) -> None:
@@ -261,12 +366,14 @@ def rollout(
             if not batch:
                 continue
             for slot, reply in zip(batch, replies_for(batch, prompts)):
-                episode = slots[slot][1]
+                index, episode = slots[slot]
                 observation, reward, done, info = envs[slot].step(reply)
                 episode.record(reply, observation, reward, done, info)
+                bar.turn(index, episode.turns)
                 if done:
                     finish(slot)
                     refill(slot)
+            bar.show()
     bar.close()
     for env in envs:
         env.close()

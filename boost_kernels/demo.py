@@ -90,6 +90,23 @@ def run(T: int, D: int, V: int, S: int) -> None:
     print(f"| boost fused   | {tf:.3f} | {mf / 2**20:.1f} |")
     print(f"memory saved: {(mn - mf) / 2**20:.1f} MiB ({mn / max(mf, 1):.1f}x less); the [T, V] logits alone are "
           f"{T * V * 4 / 2**20:.1f} MiB")  # fmt: skip
+    if device == "cpu":
+        print(cpu_timing_note(V))
+
+
+def cpu_timing_note(V: int) -> str:
+    """Why the fused op's CPU time can exceed naive's in this demo (its point on a CPU is memory)."""
+    from boost_kernels.chunked import CHUNK_ELEMENTS
+
+    rows = max(1, CHUNK_ELEMENTS // V)
+    return (
+        f"time on a CPU: the fused op runs the chunked PyTorch path, naive's matmuls {rows} token rows at a "
+        "time so that the [T, V] logits never exist. On one quiet thread it takes naive's time "
+        "(benchmarks/RESULTS.md, 'Eager gradients on the CPU path'); here it runs on wall-clock time with "
+        f"torch's {torch.get_num_threads()} threads, where many small matmuls use the threads less well than "
+        "naive's one large one and a busy CPU stalls every chunk, so it can be slower. On a GPU the Triton "
+        "kernels run instead."
+    )
 
 
 def main() -> None:

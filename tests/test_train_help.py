@@ -26,7 +26,7 @@ def test_help_lists_every_setting_with_its_default_and_a_meaning(capsys):
         main(["--help"])
     text = capsys.readouterr().out
     assert exit_.value.code == 0 and "``" not in text
-    assert "examples:\n    python -m boost.data.generate" in text
+    assert "examples:\n    python -m boost.train\n" in text
     rows = dict(settings_lines(TrainConfig()))
     keys = list(_leaf_keys(TrainConfig()))
     assert [row.split("=")[0] for row in rows] == keys

@@ -1,5 +1,9 @@
 """The command line of ``python -m boost.train`` (see :mod:`boost.train.__main__` for examples).
 
+With no settings (no ``--config``, ``--preset`` or ``key=value``) it runs the one-command default:
+the CPU preset (:mod:`boost.train.preset`), its data generated first when missing, task success on
+held-out test tasks next to the random policy's, printed and written into ``report.md``.
+
 Everything that can be checked before the model loads is checked first: the settings, ``out_dir``
 (a run there is refused without ``--resume`` or ``--overwrite``), the device, and the data (read,
 validated and split). A problem with any of them is one line naming the file or setting and the
@@ -19,9 +23,11 @@ from boost.data import ChatTemplateError, TrajectoryReadError
 from boost.rollout import RolloutError
 from boost.train.checkpoint import RunDirError, check_out_dir
 from boost.train.config import TrainConfig
+from boost.train.evaluation import random_policy_success
 from boost.train.guards import DeviceError, NonFiniteStepError, resolve_device
 from boost.train.loop import Trainer
-from boost.train.report import write_report
+from boost.train.preset import PRESET, SETTINGS, ensure_default_data, preset_overrides
+from boost.train.report import success_line, write_report
 from boost.train.selection import DataError
 from boost.train.settings_help import settings_help
 
@@ -39,7 +45,13 @@ def build_parser(description: str, examples: str = "") -> argparse.ArgumentParse
         epilog=epilog.replace("``", ""),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--config", help="a YAML file of settings (see boost/train/config.py)")
+    start = parser.add_mutually_exclusive_group()
+    start.add_argument("--config", help="a YAML file of settings (see boost/train/config.py)")
+    start.add_argument(
+        "--preset",
+        choices=[PRESET],
+        help="start from the CPU preset's settings (boost/train/preset.py); what no settings at all run",
+    )
     runs = parser.add_mutually_exclusive_group()
     runs.add_argument("--resume", action="store_true", help="continue the run in out_dir from its checkpoint")
     runs.add_argument(
@@ -54,6 +66,28 @@ def build_parser(description: str, examples: str = "") -> argparse.ArgumentParse
     return parser
 
 
+def _default_run_note() -> str:
+    eval_cfg = SETTINGS["eval"]
+    return (
+        "no settings given: the one-command default, the CPU preset (a 4-layer width-128 Llama built "
+        f"in-process, {SETTINGS['weighting']['method']} weights) for {SETTINGS['steps']} steps on "
+        f"{SETTINGS['data']['path']}, then {eval_cfg['episodes']} held-out test episodes; run folder "
+        f"{SETTINGS['out_dir']} (--help lists every setting; key=value changes one)"
+    )
+
+
+def final_lines(final: dict, random_policy: dict | None, out: Path, report: Path) -> list[str]:
+    """What the run prints at the end: held-out task success (and the random policy's), loss, files."""
+    lines = [success_line(final, random_policy)]
+    loss, accuracy = final.get("test_loss"), final.get("test_agent_token_accuracy")
+    if loss is not None:
+        lines.append(f"held-out real trajectories: loss {loss:.4f}, agent-token accuracy {accuracy:.3f}")
+    lines.append(
+        f"run folder: {out} (report: {report}, numbers: {out / 'final.json'}, model: {out / 'model'})"
+    )
+    return lines
+
+
 def main(
     argv: list[str] | None = None, description: str = "Train with BOOST reweighting.", examples: str = ""
 ) -> int:
@@ -64,13 +98,21 @@ def main(
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    default_run = args.config is None and args.preset is None and not args.overrides
+    preset = default_run or args.preset == PRESET
     try:
-        cfg = load_config(TrainConfig, args.config, args.overrides)
+        cfg = load_config(
+            TrainConfig, args.config, [*(preset_overrides() if preset else []), *args.overrides]
+        )
     except (ValueError, FileNotFoundError) as exc:
         parser.error(str(exc))
+    if default_run:
+        print(f"{parser.prog}: {_default_run_note()}", flush=True)
     try:
         check_out_dir(Path(cfg.out_dir), resume=args.resume, overwrite=args.overwrite)
         resolve_device(cfg.device)
+        if preset:
+            ensure_default_data(cfg.data.path, quiet=args.quiet)
         trainer = Trainer(cfg, progress=not args.quiet)  # reads the data before loading the model
     except USAGE_ERRORS as exc:
         parser.error(str(exc))
@@ -79,11 +121,14 @@ def main(
         if not trainer.parallel.is_main:  # a parallel run: rank 0 writes the report
             trainer.parallel.close()
             return 0
-        report = write_report(trainer.out, trainer.data.summary)
+        baseline = (
+            random_policy_success(final["env"], final["episodes"], cfg.eval.seed) if "env" in final else None
+        )
+        report = write_report(trainer.out, trainer.data.summary, random_policy=baseline)
     except RUN_ERRORS as exc:
         parser.exit(1, f"{parser.prog}: {exc}\n")
     except RunDirError as exc:  # a resume with another config
         parser.error(str(exc))
     trainer.parallel.close()
-    print(f"final: {final}; report: {report}")
+    print("\n".join(final_lines(final, baseline, trainer.out, report)))
     return 0

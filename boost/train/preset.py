@@ -12,10 +12,17 @@
 
 Both are saved with ``save_pretrained`` to ``<out_dir>/init`` and loaded from there like any other
 checkpoint, so what the trainer saves later is a folder :mod:`boost.evaluate` loads.
+
+:data:`SETTINGS` is the whole preset run (``configs/cpu_preset.yaml``'s settings with the one-command
+default's paths): ``python -m boost.train`` with no arguments (or ``--preset cpu``) starts from it and
+:func:`ensure_default_data` generates :data:`DEFAULT_DATA` with :data:`GENERATE_ARGS` when it is missing.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import shlex
 from collections import Counter
 from pathlib import Path
 
@@ -30,6 +37,62 @@ CHATML = (
 )
 SPECIAL = ("<|im_start|>", "<|im_end|>", "<unk>", "<pad>")
 ROLES = ("system", "user", "assistant")
+
+# The one-command default (``python -m boost.train``): its data, how they are generated, its run folder.
+DEFAULT_DATA = "runs/data/gridnav-compact.jsonl"
+GENERATE_ARGS = ("--env", "gridnav-compact", "--sources", "real:400,eps0.1:800", "--out", DEFAULT_DATA)
+DEFAULT_OUT = "runs/cpu_preset"
+# The preset run: configs/cpu_preset.yaml's settings (tests/test_one_command.py checks they agree)
+# with the paths above. Behaviour cloning (uniform weights): it passes the gate on this data
+# (benchmarks/RESULTS.md); weighting.method=boost turns BOOST's reweighting on.
+SETTINGS = {
+    "model": {"name": PRESET, "hidden_size": 128, "layers": 4, "heads": 4},
+    "data": {"path": DEFAULT_DATA, "token_budget": 6144, "rows": 8, "max_length": 768, "packing": "mixed"},
+    "optim": {"lr": 0.001, "weight_decay": 0.0, "grad_clip": 1.0},
+    "weighting": {"method": "uniform"},
+    "steps": 300,
+    "log_every": 10,
+    "checkpoint_every": 0,
+    "eval": {"episodes": 100, "max_new_tokens": 4, "batch_size": 50},
+    "out_dir": DEFAULT_OUT,
+    "device": "cpu",
+    "threads": 1,
+}
+
+
+def preset_overrides(settings: dict | None = None, prefix: str = "") -> list[str]:
+    """:data:`SETTINGS` (or ``settings``) as ``key=value`` overrides for :func:`boost.config.load_config`."""
+    out = []
+    for key, value in (SETTINGS if settings is None else settings).items():
+        if isinstance(value, dict):
+            out += preset_overrides(value, f"{prefix}{key}.")
+        else:
+            out.append(f"{prefix}{key}={json.dumps(value)}")  # JSON scalars are YAML scalars
+    return out
+
+
+def generate_command(quiet: bool = False) -> list[str]:
+    """The arguments of ``python -m boost.data.generate`` that write the default data."""
+    return [*GENERATE_ARGS, *(["--no-progress"] if quiet else [])]
+
+
+def ensure_default_data(path: str, quiet: bool = False) -> bool:
+    """Generate the default data when ``path`` is :data:`DEFAULT_DATA` and missing; True if it ran.
+
+    Prints the command it runs (in this process, as ``python -m boost.data.generate`` would) first.
+    Any other missing path is left to the trainer's own error, which names the file.
+    """
+    if path != DEFAULT_DATA or Path(path).exists():
+        return False
+    from boost.data.generate import main as generate
+
+    argv = generate_command(quiet)
+    print(
+        f"{DEFAULT_DATA} is missing; generating it: python -m boost.data.generate {shlex.join(argv)}",
+        flush=True,
+    )
+    generate(argv)  # a failure exits with generate's own message
+    return True
 
 
 def corpus(trajectories: list[Trajectory]) -> list[str]:
@@ -117,7 +180,14 @@ def load_trainer_model(model_cfg, data_path: str, out_dir: Path, seed: int, devi
         return load_model(model_cfg.name, device=device)
     folder = Path(out_dir) / "init"
     if not (folder / "config.json").exists():
-        trajectories, _ = read_trajectories(data_path)
+        # The trainer has read and reported this file already: this second read stays silent.
+        reader_log = logging.getLogger(read_trajectories.__module__)
+        level = reader_log.level
+        reader_log.setLevel(logging.ERROR)
+        try:
+            trajectories, _ = read_trajectories(data_path)
+        finally:
+            reader_log.setLevel(level)
         write_preset_checkpoint(
             folder, trajectories, model_cfg.hidden_size, model_cfg.layers, model_cfg.heads, seed
         )

@@ -8,7 +8,7 @@ from pathlib import Path
 import yaml
 
 from boost.atomic import write_text_atomic
-from boost.plotting import pyplot, save_png
+from boost.plotting import integer_ticks, pyplot, save_png
 
 
 def _number(x: float | None) -> str:
@@ -34,36 +34,81 @@ def read_metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _plot(metrics: list[dict], path: Path) -> Path | None:
+def panels(metrics: list[dict]) -> list[str]:
+    """The panels of training.png this run has numbers for: ``loss`` always; ``n_eff_mass`` and
+    ``weights`` only when outer steps logged them (a uniform run has neither)."""
+    outer = _outer_steps(metrics)
+    shown = ["loss"]
+    if any(m.get("n_eff") is not None or m.get("mass") is not None for m in outer):
+        shown.append("n_eff_mass")
+    if any(m.get("weights") for m in outer):
+        shown.append("weights")
+    return shown
+
+
+def training_figure(metrics: list[dict]):
+    """The figure of training.png: one panel per entry of :func:`panels`, integer step ticks.
+
+    Returns None when matplotlib is not installed.
+    """
     plt = pyplot()
     if plt is None:
         return None
+    shown = panels(metrics)
+    fig, axes = plt.subplots(1, len(shown), figsize=(4.7 * len(shown), 3.6), squeeze=False)
+    ax = dict(zip(shown, axes[0]))
     steps = [m["step"] for m in metrics]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    axes[0].plot(steps, [_nan(m["loss"]) for m in metrics], label="weighted training loss")
-    real = [_nan(m["real_train_loss"]) for m in metrics]
-    axes[0].plot(steps, real, ".", label="real training trajectories in the batch")
     outer = _outer_steps(metrics)
+    ax["loss"].plot(steps, [_nan(m["loss"]) for m in metrics], label="weighted training loss")
+    real = [_nan(m["real_train_loss"]) for m in metrics]
+    ax["loss"].plot(steps, real, ".", label="real training trajectories in the batch")
     if outer:
-        axes[0].plot([m["step"] for m in outer], [m["val_loss"] for m in outer], label="real validation")
-        axes[1].plot([m["step"] for m in outer], [m["n_eff"] for m in outer], label="n_eff (synthetic)")
-        axes[1].plot([m["step"] for m in outer], [m["mass"] for m in outer], label="synthetic mass")
-        sources = sorted({s for m in outer for s in m["weights"]})
-        for s in sources:
-            pts = [(m["step"], m["weights"][s]["mean"]) for m in outer if s in m["weights"]]
-            axes[2].plot([p[0] for p in pts], [p[1] for p in pts], label=s)
-    axes[0].set(title="loss", xlabel="step")
-    axes[1].set(title="effective sample size and mass", xlabel="step")
-    axes[2].set(title="mean weight per source", xlabel="step")
-    for ax in axes:
-        if ax.lines:
-            ax.legend(fontsize=7)
+        ax["loss"].plot([m["step"] for m in outer], [m["val_loss"] for m in outer], label="real validation")
+    ax["loss"].set(title="loss", xlabel="step")
+    if "n_eff_mass" in ax:
+        for key, label in (("n_eff", "n_eff"), ("mass", "synthetic mass")):
+            pts = [(m["step"], m[key]) for m in outer if m.get(key) is not None]
+            ax["n_eff_mass"].plot([p[0] for p in pts], [p[1] for p in pts], label=label)
+        ax["n_eff_mass"].set(title="effective sample size and mass", xlabel="step")
+    if "weights" in ax:
+        for s in sorted({s for m in outer for s in m.get("weights") or {}}):
+            pts = [(m["step"], m["weights"][s]["mean"]) for m in outer if s in (m.get("weights") or {})]
+            ax["weights"].plot([p[0] for p in pts], [p[1] for p in pts], label=s)
+        ax["weights"].set(title="mean weight per source", xlabel="step")
+    for a in axes[0]:
+        integer_ticks(a)
+        if a.lines:
+            a.legend(fontsize=7)
     fig.tight_layout()
-    return save_png(fig, path)
+    return fig
 
 
-def write_report(out: Path, data_summary: list[str]) -> Path:
-    """Write ``out/report.md`` (and ``out/training.png`` when matplotlib is installed)."""
+def _plot(metrics: list[dict], path: Path) -> Path | None:
+    fig = training_figure(metrics)
+    return None if fig is None else save_png(fig, path)
+
+
+def success_line(final: dict, random_policy: dict | None = None) -> str:
+    """One line: held-out task success with its 95% Wilson interval (and the random policy's)."""
+    if "success_rate" not in final:
+        return "held-out task success: not measured (eval.episodes=0)"
+    lo, hi = final["success_ci95"]
+    line = (
+        f"held-out task success: {final['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] (95% Wilson) on "
+        f"{final['episodes']} test tasks of {final['env']}"
+    )
+    if random_policy is not None:
+        rlo, rhi = random_policy["success_ci95"]
+        line += f"; the random policy on the same tasks: {random_policy['success_rate']:.2f} [{rlo:.2f}, {rhi:.2f}]"
+    return line
+
+
+def write_report(out: Path, data_summary: list[str], random_policy: dict | None = None) -> Path:
+    """Write ``out/report.md`` (and ``out/training.png`` when matplotlib is installed).
+
+    ``random_policy``: the random policy's task success on the same test tasks
+    (:func:`boost.train.evaluation.random_policy_success`), shown next to the model's.
+    """
     metrics = read_metrics(out)
     final = json.loads((out / "final.json").read_text(encoding="utf-8"))
     config = (out / "config.yaml").read_text(encoding="utf-8")
@@ -72,7 +117,14 @@ def write_report(out: Path, data_summary: list[str]) -> Path:
         "",
         f"Steps: {final['step']}. Held-out real tasks, mean per-trajectory loss: validation "
         f"{_number(final['validation_loss'])}, test {_number(final['test_loss'])}.",
+        "",
+        success_line(final, random_policy).replace("held-out task success", "Held-out task success", 1) + ".",
     ]
+    if "success_rate" in final:
+        lines[-1] += (
+            f" Mean return {final['mean_return']:.3f}, {final['mean_turns']:.1f} turns per episode, "
+            f"{final['invalid_per_turn']:.3f} invalid actions per turn (greedy decoding)."
+        )
     outer = _outer_steps(metrics)
     skipped = [m["step"] for m in metrics if m.get("skipped")]
     if skipped:

