@@ -159,7 +159,9 @@ class TrainConfig:
     # cg / neumann: an approximate IFT solve, warm-started, its residual logged every outer step;
     # identity: the inner AdamW step's own response (lr·P, clipping included): no solver.alpha
     solver: SolverConfig = field(default_factory=lambda: SolverConfig("cg", steps=5, damping=1e-3))
-    head: HeadConfig = field(default_factory=HeadConfig)
+    # issue 10: head.num_sources=-1, the head sees each trajectory's source (one embedding per source of
+    # the training data); 0 turns the feature off
+    head: HeadConfig = field(default_factory=lambda: HeadConfig(num_sources=-1))
     eval: EvalConfig = field(default_factory=EvalConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)  # off: every model weight is trained

@@ -194,6 +194,8 @@ class Trainer:
             cfg.data, self.tokenizer, selection, partial(select_synthetic, cfg=cfg.weighting)
         )
         self.awr_baseline = mean_return(self.data.train_trajectories)
+        if cfg.head.num_sources == -1:  # issue 10: "auto", one source embedding per training source
+            cfg = self.cfg = replace(cfg, head=replace(cfg.head, num_sources=len(self.data.sources)))
         if cfg.head.num_sources and cfg.head.num_sources < len(self.data.sources):
             raise ValueError(
                 f"head.num_sources={cfg.head.num_sources} but the training data has {len(self.data.sources)} "
