@@ -112,7 +112,11 @@ def trajectory_features(
 @dataclass(frozen=True)
 class HeadConfig:
     hidden_size: int = 64  # width of the MLP
-    num_sources: int = 0  # > 0: a learned embedding of the source index is a feature
+    # > 0: a learned embedding of the source index is a feature; 0: none; -1 ("auto"): as many as the
+    # training data has sources, resolved by the trainer (its default: on gridnav the per-trajectory
+    # hypergradient is noisy and the source explains much of it; benchmarks/RESULTS.md, "Why the head
+    # does not learn quality on gridnav")
+    num_sources: int = 0
     source_dim: int = 8  # width of the source embedding (num_sources > 0)
     use_returns: bool = False  # the episode return is a feature of the head
     init_mass: float = 1.0  # m at initialisation: synthetic weights start at mean m
@@ -131,8 +135,8 @@ class HeadConfig:
     def __post_init__(self):
         if self.hidden_size < 1:
             raise ValueError(f"HeadConfig.hidden_size must be >= 1, got {self.hidden_size}")
-        if self.num_sources < 0:
-            raise ValueError(f"HeadConfig.num_sources must be >= 0, got {self.num_sources}")
+        if self.num_sources < -1:
+            raise ValueError(f"HeadConfig.num_sources must be >= 0 (or -1: auto), got {self.num_sources}")
         if not self.init_mass > 0:
             raise ValueError(f"HeadConfig.init_mass must be > 0, got {self.init_mass}")
         for name in ("real_weight", "concentration", "task_shift"):
@@ -165,6 +169,11 @@ class ReweightingHead(nn.Module):
 
     def __init__(self, hidden_dim: int, cfg: HeadConfig = HeadConfig()):
         super().__init__()
+        if cfg.num_sources < 0:
+            raise ValueError(
+                "HeadConfig.num_sources=-1 (auto) must be set to the number of sources before the head is built "
+                "(the trainer does it from its training data)"
+            )
         self.cfg = cfg
         self.pooled_norm = nn.LayerNorm(hidden_dim)
         width = hidden_dim + 2 + (cfg.source_dim if cfg.num_sources else 0) + int(cfg.use_returns)
@@ -268,7 +277,8 @@ class ReweightingHead(nn.Module):
     @torch.no_grad()
     def update_reference(self, pooled: torch.Tensor, momentum: float = 0.9) -> None:
         """Fold real validation trajectories' pooled states [n, D] into the task-shift reference: their
-        mean and their mean distance to it (a running average over outer steps; the first call sets it)."""
+        mean and their mean distance to it (a running average over outer steps; the first call with >= 2
+        trajectories sets it: one trajectory has no spread, so it moves only the mean of a set reference)."""
         if pooled.ndim != 2 or pooled.shape[1] != self.reference_mean.shape[0] or pooled.shape[0] < 1:
             raise ValueError(
                 f"pooled must be [n >= 1, {self.reference_mean.shape[0]}] (validation trajectories), "
@@ -278,11 +288,14 @@ class ReweightingHead(nn.Module):
         mean = pooled.mean(0)
         scale = (pooled - mean).norm(dim=1).mean()
         if float(self.reference_scale) == 0.0:
+            if pooled.shape[0] < 2:  # one trajectory has no spread: wait for a batch that has one
+                return
             self.reference_mean.copy_(mean)
             self.reference_scale.copy_(scale)
         else:
             self.reference_mean.lerp_(mean, 1 - momentum)
-            self.reference_scale.lerp_(scale, 1 - momentum)
+            if pooled.shape[0] >= 2:  # a single trajectory says nothing about the spread
+                self.reference_scale.lerp_(scale, 1 - momentum)
 
     def shift_distance(self, pooled: torch.Tensor) -> torch.Tensor:
         """d_i = |pooled_i − μ_val| / r_val [S] (detached): distance to the real validation trajectories'
@@ -328,7 +341,8 @@ def outer_objective(
         hypergradient [S]: dL_out/dw_i, e.g. ``head_hypergradient(...).traj_weights`` (detached here).
         synthetic [S] bool.
         pooled [S, D]: the trajectories' pooled hidden states (``features.pooled``); needed when
-            ``head.cfg.task_shift > 0``, with the head's validation reference set.
+            ``head.cfg.task_shift > 0``. Until the head's validation reference is set
+            (:meth:`ReweightingHead.update_reference` with >= 2 trajectories) the term is 0.
         regularize: add the regularisers to ``loss`` (they are still computed and returned). Data
             parallelism sums the ranks' head gradients: one rank adds them, the others pass False.
     """
@@ -343,7 +357,8 @@ def outer_objective(
     n_eff = effective_sample_size(weights)
     concentration = cfg.concentration / n_eff.clamp_min(1e-12).sqrt() if cfg.concentration else zero
     task_shift, shift = zero, weights.new_tensor(float("nan"))
-    if cfg.task_shift and bool(synthetic.any()):
+    # the term waits for the validation reference (a validation batch of >= 2 trajectories)
+    if cfg.task_shift and bool(synthetic.any()) and (pooled is None or float(head.reference_scale) > 0):
         if pooled is None or pooled.shape[0] != weights.shape[0]:
             raise ValueError("head.task_shift > 0: pass pooled [S, D] (the features' pooled hidden states)")
         d = head.shift_distance(pooled).to(weights.dtype)

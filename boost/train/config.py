@@ -59,6 +59,11 @@ class DataConfig:
     # "length": tightest packing, but batches then tend to hold one source each.
     packing: str = "mixed"
     rows: int = 1  # > 1: each batch is `rows` padded rows of token_budget / rows tokens (cheaper attention)
+    # issue 10: tokens per *validation* batch (the outer step's trunk forward), in rows as long as the
+    # training batches' (token_budget / rows); must be a multiple of that row length. 0: a quarter of
+    # token_budget, rounded up to whole rows (measured on the CPU preset: benchmarks/RESULTS.md, "Why
+    # the head does not learn quality on gridnav"). Only the outer step's batches; evaluation too.
+    validation_token_budget: int = 0
 
     def __post_init__(self):
         if self.format not in ("auto", "jsonl", "json", "parquet"):
@@ -77,6 +82,18 @@ class DataConfig:
                 f"data.max_length ({self.max_length}) must be <= data.token_budget / data.rows "
                 f"({self.token_budget // self.rows})"
             )
+        row = self.token_budget // self.rows
+        if self.validation_token_budget < 0 or self.validation_token_budget % row:
+            raise ValueError(
+                f"data.validation_token_budget must be 0 (auto) or a positive multiple of the row length "
+                f"data.token_budget / data.rows = {row}; got {self.validation_token_budget}"
+            )
+
+    def validation_packing(self) -> tuple[int, int]:
+        """(token budget, rows) of a validation batch: whole rows of the training row length."""
+        row = self.token_budget // self.rows
+        budget = self.validation_token_budget or -(-self.token_budget // 4 // row) * row
+        return budget, budget // row
 
 
 @dataclass(frozen=True)
@@ -175,7 +192,9 @@ class TrainConfig:
     # cg / neumann: an approximate IFT solve, warm-started, its residual logged every outer step;
     # identity: the inner AdamW step's own response (lr·P, clipping included): no solver.alpha
     solver: SolverConfig = field(default_factory=lambda: SolverConfig("cg", steps=5, damping=1e-3))
-    head: HeadConfig = field(default_factory=HeadConfig)
+    # issue 10: head.num_sources=-1, the head sees each trajectory's source (one embedding per source of
+    # the training data); 0 turns the feature off
+    head: HeadConfig = field(default_factory=lambda: HeadConfig(num_sources=-1))
     eval: EvalConfig = field(default_factory=EvalConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)  # off: every model weight is trained

@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -127,6 +127,8 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
         token_budget=cfg.token_budget, seed=cfg.seed, pad_token_id=tokenizer.pad_token_id or 0,
         mode=cfg.packing, rows=cfg.rows,
     )  # fmt: skip
+    val_budget, val_rows = cfg.validation_packing()
+    packing = {"validation": replace(pack_cfg, token_budget=val_budget, rows=val_rows)}  # issue 10
     packers = {}
     for name, items in (
         ("train", train),
@@ -142,7 +144,7 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
             raise DataError(
                 f"{cfg.path}: no {name} trajectory survived tokenisation; see: {tok_report.summary()}"
             )
-        packers[name] = TrajectoryPacker(tokenized, pack_cfg, name=name)
+        packers[name] = TrajectoryPacker(tokenized, packing.get(name, pack_cfg), name=name)
     sources = sorted({t.source for t in train})
     return TrainData(packers["train"], packers["validation"], packers["test"], sources, summary, train)
 
@@ -222,6 +224,8 @@ class Trainer:
             cfg.data, self.tokenizer, selection, partial(select_synthetic, cfg=cfg.weighting)
         )
         self.awr_baseline = mean_return(self.data.train_trajectories)
+        if cfg.head.num_sources == -1:  # issue 10: "auto", one source embedding per training source
+            cfg = self.cfg = replace(cfg, head=replace(cfg.head, num_sources=len(self.data.sources)))
         if cfg.head.num_sources and cfg.head.num_sources < len(self.data.sources):
             raise ValueError(
                 f"head.num_sources={cfg.head.num_sources} but the training data has {len(self.data.sources)} "
@@ -365,37 +369,58 @@ class Trainer:
 
         return response
 
-    def _update_reference(self, val_hidden: torch.Tensor, val: PackedBatch, val_out) -> None:
-        """The task-shift term's reference: the validation trajectories' pooled hidden states."""
+    def _update_reference(self, val_hidden: torch.Tensor, segment_ids: torch.Tensor, val: PackedBatch,
+                          val_out) -> None:  # fmt: skip
+        """The task-shift term's reference: the validation trajectories' pooled hidden states
+        (``val_hidden`` [T, D] with ``segment_ids`` [T], compacted to the counted tokens or not)."""
         if self.cfg.head.task_shift:
+            S = val_out.per_trajectory.shape[0]
             pooled = trajectory_features(
-                val_hidden.detach(), val.segment_ids, val.segment_ids >= 0, val_out.per_trajectory,
-                val_out.num_tokens, ~val.is_real,
+                val_hidden.detach(), segment_ids, segment_ids >= 0, val_out.per_trajectory, val_out.num_tokens,
+                torch.zeros(S, dtype=torch.bool, device=segment_ids.device),
             ).pooled  # fmt: skip
             pooled, tokens = self.parallel.gather(val, pooled, val_out.num_tokens)  # every rank's
             self.head.update_reference(pooled[tokens > 0])
 
+    # ---- issue 10: the head block sees only the tokens that count --------------------------------------
+    @staticmethod
+    def _counted(hidden: torch.Tensor, batch: PackedBatch) -> HeadBatch:
+        """The tokens of ``batch`` that count (segment >= 0, hence a label) as a :class:`HeadBatch`: the
+        head block's loss, HVPs and JVP read nothing else, so dropping the rest is exact, and on the
+        CPU preset's gridnav batches 3.5% of the tokens count (each head pass costs T·V·D)."""
+        keep = batch.segment_ids >= 0
+        return HeadBatch(hidden[keep], batch.labels[keep], batch.segment_ids[keep], batch.num_segments)
+
     def _head_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
-        """(validation loss, hypergradient) over the LM head, from the fused ops."""
+        """(validation loss, hypergradient) over the LM head, from the fused ops on the counted tokens."""
         with torch.no_grad():
-            val_hidden = self.hidden_states(val)
+            val_c = self._counted(self.hidden_states(val), val)
         # θ_{t+1}; shares W's storage: no [V, D] copy (FSDP2: the head gathered on every rank)
         Wg = self.parallel.full(self.lm_head.weight).detach().requires_grad_()
-        val_out = self.losses(val_hidden, val, Wg)
-        (g,) = torch.autograd.grad(val_out.loss, Wg)
-        g = self.parallel.sum(g)  # parallel: each rank's loss is normalised by the global count
-        self._update_reference(val_hidden, val, val_out)
         bias = self._bias()
-        train = HeadBatch(
-            state["hidden"], batch.labels, batch.segment_ids, batch.num_segments,
-            bias=None if bias is None else bias.detach(),
-        )  # fmt: skip
+        val_out = bk.trajectory_cross_entropy(
+            val_c.hidden,
+            Wg,
+            val_c.labels,
+            val_c.segment_ids,
+            val.num_segments,
+            bias=bias,
+            **self.parallel.loss_options(val),  # parallel: normalised by the global count
+        )
+        (g,) = torch.autograd.grad(val_out.loss, Wg)
+        g = self.parallel.sum(g)
+        self._update_reference(val_c.hidden, val_c.segment_ids, val, val_out)
+        train = self._counted(state["hidden"], batch)
+        if bias is not None:
+            train = replace(train, bias=bias.detach())
         (w_pre,) = state["pre_step"]  # the head that produced the inner step's logits
         return self.parallel.sum(val_out.loss.detach().clone()), head_hypergradient(
             train, w_pre, state["w_local"].detach().float(), g, self.cfg.solver, init=self.last_v,
             precondition=self._precondition([self.lm_head.weight], state),
             normalizer=self.parallel.normalizer(batch), reduce=self.parallel.reduce,
         )  # fmt: skip
+
+    # ---- end issue 10 ----------------------------------------------------------------------------------
 
     def _trainable_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
         """(validation loss, hypergradient) over every trained parameter, by finite differences:
@@ -405,7 +430,7 @@ class Trainer:
         val_out = self.losses(val_hidden, val)
         grads = torch.autograd.grad(val_out.loss, params, allow_unused=True)
         g = [self.parallel.sum(torch.zeros_like(p) if d is None else d) for d, p in zip(grads, params)]
-        self._update_reference(val_hidden, val, val_out)
+        self._update_reference(val_hidden, val.segment_ids, val, val_out)
         w = state["w_local"].detach()
         S = state["view"].size  # the global batch's trajectories
         micro = state["micro"]  # [batch], or the micro-batches of an accumulated step (batch = their union)
