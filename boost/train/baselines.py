@@ -75,9 +75,11 @@ class LossHead(ReweightingHead):
     def __init__(self, hidden_dim: int, cfg: HeadConfig):
         super().__init__(hidden_dim, cfg)
         self.source = self.pooled_norm = None
-        self.mlp = nn.Sequential(nn.Linear(1, cfg.hidden_size), nn.SiLU(), nn.Linear(cfg.hidden_size, 1))
+        # no bias on the score layer, as the BOOST head (boost/reweighting.py says why)
+        self.mlp = nn.Sequential(
+            nn.Linear(1, cfg.hidden_size), nn.SiLU(), nn.Linear(cfg.hidden_size, 1, bias=False)
+        )
         nn.init.zeros_(self.mlp[-1].weight)  # uniform at the start, as the BOOST head
-        nn.init.zeros_(self.mlp[-1].bias)
 
     def scores(self, f: TrajectoryFeatures) -> torch.Tensor:
         return nn.functional.softplus(self.mlp(f.loss[:, None]).squeeze(1)) + 1e-6
