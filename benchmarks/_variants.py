@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import boost_kernels as bk
 from benchmarks._common import OUTER_CG_STEPS, Inputs, Problem
-from boost.hypergradient import HeadBatch, SolverConfig, head_hypergradient, inverse_hvp
+from boost.bilevel.hypergradient import HeadBatch, SolverConfig, head_hypergradient, inverse_hvp
 
 
 # ----------------------------------------------------------------------------- naive PyTorch
@@ -335,7 +335,7 @@ def _outer_config() -> SolverConfig:
 
 
 def _ours_outer(inp: Inputs):
-    """boost.hypergradient.head_hypergradient: HVPs from trajectory_hvp, scores from trajectory_jvp."""
+    """boost.bilevel.hypergradient.head_hypergradient: HVPs from trajectory_hvp, scores from trajectory_jvp."""
     p = inp.problem
     batch = HeadBatch(inp.hidden.detach(), inp.labels, inp.segment_ids, p.segments)
     w, cfg = inp.weight.detach(), _outer_config()

@@ -32,7 +32,7 @@ import pytest
 
 from benchmarks._common import run_info
 from benchmarks._trainer_child import serve
-from boost.data.generate import main as generate
+from boost.generate import main as generate
 
 LORA = ("lora.enabled=true", "lora.train_head=true", "lora.r=16")
 CASES = {  # name: (overrides, outer step after the inner step)

@@ -63,7 +63,7 @@ def synthetic_trajectories(n: int, seed: int = 0) -> list[Trajectory]:
 def smollm2_tokenizer():
     from transformers import AutoTokenizer
 
-    from boost.rollout import SMOLLM2_GGUF, RolloutError, smollm2_dir
+    from boost.rollout.generation import SMOLLM2_GGUF, RolloutError, smollm2_dir
 
     try:
         directory = smollm2_dir()

@@ -3,7 +3,7 @@ torch.func on materialised logits, next to one inner step (our fused forward+bac
 
     python -m pytest benchmarks/bench_hypergradient.py --benchmark-only -p no:cacheprovider
 
-The outer step is ``boost.hypergradient.head_hypergradient`` with 5 conjugate-gradient steps
+The outer step is ``boost.bilevel.hypergradient.head_hypergradient`` with 5 conjugate-gradient steps
 (5 fused HVPs) and one fused JVP for the per-trajectory scores; the baseline runs the same CG with
 HVPs by ``torch.func`` forward-over-reverse and the scores by ``torch.func.jvp`` on materialised
 logits, as a generic implicit-differentiation library would. The validation gradient g is the

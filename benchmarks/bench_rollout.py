@@ -21,8 +21,8 @@ import importlib.util
 import pytest
 
 from boost.envs import BUILTIN_ENVS, make_env
-from boost.envs.generators import GeneratorConfig, generate, parse_sources
-from boost.rollout import RolloutConfig, load_model, rollout, summarize_episodes
+from boost.generators import GeneratorConfig, generate, parse_sources
+from boost.rollout.generation import RolloutConfig, load_model, rollout, summarize_episodes
 from tests.envs.tiny_chat_lm import save_tiny_chat_model
 
 

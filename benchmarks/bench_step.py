@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from boost.config import load_config
-from boost.data.generate import main as generate
+from boost.generate import main as generate
 from boost.train import TrainConfig, Trainer
 from boost.train.loop import _cycle
 

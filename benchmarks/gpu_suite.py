@@ -416,7 +416,7 @@ def train_steps(attention: str, cfg: Config, work: Path) -> dict:
     (CUDA: ``max_memory_allocated`` above what was allocated before; CPU: None).
     """
     from boost.config import load_config
-    from boost.data.generate import main as generate
+    from boost.generate import main as generate
     from boost.train import TrainConfig, Trainer
     from boost.train.loop import _cycle
 

@@ -25,7 +25,7 @@ TILES = ((64, 128), (128, 128))
 
 def model_logits(max_tokens: int):
     """(logits [T, V] float32 = the model's own LM head on its final hidden states, next-token labels [T])."""
-    from boost.rollout import load_model
+    from boost.rollout.generation import load_model
 
     model, tokenizer = load_model("smollm2")
     text = "\n\n".join((ROOT / name).read_text() for name in TEXTS)

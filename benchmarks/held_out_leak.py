@@ -34,7 +34,7 @@ ENVS = (
 def measure(env: str, real: int, per_source: int, out: Path, games_dir: str | None) -> dict:
     from boost.data import write_jsonl
     from boost.data.split import environment_task_keys
-    from boost.envs.generators import GeneratorConfig, generate
+    from boost.generators import GeneratorConfig, generate
     from boost.train.config import DataConfig
     from boost.train.selection import select_trajectories
 

@@ -8,7 +8,7 @@ state), over ``--batches`` training batches of the CPU preset, this measures per
   one-step look-ahead of plain SGD) and ``adam`` (v = g / (√v̂ + ε), SAMA's preconditioner from the
   run's AdamW state); g = ∇_W L_out over the *whole* validation set;
 * what the head sees: the loss L_i, log N_i, the task-shift distance d_i of
-  :meth:`boost.reweighting.ReweightingHead.shift_distance` (distance of the mean-pooled state to
+  :meth:`boost.bilevel.reweighting.ReweightingHead.shift_distance` (distance of the mean-pooled state to
   the validation mean, in units of the validation trajectories' mean distance) and, for comparison,
   a length-free variant: the mean over i's counted tokens of each token's distance to the validation
   tokens' mean (in units of theirs);
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import torch
 
+from boost.bilevel.hypergradient import HeadBatch, SolverConfig, head_hypergradient
+from boost.bilevel.reweighting import HeadConfig, ReweightingHead, outer_objective, trajectory_features
 from boost.config import load_config
 from boost.data import PackingConfig, TrajectoryPacker
-from boost.hypergradient import HeadBatch, SolverConfig, head_hypergradient
-from boost.reweighting import HeadConfig, ReweightingHead, outer_objective, trajectory_features
 from boost.stats import spearman
 from boost.train import TrainConfig, Trainer
 from boost.train.baselines import ground_truth_quality

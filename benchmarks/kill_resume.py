@@ -36,7 +36,7 @@ TIMINGS = ("inner_seconds", "outer_seconds")
 
 def make_assets(root: Path) -> tuple[Path, Path]:
     """The tiny chat model and gridnav data (real 24, corrupt 16, eps0.3 16) under ``root``."""
-    from boost.data.generate import main as generate
+    from boost.generate import main as generate
     from tests.envs.tiny_chat_lm import save_tiny_chat_model
 
     data = root / "data.jsonl"

@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     data = args.data
     if data is None:
         data = args.out / "data.jsonl"
-        _run([sys.executable, "-m", "boost.data.generate", "--env", "gridnav-compact", "--out", str(data),
+        _run([sys.executable, "-m", "boost.generate", "--env", "gridnav-compact", "--out", str(data),
               "--sources", "real:200,eps0.1:200,corrupt:200"])  # fmt: skip
     print(
         "| parallel | ranks | steps timed | s / step (median) | tokens / step | tokens / s | tokens / s / rank |"

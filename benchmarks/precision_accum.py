@@ -58,7 +58,7 @@ def one_run(work: Path, overrides: list[str]) -> dict:
 
 
 def timing(work: Path, rounds: int) -> None:
-    from boost.data.generate import main as generate
+    from boost.generate import main as generate
 
     work.mkdir(parents=True, exist_ok=True)
     if not (work / "data.jsonl").exists():
@@ -85,8 +85,8 @@ def fd() -> None:
     import torch
 
     from benchmarks.kill_resume import make_assets
+    from boost.bilevel.hypergradient_trainable import finite_difference_scores
     from boost.config import load_config
-    from boost.hypergradient_trainable import finite_difference_scores
     from boost.train import TrainConfig, Trainer
     from boost.train.loop import _cycle
 

@@ -6,7 +6,7 @@ The experiment file (YAML)::
 
     train_config: configs/cpu_preset.yaml        # the TrainConfig every arm starts from
     env: gridnav-compact                         # data: generated once into OUT/data.jsonl
-    sources: real:400,eps0.1:400,random:400      # NAME:COUNT (python -m boost.data.generate)
+    sources: real:400,eps0.1:400,random:400      # NAME:COUNT (python -m boost.generate)
     data_seed: 0
     seeds: [0, 1, 2]                             # training seeds (model init, batch order)
     steps: 300                                   # inner steps per run
@@ -43,7 +43,7 @@ import yaml
 from boost.atomic import write_json_atomic, write_text_atomic
 from boost.config import load_config
 from boost.data.format import write_jsonl
-from boost.envs.generators import GeneratorConfig, generate, parse_sources
+from boost.generators import GeneratorConfig, generate, parse_sources
 from boost.stats import mean_std
 from boost.train.baselines import relative_source_means
 from boost.train.config import TrainConfig

@@ -18,7 +18,7 @@ softmax(W* x), a soft teacher: ~1.7 nats of label entropy). Each round draws a f
 A student head W takes one SGD step per round on the weighted batch loss Σ_i w_i L_i / S. Arms (the
 same data for each):
 
-* ``boost``: weights from a :class:`boost.reweighting.ReweightingHead` (features: pooled state,
+* ``boost``: weights from a :class:`boost.bilevel.reweighting.ReweightingHead` (features: pooled state,
   loss, length, source embedding), trained after every inner step on the hypergradient of the loss
   on real validation trajectories (``identity``: the SGD step's look-ahead at the pre-step head;
   or ``cg``/``neumann``), with its learned synthetic mass;
@@ -45,10 +45,10 @@ from tqdm import tqdm
 
 import boost_kernels as bk
 from boost.atomic import write_json_atomic, write_text_atomic
-from boost.hypergradient import HeadBatch, SolverConfig, head_hypergradient
+from boost.bilevel.hypergradient import HeadBatch, SolverConfig, head_hypergradient
+from boost.bilevel.reweighting import HeadConfig, ReweightingHead, outer_objective, trajectory_features
+from boost.bilevel.step_response import optimizer_response
 from boost.plotting import pyplot, save_png
-from boost.reweighting import HeadConfig, ReweightingHead, outer_objective, trajectory_features
-from boost.step_response import optimizer_response
 
 ARMS = ("boost", "boost_frozen", "oracle_matched", "oracle", "loss_filter", "uniform", "real_only")
 SOURCES = ("real", "clean", "shifted", "corrupt")

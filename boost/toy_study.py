@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from boost.atomic import write_json_atomic, write_text_atomic
-from boost.hypergradient import SolverConfig
+from boost.bilevel.hypergradient import SolverConfig
 from boost.plotting import pyplot, save_png
 from boost.toy import ARMS, ToyConfig, run_arm
 

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
+from boost.bilevel.reweighting import HeadConfig, TrajectoryFeatures
 from boost.data.format import Trajectory
-from boost.reweighting import HeadConfig, TrajectoryFeatures
 from boost.stats import mean_std, spearman, wilson_interval
 from boost.train.baselines import (
     LossHead,

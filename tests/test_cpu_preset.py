@@ -1,5 +1,5 @@
 """The CPU preset end to end: compact envs, the in-process tokenizer, a trainer run whose saved model
-``python -m boost.evaluate`` plays, task-success metrics in final.json, and every baseline arm."""
+``python -m boost.rollout.evaluate`` plays, task-success metrics in final.json, and every baseline arm."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 
 from boost.config import load_config
 from boost.data import TokenizeConfig, tokenize_trajectories
-from boost.data.generate import main as generate
 from boost.envs import EnvError, expert_policy, make_env, play_episode
 from boost.envs.registry import compact_env_name
-from boost.evaluate import main as evaluate
+from boost.generate import main as generate
+from boost.rollout.evaluate import main as evaluate
 from boost.train import TrainConfig, Trainer
 from boost.train.preset import build_word_tokenizer, corpus
 

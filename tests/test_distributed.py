@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from boost.config import load_config
-from boost.data.generate import main as generate
+from boost.generate import main as generate
 from boost.train import TrainConfig, Trainer
 from boost.train.distributed import DEBUG_FILE, BatchView, ParallelError, TorchRun, make_parallel
 from boost.train.loop import RunDirError

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import boost_kernels as bk
-from boost.hypergradient import HeadBatch, SolverConfig, head_hvp, head_hypergradient, inverse_hvp
+from boost.bilevel.hypergradient import HeadBatch, SolverConfig, head_hvp, head_hypergradient, inverse_hvp
 from tests.kernels import reference
 from tests.kernels.cases import fresh_seed
 

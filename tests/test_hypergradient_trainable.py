@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import boost_kernels as bk
-from boost.hypergradient import HeadBatch, SolverConfig, head_hypergradient
-from boost.hypergradient_trainable import (
+from boost.bilevel.hypergradient import HeadBatch, SolverConfig, head_hypergradient
+from boost.bilevel.hypergradient_trainable import (
     finite_difference_hvp,
     finite_difference_scores,
     trainable_hypergradient,

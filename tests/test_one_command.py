@@ -51,7 +51,7 @@ def test_no_arguments_generate_the_data_and_train_the_preset(tmp_path, monkeypat
     assert seen["cfg"] == load_config(TrainConfig, None, preset_overrides())
     out = capsys.readouterr().out
     assert "no settings given: the one-command default, the CPU preset" in out
-    command = "python -m boost.data.generate " + " ".join(GENERATE_ARGS)
+    command = "python -m boost.generate " + " ".join(GENERATE_ARGS)
     assert f"{DEFAULT_DATA} is missing; generating it: {command}\n" in out
     assert (tmp_path / DEFAULT_DATA).stat().st_size > 0
     with pytest.raises(_Stop):  # the data are there now: not generated again
@@ -63,7 +63,7 @@ def test_the_preset_end_to_end_prints_task_success_and_writes_the_report(tmp_pat
     monkeypatch.chdir(tmp_path)
     assert main(["--preset", "cpu", "--quiet", *TINY]) == 0
     out = capsys.readouterr().out
-    assert "generating it: python -m boost.data.generate" in out  # the default data path: generated
+    assert "generating it: python -m boost.generate" in out  # the default data path: generated
     assert "held-out task success: " in out and "on 3 test tasks of gridnav-compact; the random policy" in out
     report = (tmp_path / DEFAULT_OUT / "report.md").read_text()
     assert "Held-out task success: " in report and "the random policy on the same tasks" in report

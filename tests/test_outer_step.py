@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from boost.bilevel.hypergradient import HeadBatch, head_hypergradient
+from boost.bilevel.reweighting import HeadConfig, ReweightingHead, outer_objective
 from boost.config import load_config
-from boost.data.generate import main as generate
-from boost.hypergradient import HeadBatch, head_hypergradient
-from boost.reweighting import HeadConfig, ReweightingHead, outer_objective
+from boost.generate import main as generate
 from boost.train import TrainConfig, Trainer
 from boost.train.config import DataConfig
 from boost.train.loop import _cycle

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from boost.reweighting import (
+from boost.bilevel.reweighting import (
     HeadConfig,
     ReweightingHead,
     TrajectoryFeatures,

@@ -1,5 +1,5 @@
 """The ``identity`` look-ahead through a real optimiser step (the trainer's code path: pre-step
-scores, post-step validation gradient, :func:`boost.step_response.optimizer_response`), against a
+scores, post-step validation gradient, :func:`boost.bilevel.step_response.optimizer_response`), against a
 finite difference of the validation loss after the same real step, on a head-only model in float64."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import boost_kernels as bk
-from boost.hypergradient import HeadBatch, SolverConfig, head_hypergradient
-from boost.step_response import ClipRecord, optimizer_response
+from boost.bilevel.hypergradient import HeadBatch, SolverConfig, head_hypergradient
+from boost.bilevel.step_response import ClipRecord, optimizer_response
 from tests.kernels.cases import fresh_seed
 
 V, D, S, L = 7, 5, 4, 6

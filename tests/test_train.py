@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from boost.config import load_config
-from boost.data.generate import main as generate
+from boost.generate import main as generate
 from boost.train import TrainConfig, Trainer
 from boost.train.checkpoint_io import latest_checkpoint, read_checkpoint
 from boost.train.loop import _cycle
@@ -99,10 +99,10 @@ def test_the_trainable_block_restores_the_model_and_moves_the_head(assets, tmp_p
 
 def test_the_identity_look_ahead_uses_the_pre_step_head_and_the_adamw_response(assets, tmp_path):
     """identity: σ_i on the hidden states and the head *before* the inner step, v = the AdamW step's
-    own response to the post-step validation gradient (boost.step_response; its exactness against a
+    own response to the post-step validation gradient (boost.bilevel.step_response; its exactness against a
     real step is tested in tests/test_step_response.py)."""
-    from boost.hypergradient import HeadBatch, trajectory_scores
-    from boost.step_response import optimizer_response
+    from boost.bilevel.hypergradient import HeadBatch, trajectory_scores
+    from boost.bilevel.step_response import optimizer_response
 
     trainer = Trainer(_config(assets, tmp_path, "solver.method=identity", "optim.lr=0.05"), progress=False)
     batch, val = next(_cycle(trainer.data.train)), next(_cycle(trainer.data.validation))

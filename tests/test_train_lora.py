@@ -10,7 +10,7 @@ import torch
 
 from benchmarks.kill_resume import make_assets
 from boost.config import load_config
-from boost.rollout import load_model
+from boost.rollout.generation import load_model
 from boost.train import TrainConfig, Trainer
 from boost.train.checkpoint_io import ADAPTER_DIR, latest_checkpoint
 from tests.test_train import _config, _metrics, saved_checkpoint
@@ -54,7 +54,7 @@ def test_lora_with_a_trained_head_runs_block_head_and_saves_a_peft_adapter(asset
     with torch.no_grad():
         expected = trainer.model(input_ids=ids).logits
         assert torch.equal(reloaded(input_ids=ids).logits, expected)
-        # out_dir/model, for boost.evaluate: the adapters merged into a plain checkpoint (merging
+        # out_dir/model, for boost.rollout.evaluate: the adapters merged into a plain checkpoint (merging
         # rounds: close, not bitwise)
         merged, _ = load_model(str(tmp_path / "model"))
         assert not hasattr(merged, "peft_config")

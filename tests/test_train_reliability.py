@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from boost.data import Trajectory, write_jsonl
-from boost.data.generate import main as generate_main
 from boost.data.reader import read_trajectories
 from boost.envs import make_env
-from boost.envs.generators import GeneratorConfig, generate
+from boost.generate import main as generate_main
+from boost.generators import GeneratorConfig, generate
 from boost.train import Trainer, prepare_data
 from boost.train.loop import _cycle
 from tests.envs.tiny_chat_lm import save_tiny_chat_model

@@ -7,7 +7,7 @@ held-out test tasks, in runs/cpu_preset (minutes on a CPU). Examples:
 
     python -m boost.train
     python -m boost.train --preset cpu weighting.method=boost out_dir=runs/cpu_preset_boost
-    python -m boost.data.generate --env gridnav --out data/gridnav.jsonl --sources real:64,eps0.3:128,corrupt:128
+    python -m boost.generate --env gridnav --out data/gridnav.jsonl --sources real:64,eps0.3:128,corrupt:128
     python -m boost.train data.path=data/gridnav.jsonl steps=200 out_dir=runs/boost
     python -m boost.train data.path=data/gridnav.jsonl steps=200 out_dir=runs/uniform reweight=false
 """

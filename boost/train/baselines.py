@@ -2,7 +2,7 @@
 
 ``weighting.method`` (``reweight=false`` is a shorthand for ``uniform``):
 
-- ``boost``: the reweighting head of :mod:`boost.reweighting`, trained by implicit hypergradients.
+- ``boost``: the reweighting head of :mod:`boost.bilevel.reweighting`, trained by implicit hypergradients.
 - ``uniform``: weight 1 on every real and synthetic trajectory (behaviour cloning on all data).
 - ``real_only``: the synthetic trajectories are left out of the training set.
 - ``return_filter``: synthetic trajectories with return >= ``return_threshold`` are kept (or, without a
@@ -33,14 +33,14 @@ import torch
 from torch import nn
 
 from boost.atomic import write_text_atomic
-from boost.data.format import Trajectory
-from boost.reweighting import (
+from boost.bilevel.reweighting import (
     HeadConfig,
     ReweightingHead,
     TrajectoryFeatures,
     effective_sample_size,
     trajectory_features,
 )
+from boost.data.format import Trajectory
 from boost.stats import spearman
 
 METHODS = ("boost", "uniform", "real_only", "return_filter", "loss_filter", "per_source", "mwn", "oracle")
@@ -75,7 +75,7 @@ class LossHead(ReweightingHead):
     def __init__(self, hidden_dim: int, cfg: HeadConfig):
         super().__init__(hidden_dim, cfg)
         self.source = self.pooled_norm = None
-        # no bias on the score layer, as the BOOST head (boost/reweighting.py says why)
+        # no bias on the score layer, as the BOOST head (boost/bilevel/reweighting.py says why)
         self.mlp = nn.Sequential(
             nn.Linear(1, cfg.hidden_size), nn.SiLU(), nn.Linear(cfg.hidden_size, 1, bias=False)
         )

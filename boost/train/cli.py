@@ -20,7 +20,7 @@ from pathlib import Path
 from boost.atomic import AtomicWriteError
 from boost.config import load_config
 from boost.data import ChatTemplateError, TrajectoryReadError
-from boost.rollout import RolloutError
+from boost.rollout.generation import RolloutError
 from boost.train.checkpoint import RunDirError, check_out_dir
 from boost.train.config import TrainConfig
 from boost.train.evaluation import random_policy_success

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from boost.hypergradient import SolverConfig
-from boost.reweighting import HeadConfig
+from boost.bilevel.hypergradient import SolverConfig
+from boost.bilevel.reweighting import HeadConfig
 from boost.train.attention_backend import ATTENTION
 from boost.train.lora import LoraSettings, check_block
 from boost.train.precision import PRECISIONS

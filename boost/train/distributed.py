@@ -76,9 +76,9 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from boost.bilevel.reweighting import TrajectoryFeatures
 from boost.data import PackedBatch, TrajectoryPacker
 from boost.data.packing import _concat_rows, assign_rows
-from boost.reweighting import TrajectoryFeatures
 from boost.train.checkpoint_io import (
     CHECKPOINTS,
     FORMAT_VERSION,
@@ -234,7 +234,7 @@ class SingleProcess:
         """A skipped (non-finite) step: nothing to do on one process."""
 
     def stepped(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
-        """(optimizer, params) for :func:`boost.step_response.optimizer_response`: as they are."""
+        """(optimizer, params) for :func:`boost.bilevel.step_response.optimizer_response`: as they are."""
         return optimizer, params
 
     def no_sync(self):

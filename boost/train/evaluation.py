@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from boost.envs import make_env, play_episode, random_policy
-from boost.rollout import RolloutConfig, rollout, summarize_episodes
+from boost.rollout.generation import RolloutConfig, rollout, summarize_episodes
 from boost.train.attention_backend import attention_for_generation
 from boost.train.checkpoint_io import is_peft_model
 
@@ -104,7 +104,7 @@ def save_pretrained_atomic(model, tokenizer, folder: Path) -> Path:
     """``save_pretrained`` model and tokenizer to ``folder``, replacing it only once both are written.
 
     A peft (LoRA) model is saved merged (a copy with the adapters folded into the base weights), so
-    ``boost.evaluate`` loads it like any checkpoint; the adapters themselves are in the run's
+    ``boost.rollout.evaluate`` loads it like any checkpoint; the adapters themselves are in the run's
     checkpoints, in peft's format.
     """
     folder = Path(folder)

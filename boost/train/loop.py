@@ -11,7 +11,7 @@ Every ``outer_every`` steps, an outer step on a batch of held-out *real* validat
 after that inner step (θ_t before it, θ_{t+1} after it):
 
     g      = ∇_W L_out(trunk(val_batch)) at θ_{t+1}           (fused backward, W only)
-    v      = identity: the AdamW step's own response lr·P ⊙ g (boost.step_response, clipping incl.);
+    v      = identity: the AdamW step's own response lr·P ⊙ g (boost.bilevel.step_response, clipping incl.);
              neumann / cg: ≈ (H + λI)⁻¹ g, H on the inner batch at θ_t, warm-started from the last v
     dL/dw  = −<∇L_i(θ_t), v> / S: the inner batch's hidden states and the head W_t of the same state
     head  <- Adam step on Σ_i w_i(φ) stopgrad(dL/dw_i) + λ_conc/√n_eff + λ_shift·Σ_syn w_i d_i / S
@@ -50,12 +50,12 @@ from tqdm import tqdm
 
 import boost_kernels as bk
 from boost.atomic import write_json_atomic, write_text_atomic
+from boost.bilevel.hypergradient import HeadBatch, head_hypergradient
+from boost.bilevel.hypergradient_trainable import trainable_hypergradient
+from boost.bilevel.reweighting import outer_objective, trajectory_features, weight_summary
+from boost.bilevel.step_response import ClipRecord, optimizer_response
 from boost.config import to_dict
 from boost.data import PackedBatch, PackingConfig, TokenizeConfig, TrajectoryPacker, tokenize_trajectories
-from boost.hypergradient import HeadBatch, head_hypergradient
-from boost.hypergradient_trainable import trainable_hypergradient
-from boost.reweighting import outer_objective, trajectory_features, weight_summary
-from boost.step_response import ClipRecord, optimizer_response
 from boost.train.accumulation import concat_batches, segment_slices
 from boost.train.attention_backend import model_inputs, prepare_model, resolve_attention
 from boost.train.baselines import (
@@ -675,7 +675,9 @@ class Trainer:
         if self.parallel.enabled:  # rank 0 writes the whole model (FSDP2: gathered from the shards)
             save_full_model(self, self.out / "model", save_pretrained_atomic)
         else:
-            save_pretrained_atomic(self.model, self.tokenizer, self.out / "model")  # for boost.evaluate
+            save_pretrained_atomic(
+                self.model, self.tokenizer, self.out / "model"
+            )  # for boost.rollout.evaluate
         final = {"step": self.step, "method": self.method, "validation_loss": self.evaluate(self.data.validation),
                  **evaluate_trainer(self), **weight_analysis(self),
                  "packing": {str(e): s.as_dict() for e, s in self.data.train.epoch_stats.items()}}  # fmt: skip

@@ -11,7 +11,7 @@
   of 4 x width, untied LM head) of ``transformers``' own ``LlamaConfig``.
 
 Both are saved with ``save_pretrained`` to ``<out_dir>/init`` and loaded from there like any other
-checkpoint, so what the trainer saves later is a folder :mod:`boost.evaluate` loads.
+checkpoint, so what the trainer saves later is a folder :mod:`boost.rollout.evaluate` loads.
 
 :data:`SETTINGS` is the whole preset run (``configs/cpu_preset.yaml``'s settings with the one-command
 default's paths): ``python -m boost.train`` with no arguments (or ``--preset cpu``) starts from it and
@@ -72,23 +72,23 @@ def preset_overrides(settings: dict | None = None, prefix: str = "") -> list[str
 
 
 def generate_command(quiet: bool = False) -> list[str]:
-    """The arguments of ``python -m boost.data.generate`` that write the default data."""
+    """The arguments of ``python -m boost.generate`` that write the default data."""
     return [*GENERATE_ARGS, *(["--no-progress"] if quiet else [])]
 
 
 def ensure_default_data(path: str, quiet: bool = False) -> bool:
     """Generate the default data when ``path`` is :data:`DEFAULT_DATA` and missing; True if it ran.
 
-    Prints the command it runs (in this process, as ``python -m boost.data.generate`` would) first.
+    Prints the command it runs (in this process, as ``python -m boost.generate`` would) first.
     Any other missing path is left to the trainer's own error, which names the file.
     """
     if path != DEFAULT_DATA or Path(path).exists():
         return False
-    from boost.data.generate import main as generate
+    from boost.generate import main as generate
 
     argv = generate_command(quiet)
     print(
-        f"{DEFAULT_DATA} is missing; generating it: python -m boost.data.generate {shlex.join(argv)}",
+        f"{DEFAULT_DATA} is missing; generating it: python -m boost.generate {shlex.join(argv)}",
         flush=True,
     )
     generate(argv)  # a failure exits with generate's own message
@@ -174,7 +174,7 @@ def write_preset_checkpoint(
 def load_trainer_model(model_cfg, data_path: str, out_dir: Path, seed: int, device: str):
     """(model, tokenizer) for the trainer: the CPU preset (built once into ``out_dir/init``) or a checkpoint."""
     from boost.data import read_trajectories
-    from boost.rollout import load_model
+    from boost.rollout.generation import load_model
 
     if model_cfg.name != PRESET:
         return load_model(model_cfg.name, device=device)

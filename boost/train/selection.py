@@ -47,7 +47,7 @@ class Selection:
 def _read(cfg: DataConfig) -> tuple[list[Trajectory], ReadReport]:
     path = cfg.path
     if not os.path.isfile(path):
-        raise DataError(f"data.path={path}: no such file; generate one with python -m boost.data.generate")
+        raise DataError(f"data.path={path}: no such file; generate one with python -m boost.generate")
     trajectories, report = read_trajectories(
         path, strict=cfg.strict, default_source=cfg.default_source, format=cfg.format
     )

@@ -9,7 +9,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from boost.data import TokenizeConfig, Trajectory, tokenize_trajectories
-from boost.rollout import SMOLLM2_GGUF, RolloutError, smollm2_dir
+from boost.rollout.generation import SMOLLM2_GGUF, RolloutError, smollm2_dir
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

@@ -14,6 +14,6 @@ def tiny_model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir):
-    from boost.rollout import load_model
+    from boost.rollout.generation import load_model
 
     return load_model(str(tiny_model_dir))

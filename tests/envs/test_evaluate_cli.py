@@ -1,4 +1,4 @@
-"""`python -m boost.evaluate`: metrics and transcripts on disk, and clear errors for bad input."""
+"""`python -m boost.rollout.evaluate`: metrics and transcripts on disk, and clear errors for bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from boost.data.format import Trajectory
-from boost.evaluate import main as evaluate_main
+from boost.rollout.evaluate import main as evaluate_main
 from tests.envs.tiny_chat_lm import CHATML
 
 

@@ -1,4 +1,4 @@
-"""Scripted policies, the real/synthetic generators and the `python -m boost.data.generate` CLI."""
+"""Scripted policies, the real/synthetic generators and the `python -m boost.generate` CLI."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import random
 import pytest
 
 from boost.data.format import Trajectory
-from boost.data.generate import main as generate_main
 from boost.envs import CorruptExpert, EnvError, EpsilonExpert, expert_policy, make_env, play_episode
-from boost.envs.generators import GeneratorConfig, generate, parse_sources, summarize
 from boost.envs.policies import malform_action, truncate_action
+from boost.generate import main as generate_main
+from boost.generators import GeneratorConfig, generate, parse_sources, summarize
 
 SOURCES = {"real": 8, "expert_shifted": 30, "eps0.1": 60, "eps0.6": 60, "random": 60, "corrupt": 30}
 

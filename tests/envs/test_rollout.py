@@ -8,10 +8,9 @@ import re
 import pytest
 import torch
 
-import boost.rollout as rollout_module
+import boost.rollout.generation as rollout_module
 from boost.envs import END_REASONS, make_env
-from boost.prefix_cache import PrefixCachedDecoder
-from boost.rollout import (
+from boost.rollout.generation import (
     EpisodeProgress,
     RolloutConfig,
     RolloutError,
@@ -20,6 +19,7 @@ from boost.rollout import (
     rollout,
     summarize_episodes,
 )
+from boost.rollout.prefix_cache import PrefixCachedDecoder
 
 
 def replay(env_name, episode):

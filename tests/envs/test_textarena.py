@@ -104,7 +104,7 @@ def test_mastermind_feedback_agrees_with_textarena():
 
 
 def test_generators_run_on_a_textarena_game():
-    from boost.envs.generators import GeneratorConfig, generate, summarize
+    from boost.generators import GeneratorConfig, generate, summarize
 
     sources = {"real": 3, "expert_shifted": 2, "eps0.3": 4, "random": 3, "corrupt": 4}
     trajectories = generate(GeneratorConfig(env=PREFIX + "TowerOfHanoi-v0", sources=sources), progress=False)

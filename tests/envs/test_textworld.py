@@ -10,7 +10,7 @@ import random
 import pytest
 
 from boost.envs import expert_policy, make_env, play_episode
-from boost.envs.generators import GeneratorConfig, generate
+from boost.generators import GeneratorConfig, generate
 
 pytest.importorskip("textworld", reason="TextWorld is not installed: pip install 'boost[envs]'")
 

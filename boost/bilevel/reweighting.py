@@ -27,7 +27,7 @@ a learned synthetic mass and μ the normaliser (``normalizer``):
 Real trajectories keep ``real_weight`` (1).
 
 The outer objective for the head's parameters φ, given the hypergradient h_i = dL_out/dw_i of the
-batch (:mod:`boost.hypergradient`), is
+batch (:mod:`boost.bilevel.hypergradient`), is
 
     Σ_i w_i(φ) · stopgrad(h_i)  +  λ_conc / √n_eff  +  λ_shift · Σ_{i synthetic} w_i d_i / S,
 

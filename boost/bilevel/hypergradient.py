@@ -16,7 +16,7 @@ Three approximations of v (``method``), and the state each one linearises at:
   θ_{t+1} the parameters after the inner step: v = J_stepᵀ g with g = ∇L_out(θ_{t+1}) and J_step the
   step's response to its gradient; σ_i = <∇L_i(θ_t), v> at the parameters θ_t *before* the step (the
   ones the inner gradient was taken at; hidden states and head from that same state). J_step comes
-  from the inner optimiser (:mod:`boost.step_response`: lr for SGD, lr·P for Adam/AdamW, through
+  from the inner optimiser (:mod:`boost.bilevel.step_response`: lr for SGD, lr·P for Adam/AdamW, through
   gradient clipping); without one, v = α g with ``alpha``. This is exact to first order in w for
   the head block (tested against a finite difference through a real optimiser step).
 * ``neumann``: v = α Σ_{k=0..K} (I − α(H + λI))^k g (Richardson iterations; converges when
@@ -139,7 +139,7 @@ def inverse_hvp(
 ) -> torch.Tensor:
     """v ≈ (H + λI)⁻¹ g by ``cfg.method``; ``hvp(u)`` returns H u (without the damping).
 
-    ``identity``: ``precondition(g)`` (the inner optimiser's response, :mod:`boost.step_response`),
+    ``identity``: ``precondition(g)`` (the inner optimiser's response, :mod:`boost.bilevel.step_response`),
     else ``cfg.alpha · g``. Neumann and CG use ``cfg.steps`` Hessian-vector products in all; with
     ``init`` (the previous v) and ``cfg.warm_start`` they start from it, the first product giving
     its residual; when that residual is no smaller than |g| (the guess is worse than 0) they drop
@@ -266,7 +266,7 @@ def head_hypergradient(
         normalizer: Z of the inner loss (default S).
         init: the previous outer step's v, to warm-start Neumann / CG (``cfg.warm_start``).
         precondition: ``identity`` only, g -> v: the inner optimiser's response
-            (:func:`boost.step_response.optimizer_response`); default ``cfg.alpha · g``.
+            (:func:`boost.bilevel.step_response.optimizer_response`); default ``cfg.alpha · g``.
         reduce: data parallelism (:mod:`boost.train.distributed`): ``train`` is this rank's share of
             the batch, ``normalizer`` the global count, ``val_grad`` already summed over ranks, and
             ``reduce(Hu)`` sums each local [V, D] product over ranks (in place allowed). The scores

@@ -7,7 +7,7 @@ Sources (the ``source`` field of each trajectory, what a user sees):
 - ``eps<E>`` (e.g. ``eps0.3``): the expert taking a random action with probability E (quality).
 - ``random``: the random policy.
 - ``corrupt``: the expert with a share of its actions truncated or malformed (format errors).
-- ``lm_rollout``: a language model acting through its chat template (see :mod:`boost.rollout`).
+- ``lm_rollout``: a language model acting through its chat template (see :mod:`boost.rollout.generation`).
 
 Ground truth (generator, epsilon, shift, success, counts of random/corrupted/invalid actions) goes
 into ``meta``; the trainer never reads it. Each source draws its own tasks and random streams from
@@ -123,7 +123,7 @@ class GeneratorConfig:
                 raise EnvError(
                     "source lm_rollout needs a model: pass --model PATH (a checkpoint dir) or 'smollm2'"
                 )
-            from boost.rollout import SMOLLM2, RolloutConfig
+            from boost.rollout.generation import SMOLLM2, RolloutConfig
 
             # Bad model paths and decoding settings fail here, before any trajectory is generated.
             if self.lm.model != SMOLLM2 and not Path(self.lm.model).is_dir():
@@ -178,7 +178,7 @@ def hash_seed(seed: int, source: str) -> int:
 
 
 def _lm_rollouts(config: GeneratorConfig, count: int, progress: bool) -> list[Trajectory]:
-    from boost.rollout import RolloutConfig, load_model, rollout
+    from boost.rollout.generation import RolloutConfig, load_model, rollout
 
     lm = config.lm
     model, tokenizer = load_model(

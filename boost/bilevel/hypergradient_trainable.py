@@ -11,7 +11,7 @@ order (machine epsilon · |L|) / ε; ``step`` is the norm of the perturbation ε
 does not depend on the scale of v. The parameters are restored bit for bit from a saved copy after
 every evaluation (adding and subtracting εv would not round back to θ).
 
-The solver (identity / Neumann / CG) is the one of :mod:`boost.hypergradient`, run on the
+The solver (identity / Neumann / CG) is the one of :mod:`boost.bilevel.hypergradient`, run on the
 parameters flattened into one vector (LoRA-sized blocks: a few million entries).
 """
 
@@ -22,7 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
-from boost.hypergradient import Hypergradient, SolverConfig, solve, solve_residual
+from boost.bilevel.hypergradient import Hypergradient, SolverConfig, solve, solve_residual
 
 
 def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -145,7 +145,7 @@ def trainable_hypergradient(
             ``val_grad`` is summed over ranks already, and ``reduce(Hu)`` sums each local flat product
             over ranks. v, hence every perturbation θ ± εv, is then the same on every rank.
     Returns:
-        :class:`boost.hypergradient.Hypergradient` with v flat (parameters concatenated).
+        :class:`boost.bilevel.hypergradient.Hypergradient` with v flat (parameters concatenated).
     """
     _check(params, step)
     if len(val_grad) != len(params) or any(g.shape != p.shape for g, p in zip(val_grad, params)):

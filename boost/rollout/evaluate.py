@@ -1,6 +1,6 @@
 """Evaluate a causal LM by letting it play held-out tasks of an environment.
 
-    python -m boost.evaluate --model PATH --env gridnav --split test --episodes 100
+    python -m boost.rollout.evaluate --model PATH --env gridnav --split test --episodes 100
 
 Prints the metrics (success rate, mean return, mean turns, invalid actions per turn, how episodes
 ended) and a few transcripts, and saves ``metrics.json`` and ``transcripts.jsonl`` (trajectory
@@ -20,12 +20,12 @@ from pathlib import Path
 from boost.atomic import write_json_atomic
 from boost.data.format import write_jsonl
 from boost.envs import SPLITS, EnvError, Episode, env_names, make_env
-from boost.rollout import RolloutConfig, RolloutError, load_model, rollout, summarize_episodes
+from boost.rollout.generation import RolloutConfig, RolloutError, load_model, rollout, summarize_episodes
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m boost.evaluate",
+        prog="python -m boost.rollout.evaluate",
         description="Let a causal LM play tasks of an environment and report success rate, return and turns.",
     )
     parser.add_argument("--model", required=True, help="checkpoint folder (save_pretrained), or 'smollm2'")

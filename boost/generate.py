@@ -1,14 +1,14 @@
 """Generate real and synthetic trajectories of an environment as JSONL.
 
-    python -m boost.data.generate --env gridnav --out data/gridnav-train.jsonl \\
+    python -m boost.generate --env gridnav --out data/gridnav-train.jsonl \\
         --sources real:32,expert_shifted:256,eps0.1:256,eps0.3:256,random:256,corrupt:256
-    python -m boost.data.generate --env gridnav --split validation --sources real:64 \\
+    python -m boost.generate --env gridnav --split validation --sources real:64 \\
         --out data/gridnav-val.jsonl
-    python -m boost.data.generate --env gridnav --sources lm_rollout:64 --model smollm2 --out data/lm.jsonl
+    python -m boost.generate --env gridnav --sources lm_rollout:64 --model smollm2 --out data/lm.jsonl
 
 Writes the trajectories (the project's format, atomically) and ``<out stem>.summary.json``, and
 prints per source: count, success rate, mean return, mean turns, invalid actions per turn, distinct
-tasks. Sources and their ground truth are described in :mod:`boost.envs.generators`.
+tasks. Sources and their ground truth are described in :mod:`boost.generators`.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ from pathlib import Path
 from boost.atomic import write_json_atomic
 from boost.data.format import write_jsonl
 from boost.envs import SPLITS, EnvError, env_names, make_env
-from boost.envs.generators import (
+from boost.envs.policies import CORRUPTIONS
+from boost.generators import (
     GeneratorConfig,
     LMRolloutSettings,
     format_summary,
@@ -30,15 +31,14 @@ from boost.envs.generators import (
     parse_sources,
     summarize,
 )
-from boost.envs.policies import CORRUPTIONS
-from boost.rollout import RolloutError
+from boost.rollout.generation import RolloutError
 
 DEFAULT_SOURCES = "real:32,expert_shifted:256,eps0.1:256,eps0.3:256,eps0.6:256,random:256,corrupt:256"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m boost.data.generate",
+        prog="python -m boost.generate",
         description="Generate real (expert) and synthetic trajectories with known ground truth.",
     )
     parser.add_argument("--env", required=True, help=f"environment name; one of: {', '.join(env_names())}")

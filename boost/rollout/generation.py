@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from boost.envs.base import Task
 from boost.envs.episode import END_REASONS, Episode
 from boost.envs.registry import make_env
-from boost.prefix_cache import PrefixCachedDecoder
+from boost.rollout.prefix_cache import PrefixCachedDecoder
 from boost.stats import wilson_interval
 
 SMOLLM2 = "smollm2"
@@ -55,7 +55,7 @@ class RolloutConfig:
         seed: seeds sampling (the caller's torch RNG state is restored afterwards).
         max_context_tokens: prompt + reply tokens at most (``None``: the model's
             ``max_position_embeddings``).
-        reuse_cache: keep each chat's KV cache between turns (:mod:`boost.prefix_cache`); False
+        reuse_cache: keep each chat's KV cache between turns (:mod:`boost.rollout.prefix_cache`); False
             re-encodes every prompt with ``model.generate`` (slower; the reference it is tested
             against). Sampling uses temperature and top-p only, never the checkpoint's
             ``generation_config`` sampling settings.
@@ -140,7 +140,7 @@ def _plain_if_dequantized(lm: Any) -> Any:
     transformers 5.x: ``quantizer.supported`` is False), transformers converts every tensor to a
     plain float ``nn.Linear`` weight but leaves the quantizer attached, and ``save_pretrained`` then
     refuses the model ("quantized with gguf and is not serializable"): a trained SmolLM2 could not be
-    saved for ``boost.evaluate``. Such a model is an ordinary float checkpoint, and is made one here.
+    saved for ``boost.rollout.evaluate``. Such a model is an ordinary float checkpoint, and is made one here.
     """
     quantizer = getattr(lm, "hf_quantizer", None)
     dequantized = (
