@@ -59,7 +59,7 @@ class DataConfig:
     # "length": tightest packing, but batches then tend to hold one source each.
     packing: str = "mixed"
     rows: int = 1  # > 1: each batch is `rows` padded rows of token_budget / rows tokens (cheaper attention)
-    # issue 10: tokens per *validation* batch (the outer step's trunk forward), in rows as long as the
+    # tokens per *validation* batch (the outer step's trunk forward), in rows as long as the
     # training batches' (token_budget / rows); must be a multiple of that row length. 0: a quarter of
     # token_budget, rounded up to whole rows (measured on the CPU preset: benchmarks/RESULTS.md, "Why
     # the head does not learn quality on gridnav"). Only the outer step's batches; evaluation too.
@@ -192,7 +192,7 @@ class TrainConfig:
     # cg / neumann: an approximate IFT solve, warm-started, its residual logged every outer step;
     # identity: the inner AdamW step's own response (lr·P, clipping included): no solver.alpha
     solver: SolverConfig = field(default_factory=lambda: SolverConfig("cg", steps=5, damping=1e-3))
-    # issue 10: head.num_sources=-1, the head sees each trajectory's source (one embedding per source of
+    # head.num_sources=-1: the head sees each trajectory's source (one embedding per source of
     # the training data); 0 turns the feature off
     head: HeadConfig = field(default_factory=lambda: HeadConfig(num_sources=-1))
     eval: EvalConfig = field(default_factory=EvalConfig)

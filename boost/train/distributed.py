@@ -94,6 +94,7 @@ from boost.train.checkpoint_io import (
     read_state,
 )
 from boost.train.config import PARALLEL
+from boost.train.evaluation import save_pretrained_atomic
 
 log = logging.getLogger(__name__)
 
@@ -409,10 +410,7 @@ class TorchRun(SingleProcess):
         dist.all_reduce(t)
         return t.tolist()
 
-    def reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """The solvers' hook: a local Hessian-vector product -> the sum over ranks (one all-reduce)."""
-        dist.all_reduce(x)
-        return x
+    reduce = sum  # the solvers' hook: a local Hessian-vector product -> the sum over ranks
 
     def agree(self, bad: list[str]) -> list[str]:
         """A step is skipped on every rank when it is non-finite on any (else the collectives hang)."""
@@ -665,31 +663,19 @@ def load_distributed_checkpoint(trainer, path: Path) -> tuple[dict[str, Any], di
     return state, {k: v.to(trainer.device) for k, v in tensors.items() if not k.startswith("rng.")}
 
 
-def save_full_model(trainer, folder: Path, save_pretrained_atomic) -> None:
-    """``save_pretrained`` of the whole model by rank 0 (FSDP2: the shards gathered first, on every rank)."""
+def save_full_model(trainer, folder: Path) -> None:
+    """``save_pretrained`` of the whole model by rank 0 (FSDP2: the shards gathered first, on every
+    rank); one process: :func:`save_pretrained_atomic` as it is."""
+    full = None
     if trainer.parallel.kind == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         full = get_model_state_dict(
             trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
         )
-        if trainer.parallel.is_main:
-            _save_pretrained_with(trainer.model, trainer.tokenizer, Path(folder), full)
-    elif trainer.parallel.is_main:
-        save_pretrained_atomic(trainer.model, trainer.tokenizer, folder)
+    if trainer.parallel.is_main:
+        save_pretrained_atomic(trainer.model, trainer.tokenizer, Path(folder), state_dict=full)
     trainer.parallel.barrier()
-
-
-def _save_pretrained_with(model, tokenizer, folder: Path, state_dict: dict) -> None:
-    tmp, old = folder.with_name(f".{folder.name}.tmp"), folder.with_name(f".{folder.name}.old")
-    for stale in (tmp, old):
-        shutil.rmtree(stale, ignore_errors=True)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 class NullLog:

@@ -100,8 +100,10 @@ def agent_token_accuracy(
     return correct, len(y)
 
 
-def save_pretrained_atomic(model, tokenizer, folder: Path) -> Path:
+def save_pretrained_atomic(model, tokenizer, folder: Path, state_dict: dict | None = None) -> Path:
     """``save_pretrained`` model and tokenizer to ``folder``, replacing it only once both are written.
+
+    ``state_dict``: the weights to write instead of the model's own (FSDP2: the gathered shards).
 
     A peft (LoRA) model is saved merged (a copy with the adapters folded into the base weights), so
     ``boost.rollout.evaluate`` loads it like any checkpoint; the adapters themselves are in the run's
@@ -114,7 +116,7 @@ def save_pretrained_atomic(model, tokenizer, folder: Path) -> Path:
     old = folder.with_name(f".{folder.name}.old")
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, state_dict=state_dict)
     tokenizer.save_pretrained(tmp)
     if folder.exists():
         folder.rename(old)

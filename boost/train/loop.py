@@ -85,7 +85,7 @@ from boost.train.distributed import (
     save_distributed_checkpoint,
     save_full_model,
 )
-from boost.train.evaluation import append_eval, evaluate_trainer, save_pretrained_atomic
+from boost.train.evaluation import append_eval, evaluate_trainer
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
 from boost.train.lora import apply_lora, output_head
 from boost.train.precision import autocast, resolve_precision
@@ -128,7 +128,7 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
         mode=cfg.packing, rows=cfg.rows,
     )  # fmt: skip
     val_budget, val_rows = cfg.validation_packing()
-    packing = {"validation": replace(pack_cfg, token_budget=val_budget, rows=val_rows)}  # issue 10
+    packing = {"validation": replace(pack_cfg, token_budget=val_budget, rows=val_rows)}
     packers = {}
     for name, items in (
         ("train", train),
@@ -224,7 +224,7 @@ class Trainer:
             cfg.data, self.tokenizer, selection, partial(select_synthetic, cfg=cfg.weighting)
         )
         self.awr_baseline = mean_return(self.data.train_trajectories)
-        if cfg.head.num_sources == -1:  # issue 10: "auto", one source embedding per training source
+        if cfg.head.num_sources == -1:  # "auto": one source embedding per training source
             cfg = self.cfg = replace(cfg, head=replace(cfg.head, num_sources=len(self.data.sources)))
         if cfg.head.num_sources and cfg.head.num_sources < len(self.data.sources):
             raise ValueError(
@@ -382,7 +382,6 @@ class Trainer:
             pooled, tokens = self.parallel.gather(val, pooled, val_out.num_tokens)  # every rank's
             self.head.update_reference(pooled[tokens > 0])
 
-    # ---- issue 10: the head block sees only the tokens that count --------------------------------------
     @staticmethod
     def _counted(hidden: torch.Tensor, batch: PackedBatch) -> HeadBatch:
         """The tokens of ``batch`` that count (segment >= 0, hence a label) as a :class:`HeadBatch`: the
@@ -419,8 +418,6 @@ class Trainer:
             precondition=self._precondition([self.lm_head.weight], state),
             normalizer=self.parallel.normalizer(batch), reduce=self.parallel.reduce,
         )  # fmt: skip
-
-    # ---- end issue 10 ----------------------------------------------------------------------------------
 
     def _trainable_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
         """(validation loss, hypergradient) over every trained parameter, by finite differences:
@@ -672,12 +669,8 @@ class Trainer:
                 bar.update(1)
             bar.close()
         self.save_checkpoint()
-        if self.parallel.enabled:  # rank 0 writes the whole model (FSDP2: gathered from the shards)
-            save_full_model(self, self.out / "model", save_pretrained_atomic)
-        else:
-            save_pretrained_atomic(
-                self.model, self.tokenizer, self.out / "model"
-            )  # for boost.rollout.evaluate
+        # for boost.rollout.evaluate; rank 0 writes it (FSDP2: gathered from the shards)
+        save_full_model(self, self.out / "model")
         final = {"step": self.step, "method": self.method, "validation_loss": self.evaluate(self.data.validation),
                  **evaluate_trainer(self), **weight_analysis(self),
                  "packing": {str(e): s.as_dict() for e, s in self.data.train.epoch_stats.items()}}  # fmt: skip
