@@ -121,12 +121,7 @@ def save_checkpoint(
             model.save_pretrained(tmp / ADAPTER_DIR)  # peft's format: adapter_config.json + safetensors
         else:
             save_model(model, str(tmp / MODEL_FILE))  # drops the duplicates of tied weights
-        save_model(head, str(tmp / HEAD_FILE))
-        torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, tmp / OPTIMIZER_FILE)
-        stored = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
-        save_file({**stored, **_rng_states()}, str(tmp / TENSORS_FILE))
-        state = {"format": FORMAT_VERSION, "step": step, "tensors": sorted(stored), **info}
-        (tmp / STATE_FILE).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        write_run_state(tmp, step, head=head, optimizers=optimizers, tensors=tensors, info=info)
         os.replace(tmp, final)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
@@ -137,11 +132,39 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    prune_checkpoints(out, keep)
+    return final
+
+
+def write_run_state(
+    folder: Path,
+    step: int,
+    *,
+    head: torch.nn.Module,
+    optimizers: dict[str, torch.optim.Optimizer],
+    tensors: dict[str, torch.Tensor | None],
+    info: dict[str, Any],
+) -> None:
+    """Write everything of a checkpoint but the model into ``folder`` (a temporary folder that the
+    caller renames): ``head.safetensors``, ``optimizer.pt`` ({name: state_dict}), ``state.safetensors``
+    (``tensors`` that are not None, on the CPU, plus the RNG states) and ``trainer_state.json``
+    (``info`` plus the format, the step and the stored tensor names)."""
+    folder = Path(folder)
+    save_model(head, str(folder / HEAD_FILE))
+    torch.save({name: opt.state_dict() for name, opt in optimizers.items()}, folder / OPTIMIZER_FILE)
+    stored = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
+    save_file({**stored, **_rng_states()}, str(folder / TENSORS_FILE))
+    state = {"format": FORMAT_VERSION, "step": step, "tensors": sorted(stored), **info}
+    (folder / STATE_FILE).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+
+
+def prune_checkpoints(out: Path, keep: int) -> None:
+    """Keep only the newest ``keep`` ``step-*`` folders of ``out/checkpoints``: an older one is renamed
+    to a temporary name first, so it is never half-deleted under a ``step-*`` name."""
     for old in checkpoint_dirs(out)[:-keep]:
-        doomed = old.with_name(f".{old.name}.removed.tmp")  # never half-deleted under a step-* name
+        doomed = old.with_name(f".{old.name}.removed.tmp")
         os.replace(old, doomed)
         shutil.rmtree(doomed, ignore_errors=True)
-    return final
 
 
 def read_state(path: Path) -> dict[str, Any]:

@@ -74,24 +74,21 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model
 
 from boost.bilevel.reweighting import TrajectoryFeatures
 from boost.data import PackedBatch, TrajectoryPacker
 from boost.data.packing import _concat_rows, assign_rows
 from boost.train.checkpoint_io import (
     CHECKPOINTS,
-    FORMAT_VERSION,
     HEAD_FILE,
-    OPTIMIZER_FILE,
-    STATE_FILE,
     TENSORS_FILE,
     CheckpointError,
-    _rng_states,
     _set_rng_states,
-    checkpoint_dirs,
     load_optimizer_states,
+    prune_checkpoints,
     read_state,
+    write_run_state,
 )
 from boost.train.config import PARALLEL
 from boost.train.evaluation import save_pretrained_atomic
@@ -609,22 +606,13 @@ def save_distributed_checkpoint(
     try:
         dcp.save(_model_and_optimizer_state(trainer), checkpoint_id=str(tmp / DCP_DIR))
         if parallel.is_main:
-            save_model(trainer.head, str(tmp / HEAD_FILE))
-            torch.save({"head": trainer.head_opt.state_dict()}, tmp / OPTIMIZER_FILE)
-            stored = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if v is not None}
-            save_file({**stored, **_rng_states()}, str(tmp / TENSORS_FILE))
-            state = {"format": FORMAT_VERSION, "step": trainer.step, "tensors": sorted(stored),
-                     "parallel": {"mode": parallel.kind, "world_size": parallel.world}, **info}  # fmt: skip
-            (tmp / STATE_FILE).write_text(
-                json.dumps(state, indent=2, allow_nan=False) + "\n", encoding="utf-8"
-            )
+            info = {"parallel": {"mode": parallel.kind, "world_size": parallel.world}, **info}
+            write_run_state(tmp, trainer.step, head=trainer.head, optimizers={"head": trainer.head_opt},
+                            tensors=tensors, info=info)  # fmt: skip
         parallel.barrier()
         if parallel.is_main:
             os.replace(tmp, final)
-            for old in checkpoint_dirs(trainer.out)[: -trainer.cfg.keep_checkpoints]:
-                doomed = old.with_name(f".{old.name}.removed.tmp")
-                os.replace(old, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+            prune_checkpoints(trainer.out, trainer.cfg.keep_checkpoints)
     except BaseException:
         if parallel.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
