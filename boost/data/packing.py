@@ -460,38 +460,59 @@ class TrajectoryPacker:
         )
 
 
-def _concat_rows(rows: list[PackedBatch | None], row_length: int, pad_token_id: int) -> PackedBatch:
-    """One batch of ``len(rows)`` rows of ``row_length`` tokens each (None: a row of padding only)."""
-    full = [r for r in rows if r is not None]
-    parts: dict[str, list[torch.Tensor]] = {
-        k: [] for k in ("input_ids", "position_ids", "labels", "segment_ids")
-    }
-    cu, offset, segments = [torch.zeros(1, dtype=torch.int32)], 0, 0
-    for row in rows:
-        if row is None:
-            parts["input_ids"].append(torch.full((row_length,), pad_token_id, dtype=torch.int64))
-            parts["position_ids"].append(torch.arange(row_length))
-            parts["labels"].append(torch.full((row_length,), IGNORE_INDEX, dtype=torch.int64))
-            parts["segment_ids"].append(torch.full((row_length,), -1, dtype=torch.int64))
-            cu.append(torch.tensor([offset + row_length], dtype=torch.int32))
-        else:
-            for key in ("input_ids", "position_ids", "labels"):
-                parts[key].append(getattr(row, key))
-            parts["segment_ids"].append(torch.where(row.segment_ids >= 0, row.segment_ids + segments, -1))
-            cu.append(row.cu_seqlens[1:] + offset)
-            segments += row.num_segments
-        offset += row_length
+PER_TRAJECTORY = ("trajectory_index", "lengths", "num_counted", "rewards", "has_reward", "is_real")
+
+
+def padding_row(row_length: int, pad_token_id: int) -> PackedBatch:
+    """A row of ``row_length`` padding tokens holding no trajectory (one sequence in ``cu_seqlens``)."""
+    empty = {k: torch.zeros(0, dtype=d) for k, d in zip(PER_TRAJECTORY, (
+        torch.int64, torch.int64, torch.int64, torch.float32, torch.bool, torch.bool))}  # fmt: skip
+    return PackedBatch(
+        input_ids=torch.full((row_length,), pad_token_id, dtype=torch.int64),
+        position_ids=torch.arange(row_length),
+        labels=torch.full((row_length,), IGNORE_INDEX, dtype=torch.int64),
+        segment_ids=torch.full((row_length,), -1, dtype=torch.int64),
+        cu_seqlens=torch.tensor([0, row_length], dtype=torch.int32),
+        max_seqlen=row_length,
+        **empty,
+        sources=[],
+        task_ids=[],
+        token_budget=row_length,
+        truncated=torch.zeros(0, dtype=torch.bool),
+    )
+
+
+def concat_packed(batches: list[PackedBatch], *, rows: int, token_budget: int) -> PackedBatch:
+    """``batches`` back to back as one :class:`PackedBatch` of ``rows`` rows: tokens concatenated,
+    segment ids and ``cu_seqlens`` shifted, per-trajectory tensors and lists concatenated. The
+    callers say what the result's rows and budget are (:func:`_concat_rows`,
+    :func:`boost.train.accumulation.concat_batches`). ``truncated`` is None if any batch holding a
+    trajectory has none."""
+    segment_ids, cu, offset, segments = [], [torch.zeros(1, dtype=torch.int32)], 0, 0
+    for b in batches:
+        segment_ids.append(torch.where(b.segment_ids >= 0, b.segment_ids + segments, -1))
+        cu.append(b.cu_seqlens[1:] + offset)
+        offset += b.num_tokens
+        segments += b.num_segments
+    full = [b for b in batches if b.num_segments]
     cat = torch.cat
     return PackedBatch(
-        **{k: cat(v) for k, v in parts.items()},
+        input_ids=cat([b.input_ids for b in batches]),
+        position_ids=cat([b.position_ids for b in batches]),
+        labels=cat([b.labels for b in batches]),
+        segment_ids=cat(segment_ids),
         cu_seqlens=cat(cu),
-        # A row of padding only is one sequence of row_length tokens in cu_seqlens.
-        max_seqlen=max([r.max_seqlen for r in full] + [row_length] * (len(full) < len(rows))),
-        **{k: cat([getattr(r, k) for r in full]) for k in (
-            "trajectory_index", "lengths", "num_counted", "rewards", "has_reward", "is_real")},
-        sources=[s for r in full for s in r.sources],
-        task_ids=[t for r in full for t in r.task_ids],
-        token_budget=row_length * len(rows),
-        truncated=None if any(r.truncated is None for r in full) else cat([r.truncated for r in full]),
-        rows=len(rows),
-    )  # fmt: skip
+        max_seqlen=max(b.max_seqlen for b in batches),
+        **{k: cat([getattr(b, k) for b in batches]) for k in PER_TRAJECTORY},
+        sources=[s for b in batches for s in b.sources],
+        task_ids=[t for b in batches for t in b.task_ids],
+        token_budget=token_budget,
+        truncated=None if any(b.truncated is None for b in full) else cat([b.truncated for b in batches]),
+        rows=rows,
+    )
+
+
+def _concat_rows(rows: list[PackedBatch | None], row_length: int, pad_token_id: int) -> PackedBatch:
+    """One batch of ``len(rows)`` rows of ``row_length`` tokens each (None: a row of padding only)."""
+    filled = [padding_row(row_length, pad_token_id) if r is None else r for r in rows]
+    return concat_packed(filled, rows=len(rows), token_budget=row_length * len(rows))

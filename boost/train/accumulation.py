@@ -24,9 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
-from boost.data.packing import PackedBatch
+from boost.data.packing import PackedBatch, concat_packed
 
 
 def segment_slices(batches: Sequence[PackedBatch]) -> list[slice]:
@@ -55,26 +53,5 @@ def concat_batches(batches: Sequence[PackedBatch]) -> PackedBatch:
         lengths = {b.num_tokens // b.rows for b in batches}
         if not all(multi) or len(lengths) != 1:
             raise ValueError("concat_batches: batches of rows must all have the same row length")
-    cat = torch.cat
-    segment_ids, cu, offset, segments = [], [batches[0].cu_seqlens[:1]], 0, 0
-    for b in batches:
-        segment_ids.append(torch.where(b.segment_ids >= 0, b.segment_ids + segments, -1))
-        cu.append(b.cu_seqlens[1:] + offset)
-        offset += b.num_tokens
-        segments += b.num_segments
-    truncated = None if any(b.truncated is None for b in batches) else cat([b.truncated for b in batches])
-    return PackedBatch(
-        input_ids=cat([b.input_ids for b in batches]),
-        position_ids=cat([b.position_ids for b in batches]),
-        labels=cat([b.labels for b in batches]),
-        segment_ids=cat(segment_ids),
-        cu_seqlens=cat(cu),
-        max_seqlen=max(b.max_seqlen for b in batches),
-        **{k: cat([getattr(b, k) for b in batches]) for k in (
-            "trajectory_index", "lengths", "num_counted", "rewards", "has_reward", "is_real")},
-        sources=[s for b in batches for s in b.sources],
-        task_ids=[t for b in batches for t in b.task_ids],
-        token_budget=sum(b.token_budget for b in batches),
-        truncated=truncated,
-        rows=sum(b.rows for b in batches) if all(multi) else 1,
-    )  # fmt: skip
+    rows = sum(b.rows for b in batches) if all(multi) else 1
+    return concat_packed(list(batches), rows=rows, token_budget=sum(b.token_budget for b in batches))
