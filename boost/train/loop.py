@@ -254,11 +254,17 @@ class Trainer:
     def _bias(self):
         return getattr(self.lm_head, "bias", None)
 
-    def losses(self, hidden: torch.Tensor, batch: PackedBatch, weight: torch.Tensor | None = None, **kwargs):
+    def losses(self, hidden: torch.Tensor, batch: PackedBatch, weight: torch.Tensor | None = None,
+               counted: HeadBatch | None = None, **kwargs):  # fmt: skip
+        """The fused per-trajectory losses of ``batch`` from ``hidden`` [T, D] (the LM head's ``weight``
+        unless given). ``counted``: the batch's counted tokens only (:meth:`_counted`; ``hidden`` is
+        then theirs) with the same trajectories, count and normaliser as ``batch``."""
         weight = self.lm_head.weight if weight is None else weight
+        labels, segment_ids = (batch.labels, batch.segment_ids) if counted is None else (
+            counted.labels, counted.segment_ids)  # fmt: skip
         kwargs = {**self.parallel.loss_options(batch), **kwargs}  # parallel: normalised by the global S
         return bk.trajectory_cross_entropy(
-            hidden, weight, batch.labels, batch.segment_ids, batch.num_segments, bias=self._bias(), **kwargs
+            hidden, weight, labels, segment_ids, batch.num_segments, bias=self._bias(), **kwargs
         )
 
     def _source_index(self, batch: PackedBatch) -> torch.Tensor:
@@ -397,15 +403,7 @@ class Trainer:
         # θ_{t+1}; shares W's storage: no [V, D] copy (FSDP2: the head gathered on every rank)
         Wg = self.parallel.full(self.lm_head.weight).detach().requires_grad_()
         bias = self._bias()
-        val_out = bk.trajectory_cross_entropy(
-            val_c.hidden,
-            Wg,
-            val_c.labels,
-            val_c.segment_ids,
-            val.num_segments,
-            bias=bias,
-            **self.parallel.loss_options(val),  # parallel: normalised by the global count
-        )
+        val_out = self.losses(val_c.hidden, val, weight=Wg, counted=val_c)  # parallel: the global count
         (g,) = torch.autograd.grad(val_out.loss, Wg)
         g = self.parallel.sum(g)
         self._update_reference(val_c.hidden, val_c.segment_ids, val, val_out)
