@@ -186,12 +186,15 @@ def _meta(T, D, V, dtype):
     return h, w, y
 
 
-def boost_fwd_bwd(h, w, y):
+def boost_fwd_bwd(h, w, y, scratch_bytes=56 * 2**20):
+    """``scratch_bytes``: as in boost_kernels.trajectory_cross_entropy (None: no limit, one pass)."""
     from boost_kernels import triton_ops
 
     coef = torch.empty(h.shape[0], device="meta", dtype=torch.float32)
     loss, lse, _, _ = triton_ops.token_losses(h, w, None, y, None)
-    d_h, d_w, _ = triton_ops.token_loss_grads(h, w, None, y, None, coef, lse, need_bias=False)
+    d_h, d_w, _ = triton_ops.token_loss_grads(
+        h, w, None, y, None, coef, lse, need_bias=False, scratch_bytes=scratch_bytes
+    )
     return loss, d_h, d_w
 
 
@@ -215,6 +218,7 @@ def liger_fwd_bwd(h, w, y):
 
 IMPLEMENTATIONS = {
     "boost": boost_fwd_bwd,
+    "boost (scratch_bytes=None)": lambda h, w, y: boost_fwd_bwd(h, w, y, scratch_bytes=None),
     "cce (default filter)": cce_fwd_bwd,
     "cce (exact, no filter)": lambda h, w, y: cce_fwd_bwd(h, w, y, filter_eps=None),
     "liger": liger_fwd_bwd,
