@@ -146,6 +146,34 @@ def _strides(x: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if x is None else (x.stride(0), x.stride(1))
 
 
+# The forward's token blocks in flight re-read their hidden rows once per vocabulary tile, so the
+# rows of all of them should stay in L2 (50 MiB on an H100, 40 MiB on an A100) next to the weight
+# tiles streaming through: at most this many bytes. Not measured; see forward_splits.
+L2_HIDDEN_BYTES = 24 * 2**20
+
+
+def forward_splits(T: int, V: int, cfg: BlockConfig, num_sms: int, hidden_rows: int) -> tuple[int, int]:
+    """(vocabulary entries per split, splits) of the forward grid (token_stats_kernel).
+
+    Enough programs to fill the card about four times over, never an empty vocabulary split; and
+    at least enough splits that the token blocks in flight (``num_sms`` programs, the splits of a
+    token block adjacent in launch order, so num_sms / splits token blocks) hold at most
+    L2_HIDDEN_BYTES of hidden rows (``hidden_rows`` bytes per token block). Without that bound,
+    T=65536, D=8192 on an H100 had 2 splits: 66 token blocks of 2 MiB in flight, 132 MiB against
+    a 50 MiB L2. Each split is a contiguous vocabulary range; any split count gives the same
+    result up to float32 rounding of the log-sum-exp combination.
+    """
+    t_blocks = triton.cdiv(T, cfg.block_t)
+    v_blocks = triton.cdiv(V, cfg.block_v)
+    wanted = max(1, triton.cdiv(4 * num_sms, t_blocks))
+    fit = max(1, L2_HIDDEN_BYTES // hidden_rows)  # token blocks whose hidden rows fit the bound
+    if t_blocks > fit:  # one program per SM (the Hopper forward uses 255 registers)
+        wanted = max(wanted, triton.cdiv(num_sms, fit))
+    blocks_per_split = triton.cdiv(v_blocks, min(wanted, v_blocks))
+    v_per_split = blocks_per_split * cfg.block_v
+    return v_per_split, triton.cdiv(V, v_per_split)
+
+
 def token_losses(
     hidden, weight, bias, labels, softcap, tangent_weight=None, tangent_hidden=None, tangent_bias=None
 ):
@@ -159,12 +187,8 @@ def token_losses(
     gpu = device_info(hidden.device)
     cfg = block_config("stats", with_tangent, hidden.dtype, gpu.arch)
     t_blocks = triton.cdiv(T, cfg.block_t)
-    v_blocks = triton.cdiv(V, cfg.block_v)
-    # Enough programs to fill the card about four times over, never an empty vocabulary split.
-    wanted = max(1, triton.cdiv(4 * gpu.num_sms, t_blocks))
-    blocks_per_split = triton.cdiv(v_blocks, min(wanted, v_blocks))
-    v_per_split = blocks_per_split * cfg.block_v
-    num_splits = triton.cdiv(V, v_per_split)
+    hidden_rows = (1 + (tangent_hidden is not None)) * cfg.block_t * D * hidden.element_size()
+    v_per_split, num_splits = forward_splits(T, V, cfg, gpu.num_sms, hidden_rows)
 
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m_part = torch.empty(num_splits, T, **f32)
