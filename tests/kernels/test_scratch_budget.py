@@ -154,3 +154,18 @@ def test_bad_budget_is_refused_with_its_name(bad, error, backend):
         triton_ops.token_loss_grads(
             batch.hidden, batch.weight, None, batch.labels, None, torch.ones(shape.T), scratch_bytes=bad
         )
+
+
+def test_deterministic_mode_takes_any_budget(launched):
+    """deterministic=True always runs the owner-ordered slab kernel; with no limit its ring has one
+    slot per slab (every row block in flight at once). Same bits whatever the budget."""
+    shape = SHAPES[4]
+    seed = fresh_seed()
+    batch = make_batch(shape, torch.bfloat16, seed)
+    want = _float64_grads(batch, shape)
+    small = _grads(batch, shape, backend="triton", deterministic=True, scratch_bytes=0)
+    unlimited = _grads(batch, shape, backend="triton", deterministic=True, scratch_bytes=None)
+    assert launched == [SLABS, SLABS]
+    for name, a, b, ref in zip(("hidden", "weight", "bias"), small, unlimited, want):
+        assert torch.equal(a, b), f"d_{name}: seed={seed}"
+        assert reference.rel_err(b, ref) <= TOL[torch.bfloat16], f"d_{name}: seed={seed}"
