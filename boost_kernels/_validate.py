@@ -7,6 +7,9 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# Default float32 scratch of the Triton backward for 16-bit gradients (``scratch_bytes``): with the
+# O(T) statistics it stays under 64 MiB of extra memory.
+DEFAULT_SCRATCH_BYTES = 56 * 2**20
 
 
 def check_float(name: str, x: torch.Tensor, ndim: int) -> None:
@@ -99,3 +102,16 @@ def check_options(normalize: str, softcap: float | None, num_segments: int, norm
         z = float(normalizer)
         if not (math.isfinite(z) and z > 0):
             raise ValueError(f"normalizer must be a positive finite number, got {normalizer!r}")
+
+
+def check_scratch_bytes(scratch_bytes) -> None:
+    """``scratch_bytes``: None (no limit) or a non-negative int of bytes."""
+    if scratch_bytes is None:
+        return
+    if isinstance(scratch_bytes, bool) or not isinstance(scratch_bytes, int):
+        raise TypeError(
+            f"scratch_bytes must be an int number of bytes or None (no limit), got {scratch_bytes!r} "
+            f"({type(scratch_bytes).__name__}); e.g. scratch_bytes=2 * 2**30 for 2 GiB"
+        )
+    if scratch_bytes < 0:
+        raise ValueError(f"scratch_bytes must be >= 0 bytes or None (no limit), got {scratch_bytes}")

@@ -78,8 +78,11 @@ def calls(variants: bool = False) -> dict:
     """name -> fn(inputs) calling a launcher exactly as the public op does.
 
     The default calls are the ones the targets are about (no bias, no softcap; the JVP and HVP
-    along the head, as the hypergradient uses them). ``variants`` adds bias, softcap, every
-    tangent and the deterministic mode, so every kernel specialisation gets compiled and checked.
+    along the head, as the hypergradient uses them), plus the backward and HVP with
+    ``scratch_bytes=None`` (no memory limit: one pass over the logits, float32 accumulators of
+    (T + V)·D·4 bytes, beyond the 64 MiB target by the user's choice). ``variants`` adds bias,
+    softcap, every tangent and the deterministic mode, so every kernel specialisation gets
+    compiled and checked.
     """
     head_only = dict(need_hidden=False, need_weight=True, need_bias=False)
     out = {
@@ -87,6 +90,8 @@ def calls(variants: bool = False) -> dict:
         "loss_bwd": _bwd,
         "jvp": lambda x: _fwd(x, tangents=(x["tangent_weight"],)),
         "hvp": lambda x: _hvp(x, **head_only),
+        "loss_bwd+unlimited_scratch": lambda x: _bwd(x, scratch_bytes=None),
+        "hvp+unlimited_scratch": lambda x: _hvp(x, scratch_bytes=None, **head_only),
     }
     if variants:
         every = ("tangent_weight", "tangent_hidden", "tangent_bias")

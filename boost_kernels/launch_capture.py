@@ -183,12 +183,19 @@ class _DeviceWork(TorchDispatchMode):
         self.scalar = scalar
         self.ops: list[TorchOp] = []
         self.kernels: dict[str, int] = {}
-        self.live: dict[int, int] = {}  # storage of an allocated tensor -> bytes
-        self.events: list[tuple[int, int]] = []  # (+bytes or -bytes, storage) in order
+        self.live: dict[int, int] = {}  # allocation -> bytes
+        self.events: list[tuple[int, int]] = []  # (+bytes or -bytes, allocation) in order
+        # StorageImpl address (shared by every view) -> the number of the latest allocation made
+        # there. Allocations are not keyed by the address itself: a freed StorageImpl's address is
+        # reused by a later one. Entries are not dropped when a tensor object dies: its storage may
+        # live on in another tensor object (a .grad), and an address cannot be reused before then.
+        self.allocations: dict[int, int] = {}
 
     def _allocated(self, t: torch.Tensor) -> None:
         storage = t.untyped_storage()
-        key, nbytes = storage._cdata, storage.nbytes()  # the StorageImpl, shared by every view
+        cdata, nbytes = storage._cdata, storage.nbytes()
+        key = len(self.events)  # unique: every allocation appends an event
+        self.allocations[cdata] = key
         self.live[key] = nbytes
         self.events.append((nbytes, key))
 
@@ -217,6 +224,11 @@ class _DeviceWork(TorchDispatchMode):
                 if isinstance(t, torch.Tensor):
                     self._allocated(t)
         return out
+
+    def allocation_of(self, t: torch.Tensor) -> int | None:
+        """The allocation number of a live tensor the call allocated (None if it allocated nothing
+        at that address)."""
+        return self.allocations.get(t.untyped_storage()._cdata)
 
     def peak_excluding(self, kept: set[int]) -> int:
         """Peak of live allocated bytes over the call, not counting the tensors in ``kept``."""
@@ -262,6 +274,6 @@ def capture(arch: int, fn, *args, scalar=None, **kwargs) -> tuple[LaunchPlan, ob
     finally:
         JITFunction.run = original
     returned = result if isinstance(result, (tuple, list)) else (result,)
-    kept = {t.untyped_storage()._cdata for t in returned if isinstance(t, torch.Tensor)}
+    kept = {work.allocation_of(t) for t in returned if isinstance(t, torch.Tensor)} - {None}
     plan = LaunchPlan(arch, recorder.launches, dict(work.kernels), work.ops, work.peak_excluding(kept))
     return plan, result

@@ -49,14 +49,21 @@ class HeadHVP(NamedTuple):
 
 
 def select_impl(
-    backend: str, hidden: torch.Tensor, deterministic: bool = False, grad_filter: bool | float = False
+    backend: str,
+    hidden: torch.Tensor,
+    deterministic: bool = False,
+    grad_filter: bool | float = False,
+    scratch_bytes: int | None = _validate.DEFAULT_SCRATCH_BYTES,
 ) -> types.ModuleType:
     """The module implementing the three primitives for this backend and these tensors.
 
     ``deterministic``: Triton gradients without atomics, bitwise the same run to run (the PyTorch
     path is deterministic already). ``grad_filter``: the Triton path's first-order gradients skip
     tiles of negligible probability (see ``triton_ops.token_loss_grads``); the PyTorch path, the
-    JVP, the HVP and the double backward stay exact."""
+    JVP, the HVP and the double backward stay exact. ``scratch_bytes``: the Triton backward's
+    float32 scratch for 16-bit gradients (see ``trajectory_cross_entropy``); the PyTorch path
+    ignores it."""
+    _validate.check_scratch_bytes(scratch_bytes)
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
     if backend == "torch":
@@ -72,7 +79,7 @@ def select_impl(
         raise ValueError(
             "backend='triton' needs CUDA tensors, or TRITON_INTERPRET=1 to run the kernels on CPU"
         )
-    return triton_ops.with_options(deterministic, grad_filter)
+    return triton_ops.with_options(deterministic, grad_filter, scratch_bytes)
 
 
 class _Prepared(NamedTuple):
@@ -95,6 +102,7 @@ def _prepare(
     validate,
     deterministic=False,
     grad_filter=False,
+    scratch_bytes=_validate.DEFAULT_SCRATCH_BYTES,
 ) -> _Prepared:
     _validate.check_float("hidden", hidden, 2)
     _validate.check_float("weight", weight, 2)
@@ -117,7 +125,7 @@ def _prepare(
     safe_labels = torch.where(counted, labels, -1)
     segments = torch.where(counted, segment_ids, 0)
     num_tokens = torch.bincount(segment_ids[counted], minlength=num_segments)
-    impl = select_impl(backend, hidden, deterministic, grad_filter)
+    impl = select_impl(backend, hidden, deterministic, grad_filter, scratch_bytes)
     if T == 0:
         impl = chunked  # nothing to launch; the PyTorch path returns empty results
     return _Prepared(safe_labels, segments, counted, num_tokens, impl)
@@ -173,6 +181,7 @@ def trajectory_cross_entropy(
     precompute_grad: bool = True,
     deterministic: bool = False,
     grad_filter: bool | float = False,
+    scratch_bytes: int | None = _validate.DEFAULT_SCRATCH_BYTES,
 ) -> TrajectoryLoss:
     """Fused LM head + cross-entropy, reduced per trajectory and weighted, without [T, V] logits.
 
@@ -188,6 +197,14 @@ def trajectory_cross_entropy(
     skips the tiles in which every |softmax - onehot| is below a threshold (True: finfo(dtype).eps
     / 32, 2^-12 for bf16; or a float), within the bound stated in ``triton_ops.token_loss_grads``.
     Only the first-order gradient is filtered: the loss, JVP, HVP and double backward stay exact.
+    ``scratch_bytes`` (Triton path, 16-bit inputs; default 56 MiB; None: no limit): float32 memory
+    the backward may hold to accumulate the 16-bit gradients. When the float32 copies of the
+    gradients asked for fit ((T + V)·D·4 bytes for hidden and weight), the backward makes one
+    pass over the logits (8·T·D·V FLOPs in all with the forward's 2·T·D·V); otherwise it
+    recomputes them once more (10·T·D·V) within the budget. Both accumulate in float32 and round
+    each gradient element once: the choice trades memory for speed, not accuracy. The HVP and
+    the double backward use the same budget; float32 inputs need no scratch, and the PyTorch
+    path ignores it (it checks the value only).
     """
     _validate.check_options(normalize, softcap, num_segments, normalizer)
     prep = _prepare(
@@ -202,6 +219,7 @@ def trajectory_cross_entropy(
         validate,
         deterministic,
         grad_filter,
+        scratch_bytes,
     )
     w = _weights(traj_weights, num_segments, hidden.device)
     scale = _token_scale(prep, normalize, chunked.compute_dtype(hidden.dtype))
@@ -287,14 +305,16 @@ def trajectory_hvp(
     backend: str = "auto",
     validate: bool = True,
     deterministic: bool = False,
+    scratch_bytes: int | None = _validate.DEFAULT_SCRATCH_BYTES,
 ) -> HeadHVP:
     """Hessian-vector product of the weighted loss Σ_i w_i L_i / Z along (U, dh, beta).
 
     Returns the tangent of (dL/dW, dL/dh, dL/db), exact including the W-h cross terms. The weights
     w_i are held fixed. By default d(dL/dh) is returned only when tangent_hidden is given, and
     d(dL/db) only when there is a bias. For the head block alone (dh = 0, no softcap) H is
-    positive semi-definite, so Neumann series and conjugate gradients apply. ``deterministic``:
-    as in :func:`trajectory_cross_entropy`.
+    positive semi-definite, so Neumann series and conjugate gradients apply. ``deterministic``,
+    ``scratch_bytes``: as in :func:`trajectory_cross_entropy` (one pass over the logits when the
+    float32 copies of the outputs fit, e.g. V·D·4 bytes for the head block alone).
     """
     _validate.check_options(normalize, softcap, num_segments, normalizer)
     prep = _prepare(
@@ -308,6 +328,7 @@ def trajectory_hvp(
         backend,
         validate,
         deterministic,
+        scratch_bytes=scratch_bytes,
     )
     _check_tangents("trajectory_hvp", hidden, weight, bias, tangent_weight, tangent_hidden, tangent_bias)
     w = _weights(traj_weights, num_segments, hidden.device)

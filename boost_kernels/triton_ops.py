@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import triton
 
+from boost_kernels._validate import DEFAULT_SCRATCH_BYTES, check_scratch_bytes
 from boost_kernels.chunked import is_transform_wrapped
 from boost_kernels.triton_kernels import token_grads_kernel, token_grads_slab_kernel, token_stats_kernel
 
@@ -145,6 +146,34 @@ def _strides(x: torch.Tensor | None) -> tuple[int, int]:
     return (0, 0) if x is None else (x.stride(0), x.stride(1))
 
 
+# The forward's token blocks in flight re-read their hidden rows once per vocabulary tile, so the
+# rows of all of them should stay in L2 (50 MiB on an H100, 40 MiB on an A100) next to the weight
+# tiles streaming through: at most this many bytes. Not measured; see forward_splits.
+L2_HIDDEN_BYTES = 24 * 2**20
+
+
+def forward_splits(T: int, V: int, cfg: BlockConfig, num_sms: int, hidden_rows: int) -> tuple[int, int]:
+    """(vocabulary entries per split, splits) of the forward grid (token_stats_kernel).
+
+    Enough programs to fill the card about four times over, never an empty vocabulary split; and
+    at least enough splits that the token blocks in flight (``num_sms`` programs, the splits of a
+    token block adjacent in launch order, so num_sms / splits token blocks) hold at most
+    L2_HIDDEN_BYTES of hidden rows (``hidden_rows`` bytes per token block). Without that bound,
+    T=65536, D=8192 on an H100 had 2 splits: 66 token blocks of 2 MiB in flight, 132 MiB against
+    a 50 MiB L2. Each split is a contiguous vocabulary range; any split count gives the same
+    result up to float32 rounding of the log-sum-exp combination.
+    """
+    t_blocks = triton.cdiv(T, cfg.block_t)
+    v_blocks = triton.cdiv(V, cfg.block_v)
+    wanted = max(1, triton.cdiv(4 * num_sms, t_blocks))
+    fit = max(1, L2_HIDDEN_BYTES // hidden_rows)  # token blocks whose hidden rows fit the bound
+    if t_blocks > fit:  # one program per SM (the Hopper forward uses 255 registers)
+        wanted = max(wanted, triton.cdiv(num_sms, fit))
+    blocks_per_split = triton.cdiv(v_blocks, min(wanted, v_blocks))
+    v_per_split = blocks_per_split * cfg.block_v
+    return v_per_split, triton.cdiv(V, v_per_split)
+
+
 def token_losses(
     hidden, weight, bias, labels, softcap, tangent_weight=None, tangent_hidden=None, tangent_bias=None
 ):
@@ -158,12 +187,8 @@ def token_losses(
     gpu = device_info(hidden.device)
     cfg = block_config("stats", with_tangent, hidden.dtype, gpu.arch)
     t_blocks = triton.cdiv(T, cfg.block_t)
-    v_blocks = triton.cdiv(V, cfg.block_v)
-    # Enough programs to fill the card about four times over, never an empty vocabulary split.
-    wanted = max(1, triton.cdiv(4 * gpu.num_sms, t_blocks))
-    blocks_per_split = triton.cdiv(v_blocks, min(wanted, v_blocks))
-    v_per_split = blocks_per_split * cfg.block_v
-    num_splits = triton.cdiv(V, v_per_split)
+    hidden_rows = (1 + (tangent_hidden is not None)) * cfg.block_t * D * hidden.element_size()
+    v_per_split, num_splits = forward_splits(T, V, cfg, gpu.num_sms, hidden_rows)
 
     f32 = dict(dtype=torch.float32, device=hidden.device)
     m_part = torch.empty(num_splits, T, **f32)
@@ -201,27 +226,44 @@ def token_losses(
     return loss, lse, dloss, pdz
 
 
-# 16-bit gradients accumulate in float32 scratch of at most this many bytes and are rounded to the
-# input dtype once, at the end. When d_hidden and d_weight fit together, one launch covers every
-# tile. Otherwise one launch runs two passes that each recompute the logit tiles: d_hidden token
-# slab by token slab, then d_weight vocabulary slab by vocabulary slab, through a ring of
-# SCRATCH_SLOTS float32 slots (token_grads_slab_kernel). float32 inputs accumulate straight into
-# the gradients (no scratch, one launch).
-SCRATCH_BYTES = 56 * 2**20  # + O(T) statistics stays under the issue's 64 MiB of extra memory
+# 16-bit gradients accumulate in float32 scratch of at most ``scratch_bytes`` (default
+# SCRATCH_BYTES; None: no limit) and are rounded to the input dtype once, at the end. When the
+# float32 d_hidden and d_weight fit together, one launch covers every tile in one pass over the
+# logits (token_grads_kernel: 8·T·D·V FLOPs for both gradients). Otherwise one launch runs two
+# passes that each recompute the logit tiles (10·T·D·V): d_hidden token slab by token slab, then
+# d_weight vocabulary slab by vocabulary slab, through a ring of SCRATCH_SLOTS float32 slots
+# (token_grads_slab_kernel). Both are exact in the same sense (float32 accumulation, one
+# rounding). float32 inputs accumulate straight into the gradients (no scratch, one launch).
+SCRATCH_BYTES = DEFAULT_SCRATCH_BYTES  # + O(T) statistics stays under the issue's 64 MiB of extra memory
 # Slots of the ring: while one slab is rounded out by its last program, the next SCRATCH_SLOTS - 1
 # slabs keep the GPU busy. More slots mean narrower slabs (less L2 reuse inside a slab).
 SCRATCH_SLOTS = 4
 
 
-def _ring(D: int, block_t: int, block_v: int, slabs_wanted) -> tuple[int, int]:
-    """(rows per slot, slots) of the float32 ring: slots·rows·D·4 <= SCRATCH_BYTES unless a single
+def _ring(
+    D: int, block_t: int, block_v: int, slabs_wanted, scratch_bytes: int | None, longest: int
+) -> tuple[int, int]:
+    """(rows per slot, slots) of the float32 ring: slots·rows·D·4 <= scratch_bytes unless a single
     slot of one block of rows is already larger (then one slot of one block). Rows are a multiple
-    of both block sizes; ``slabs_wanted(rows)`` is the number of slabs at that slot size."""
+    of both block sizes and no more than ``longest`` (the longest axis a slab covers) rounded up to
+    one; ``slabs_wanted(rows)`` is the number of slabs at that slot size. ``scratch_bytes`` None:
+    no limit, one slot per slab."""
     unit = math.lcm(block_t, block_v)
     row_bytes = 4 * D
-    rows = max(unit, SCRATCH_BYTES // (SCRATCH_SLOTS * row_bytes) // unit * unit)
-    slots = max(1, min(SCRATCH_BYTES // (rows * row_bytes), slabs_wanted(rows)))
+    most = triton.cdiv(longest, unit) * unit
+    if scratch_bytes is None:
+        return most, slabs_wanted(most)
+    rows = min(most, max(unit, scratch_bytes // (SCRATCH_SLOTS * row_bytes) // unit * unit))
+    slots = max(1, min(scratch_bytes // (rows * row_bytes), slabs_wanted(rows)))
     return rows, slots
+
+
+def one_pass_fits(
+    T: int, V: int, D: int, need_hidden: bool, need_weight: bool, scratch_bytes: int | None
+) -> bool:
+    """Whether float32 accumulators for the 16-bit gradients asked for fit ``scratch_bytes`` (None:
+    no limit), so that the backward runs in one pass over the logits (token_grads_kernel)."""
+    return scratch_bytes is None or (need_hidden * T + need_weight * V) * D * 4 <= scratch_bytes
 
 
 def grad_filter_eps(grad_filter: bool | float, dtype: torch.dtype) -> float:
@@ -239,13 +281,15 @@ def grad_filter_eps(grad_filter: bool | float, dtype: torch.dtype) -> float:
 
 def _launch_grads(
     hidden, weight, bias, labels, softcap, coef, lse, pdz, tangents, need_hidden, need_weight, need_bias,
-    deterministic=False, filter_eps=0.0,
+    deterministic=False, filter_eps=0.0, scratch_bytes=SCRATCH_BYTES,
 ):  # fmt: skip
     """Accumulate (d_hidden [T, D], d_weight [V, D], d_bias float32 [V]).
 
     d_hidden and d_weight come back in float32 for float32 inputs and in the input dtype for 16-bit
     inputs, each element accumulated in float32 and rounded once (see SCRATCH_BYTES). A small
-    constant number of launches whatever T and V. ``deterministic``: no floating-point atomics; one
+    constant number of launches whatever T and V. ``scratch_bytes`` (16-bit inputs): float32
+    scratch allowed, None for no limit; when the accumulators of the gradients asked for fit, one
+    pass over the logits, else two (see SCRATCH_BYTES). ``deterministic``: no floating-point atomics; one
     program owns each token block (d_hidden) or vocabulary block (d_weight, d_bias) and adds its
     tiles in a fixed order, so the result is bitwise the same run to run (two passes over the
     logits, and fewer programs in flight: slower). ``filter_eps`` > 0 (gradients only, not HVP):
@@ -262,7 +306,10 @@ def _launch_grads(
     tangent_bias = _vec(tangent_bias)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     exact = hidden.dtype == torch.float32
-    one_pass = not deterministic and (exact or (need_hidden * T + need_weight * V) * D * 4 <= SCRATCH_BYTES)
+    check_scratch_bytes(scratch_bytes)
+    one_pass = not deterministic and (
+        exact or one_pass_fits(T, V, D, need_hidden, need_weight, scratch_bytes)
+    )
     cfg = block_config("grads" if not deterministic else "grads_ordered", hvp, hidden.dtype,
                        device_info(hidden.device).arch)  # fmt: skip
     dummy = coef
@@ -314,7 +361,9 @@ def _launch_grads(
     if exact:  # no scratch: one slab per pass, nothing to wait for
         rows, slots = triton.cdiv(max(T, V), unit) * unit, 1
     else:
-        rows, slots = _ring(D, cfg.block_t, cfg.block_v, slabs)
+        rows, slots = _ring(
+            D, cfg.block_t, cfg.block_v, slabs, scratch_bytes, max(T if need_hidden else 0, V)
+        )
     programs = 0
     if need_hidden:
         programs += t_blocks * v_blocks if owner == 0 else t_blocks
@@ -340,9 +389,10 @@ def _launch_grads(
 
 def token_loss_grads(
     hidden, weight, bias, labels, softcap, coef, lse=None, need_hidden=True, need_weight=True, need_bias=True,
-    deterministic=False, grad_filter=False,
+    deterministic=False, grad_filter=False, scratch_bytes=SCRATCH_BYTES,
 ):  # fmt: skip
-    """Triton version of :func:`boost_kernels.chunked.token_loss_grads` (``deterministic``: see _launch_grads).
+    """Triton version of :func:`boost_kernels.chunked.token_loss_grads` (``deterministic``,
+    ``scratch_bytes``: see _launch_grads).
 
     ``grad_filter`` (off by default): skip the (token block, vocabulary block) tiles in which every
     |p - e_y| is below a threshold (True: Cut Cross-Entropy's finfo(dtype).eps / 32, 2^-12 for
@@ -368,16 +418,18 @@ def token_loss_grads(
         need_bias and bias is not None,
         deterministic,
         grad_filter_eps(grad_filter, hidden.dtype),
+        scratch_bytes,
     )
 
 
 def token_loss_hvp(
     hidden, weight, bias, labels, softcap, coef, tangent_weight, tangent_hidden, tangent_bias,
-    need_hidden=True, need_weight=True, need_bias=True, deterministic=False,
+    need_hidden=True, need_weight=True, need_bias=True, deterministic=False, scratch_bytes=SCRATCH_BYTES,
 ):  # fmt: skip
     """Triton version of :func:`boost_kernels.chunked.token_loss_hvp`.
 
-    Runs the tangent forward first for lse_t and <p_t, dz_t>, then one HVP pass.
+    Runs the tangent forward first for lse_t and <p_t, dz_t>, then one HVP pass (``scratch_bytes``:
+    see _launch_grads; the HVP's 16-bit outputs take the same one- or two-pass path).
     """
     _, lse, _, pdz = token_losses(
         hidden, weight, bias, labels, softcap, tangent_weight, tangent_hidden, tangent_bias
@@ -386,31 +438,39 @@ def token_loss_hvp(
         hidden, weight, bias, labels, softcap, coef.float().contiguous(), lse, pdz,
         (tangent_weight, tangent_hidden, tangent_bias),
         need_hidden, need_weight, need_bias and bias is not None, deterministic,
+        scratch_bytes=scratch_bytes,
     )  # fmt: skip
 
 
-def with_options(deterministic: bool = False, grad_filter: bool | float = False):
-    """The three primitives with these options: this module itself when both are off.
+def with_options(
+    deterministic: bool = False, grad_filter: bool | float = False, scratch_bytes: int | None = SCRATCH_BYTES
+):
+    """The three primitives with these options: this module itself when all are the defaults.
 
     With ``grad_filter`` only ``token_loss_grads`` filters; the namespace's ``exact`` is the
     unfiltered implementation, for the derivatives of the gradient (they stay exact)."""
-    exact = DETERMINISTIC if deterministic else sys.modules[__name__]
-    if not grad_filter_eps(grad_filter, torch.float32):
+    check_scratch_bytes(scratch_bytes)
+    filtered = bool(grad_filter_eps(grad_filter, torch.float32))
+    if not deterministic and not filtered and scratch_bytes == SCRATCH_BYTES:
+        return sys.modules[__name__]
+    return _options(bool(deterministic), grad_filter if filtered else False, scratch_bytes)
+
+
+@functools.lru_cache(maxsize=64, typed=True)
+def _options(deterministic: bool, grad_filter: bool | float, scratch_bytes: int | None):
+    """The namespace of these options, the same object for the same options (as the module is)."""
+    filtered = grad_filter is not False
+    opts = dict(deterministic=deterministic, scratch_bytes=scratch_bytes)
+    exact = types.SimpleNamespace(
+        token_losses=token_losses,
+        token_loss_grads=functools.partial(token_loss_grads, **opts),
+        token_loss_hvp=functools.partial(token_loss_hvp, **opts),
+    )
+    if not filtered:
         return exact
     return types.SimpleNamespace(
         token_losses=token_losses,
-        token_loss_grads=functools.partial(
-            token_loss_grads, deterministic=deterministic, grad_filter=grad_filter
-        ),
+        token_loss_grads=functools.partial(token_loss_grads, grad_filter=grad_filter, **opts),
         token_loss_hvp=exact.token_loss_hvp,
         exact=exact,
     )
-
-
-# The same primitives with bitwise-reproducible gradients (ops: ``deterministic=True``). The
-# forward and the JVP have no atomics and are deterministic as they are.
-DETERMINISTIC = types.SimpleNamespace(
-    token_losses=token_losses,
-    token_loss_grads=functools.partial(token_loss_grads, deterministic=True),
-    token_loss_hvp=functools.partial(token_loss_hvp, deterministic=True),
-)

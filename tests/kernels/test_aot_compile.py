@@ -9,7 +9,9 @@ binaries land in Triton's cache, so reruns are fast; run with ``-s`` to see the 
 Targets (issue 12), at T=16384, D=4096, V=128256 and T=65536, D=8192, V=256000, bf16: zero spills;
 on sm_90 every tensor-core instruction inside a loop of the forward, backward, JVP and HVP kernels
 is wgmma (HGMMA); no GPU-wide fence inside a loop; launches per call independent of T and V (and
-small); at most 64 MiB of extra memory per call.
+small); at most 64 MiB of extra memory per call, except with ``scratch_bytes=None`` (the user's
+choice of memory for speed: one pass over the logits, checked to run the one-pass kernel with the
+float32 accumulators as its only large allocation).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def reports() -> tuple[list[dict], list[dict]]:
     procs.append(_start("--shape", "1024", "1024", "8192", "--dtypes", "bf16", "--variants"))
     targets, variants = _collect(procs[0]) + _collect(procs[1]), _collect(procs[2])
     one_pass = _collect(procs[3])
-    assert len(targets) == 2 * 2 * 4  # shapes x archs x (fwd, bwd, jvp, hvp)
+    assert len(targets) == 2 * 2 * 6  # shapes x archs x (fwd, bwd, jvp, hvp, unlimited bwd and hvp)
     assert any(k["kernel"] == "token_grads_kernel" for _, k in _kernels(one_pass))
     return targets, variants + one_pass
 
@@ -127,6 +129,8 @@ def test_launches_per_call_do_not_grow_with_tokens_or_vocabulary(target_calls):
 
 def test_extra_memory_within_64_mib(target_calls):
     for c in target_calls:
+        if "unlimited_scratch" in c["call"]:
+            continue
         assert c["extra_bytes"] <= EXTRA_BYTES, (
             f"{c['call']} {c['shape']}: {c['extra_bytes'] / 2**20:.1f} MiB"
         )
@@ -152,3 +156,19 @@ def test_atomic_names_are_classified():
     assert FLOAT_ATOMIC.search("RED.E.ADD.F32.FTZ.RN.STRONG.GPU")
     assert not FLOAT_ATOMIC.search("ATOMG.E.ADD.STRONG.GPU")
     assert not FLOAT_ATOMIC.search("ATOMG.E.EXCH.STRONG.GPU")
+
+
+def test_unlimited_scratch_is_one_pass_over_the_logits(target_calls):
+    """scratch_bytes=None at the target shapes: the one-pass kernel, one launch, and no extra memory
+    beyond its float32 accumulators ((T + V)·D·4 for the loss, V·D·4 for the head-only HVP) and
+    O(T + V) statistics (its checks of spills, wgmma and fences are the tests above)."""
+    calls = [c for c in target_calls if "unlimited_scratch" in c["call"]]
+    assert len(calls) == 2 * 2 * 2
+    for c in calls:
+        T, D, V = c["shape"]
+        grads = [lu for lu in c["launches"] if lu["kernel"].startswith("token_grads")]
+        assert [lu["kernel"] for lu in grads] == ["token_grads_kernel"], (c["call"], c["launches"])
+        accumulators = ((T + V) if c["call"].startswith("loss_bwd") else V) * D * 4
+        assert accumulators <= c["extra_bytes"] <= accumulators + 64 * (T + V), (
+            f"{c['call']} {c['shape']}: {c['extra_bytes'] / 2**20:.1f} MiB"
+        )

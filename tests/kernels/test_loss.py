@@ -14,7 +14,7 @@ TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 BACKENDS = ["torch", "triton"]
 
 
-def _run_ours(batch, shape, backend, upstream):
+def _run_ours(batch, shape, backend, upstream, **options):
     h = batch.hidden.clone().requires_grad_()
     w = batch.weight.clone().requires_grad_()
     b = batch.bias.clone().requires_grad_() if batch.bias is not None else None
@@ -22,6 +22,7 @@ def _run_ours(batch, shape, backend, upstream):
     out = bk.trajectory_cross_entropy(
         h, w, batch.labels, batch.segment_ids, shape.S, traj_weights=tw, bias=b,
         normalize=shape.normalize, normalizer=shape.normalizer, softcap=shape.softcap, backend=backend,
+        **options,
     )  # fmt: skip
     (out.loss + (upstream * out.per_trajectory).sum()).backward()
     return out, (h.grad, w.grad, b.grad if b is not None else None, tw.grad)
@@ -119,17 +120,14 @@ def test_mean_normalisation_counts_tokens_per_trajectory():
     assert out.num_tokens.tolist() == [2, 3]
 
 
-def test_16bit_gradients_in_token_and_vocabulary_slabs(monkeypatch):
+def test_16bit_gradients_in_token_and_vocabulary_slabs():
     """16-bit inputs accumulate in bounded float32 scratch; force several slabs (T=53 in 32-token
-    slabs, V=161 in 64-row slabs under the interpreter)."""
-    from boost_kernels import triton_ops
-
-    monkeypatch.setattr(triton_ops, "SCRATCH_BYTES", 1)
+    slabs, V=161 in 64-row slabs under the interpreter) with scratch for one slot of one block."""
     shape = SHAPES[1]
     seed = fresh_seed()
     batch = make_batch(shape, torch.float16, seed)
     upstream = torch.randn(shape.S, generator=torch.Generator().manual_seed(seed))
-    out, grads = _run_ours(batch, shape, "triton", upstream)
+    out, grads = _run_ours(batch, shape, "triton", upstream, scratch_bytes=1)
     total, per, ref_grads = _run_reference(batch, shape, upstream)
     assert reference.rel_err(out.per_trajectory, per) <= TOL[torch.float16], f"seed={seed}"
     for name, g, r in zip(("hidden", "weight", "bias"), grads, ref_grads):
@@ -137,7 +135,7 @@ def test_16bit_gradients_in_token_and_vocabulary_slabs(monkeypatch):
     tangent_hidden = batch.hidden.flip(0)
     hvp = bk.trajectory_hvp(
         batch.hidden, batch.weight, batch.labels, batch.segment_ids, shape.S, tangent_weight=batch.weight,
-        tangent_hidden=tangent_hidden, bias=batch.bias, backend="triton",
+        tangent_hidden=tangent_hidden, bias=batch.bias, backend="triton", scratch_bytes=1,
     )  # fmt: skip
     ref_hvp = bk.trajectory_hvp(
         batch.hidden.double(), batch.weight.double(), batch.labels, batch.segment_ids, shape.S,
