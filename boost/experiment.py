@@ -15,7 +15,7 @@ The experiment file (YAML)::
     tune_steps: 150
     tune_seed: 100
     arms:                                        # name: [key=value overrides of the TrainConfig]
-      uniform: [weighting.method=uniform]
+      uniform: [weighting.method=uniform]          # ("{seed}" in an override: the run's seed)
       boost: [weighting.method=boost]
     quick: {seeds: [0, 1, 2], steps: 100, lr_grid: [0.001], arms: [uniform, boost]}
 
@@ -127,6 +127,7 @@ def run_one(spec: dict[str, Any], overrides: list[str], folder: Path, steps: int
     final_path = folder / "final.json"
     if final_path.exists():
         return json.loads(final_path.read_text(encoding="utf-8"))
+    overrides = [o.replace("{seed}", str(seed)) for o in overrides]  # e.g. a per-seed weights file
     settings = [f"data.path={data}", f"out_dir={folder}", f"steps={steps}", f"seed={seed}",
                 f"eval.episodes={episodes}", "checkpoint_every=0", *overrides]  # fmt: skip
     if lr is not None:

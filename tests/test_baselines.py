@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -16,7 +17,9 @@ from boost.train.baselines import (
     awr_factors,
     fixed_weights,
     ground_truth_quality,
+    read_pool_weights,
     select_synthetic,
+    trajectory_key,
 )
 from boost.train.config import WeightingConfig
 
@@ -96,3 +99,40 @@ def test_awr_is_neutral_for_truncated_trajectories():
     rewards = torch.tensor([1.0, 1.0, 0.0])
     f = awr_factors(rewards, beta=1.0, baseline=0.5, clip=5.0, truncated=torch.tensor([False, True, True]))
     assert torch.allclose(f, torch.tensor([math.exp(0.5), 1.0, 1.0]))
+
+
+def test_weight_filter_keeps_the_top_share_of_a_pool_weights_file_by_trajectory_key(tmp_path):
+    pool = [_traj(f"s{i}", None) for i in range(4)]  # no returns: return_filter could not run here
+    rows = [
+        {"source": t.source, "weight": w, "key": trajectory_key(t)}
+        for t, w in zip(pool, (0.1, 3.0, 0.5, 2.0))
+    ]
+    path = tmp_path / "pool_weights.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in reversed(rows)))  # any order
+    cfg = WeightingConfig(method="weight_filter", weights_path=str(path), top_fraction=0.5)
+    kept, note = select_synthetic(pool, cfg)
+    assert [t.source for t in kept] == ["s1", "s3"] and "kept 2 of 4" in note
+    assert read_pool_weights(path, pool) == [0.1, 3.0, 0.5, 2.0]
+
+
+def test_weight_filter_refuses_a_file_of_other_data_or_without_keys(tmp_path):
+    pool = [_traj("a", None), _traj("b", None)]
+    path = tmp_path / "w.jsonl"
+    path.write_text(json.dumps({"source": "a", "weight": 1.0, "key": trajectory_key(pool[0])}) + "\n")
+    with pytest.raises(ValueError, match="no weight for 1 of the 2"):
+        read_pool_weights(path, pool)
+    path.write_text(json.dumps({"source": "a", "weight": 1.0}) + "\n")
+    with pytest.raises(ValueError, match=r"w.jsonl:1: no 'key'"):
+        read_pool_weights(path, pool)
+    with pytest.raises(ValueError, match="does not exist"):
+        read_pool_weights(tmp_path / "absent.jsonl", pool)
+    with pytest.raises(ValueError, match="weights_path"):
+        WeightingConfig(method="weight_filter")
+    with pytest.raises(ValueError, match="only with it"):
+        WeightingConfig(method="uniform", weights_path=str(path))
+
+
+def test_trajectory_key_names_content_not_object():
+    a, b = _traj("eps0.1", 1.0), _traj("eps0.1", 0.0)
+    assert trajectory_key(a) == trajectory_key(b)  # same source and messages
+    assert trajectory_key(a) != trajectory_key(_traj("eps0.3", 1.0))

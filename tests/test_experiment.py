@@ -62,3 +62,19 @@ def test_quick_picks_its_subset_and_bad_files_say_which_key(tmp_path):
         load_spec(_spec(tmp_path, armz={}))
     with pytest.raises(ExperimentError, match="quick.arms names 'nope'"):
         load_spec(_spec(tmp_path, quick={"arms": ["nope"]}), quick=True)
+
+
+def test_two_stage_boost_filters_by_the_pool_weights_of_its_own_seed(tmp_path):
+    out = tmp_path / "out"
+    weights = str(out / "boost" / "seed{seed}" / "pool_weights.jsonl")
+    arms = {"boost": ["weighting.method=boost"],
+            "boost_filter": ["weighting.method=weight_filter", f"weighting.weights_path={weights}"]}  # fmt: skip
+    path = _spec(tmp_path, lr_grid=[0.001], seeds=[0, 1], arms=arms)
+    assert experiment(["--config", str(path), "--out", str(out)]) == 0
+    for seed in (0, 1):
+        learned = [json.loads(r) for r in (out / "boost" / f"seed{seed}" / "pool_weights.jsonl").open()]
+        assert len(learned) == 16 and all(len(r["key"]) == 16 for r in learned)
+        ranked = sorted(learned, key=lambda r: r["weight"], reverse=True)
+        expected = {r["key"] for r in learned if r["weight"] >= ranked[7]["weight"]}  # top_fraction 0.5
+        kept = [json.loads(r) for r in (out / "boost_filter" / f"seed{seed}" / "pool_weights.jsonl").open()]
+        assert {r["key"] for r in kept} == expected and len(kept) == len(expected) >= 8

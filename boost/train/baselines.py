@@ -13,6 +13,10 @@
   a source embedding), trained on validation by the same hypergradients as BOOST.
 - ``mwn``: Meta-Weight-Net, an MLP on the loss alone (:class:`LossHead`); its arm uses the one-step
   look-ahead, ``solver.method=identity``.
+- ``weight_filter``: two-stage BOOST: keeps the ``top_fraction`` of synthetic trajectories by the weight
+  a finished learned-weight run gave them (its ``pool_weights.jsonl``, ``weights_path``); weight 1.
+  Judge-free, and unlike ``return_filter`` it needs no returns. The file names each trajectory by
+  :func:`trajectory_key`, so it applies to the same trajectories in any order or file.
 - ``oracle``: ANALYSIS ONLY, not a method: keeps the synthetic trajectories whose ground-truth quality
   (from ``meta``, which no method may read) is >= ``oracle_threshold``.
 
@@ -23,6 +27,7 @@ and ``outer_start``: no outer step before that inner step (behaviour-cloning war
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections import defaultdict
@@ -43,7 +48,9 @@ from boost.bilevel.reweighting import (
 from boost.data.format import Trajectory
 from boost.stats import spearman
 
-METHODS = ("boost", "uniform", "real_only", "return_filter", "loss_filter", "per_source", "mwn", "oracle")
+METHODS = (
+    "boost", "uniform", "real_only", "return_filter", "loss_filter", "per_source", "mwn", "weight_filter", "oracle",
+)  # fmt: skip
 LEARNED = ("boost", "per_source", "mwn")  # methods with a head and outer steps
 ANALYSIS_ONLY = ("oracle",)
 
@@ -136,6 +143,11 @@ def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory]
             ordered = sorted(returns, reverse=True)
             threshold = ordered[max(0, math.ceil(cfg.top_fraction * len(ordered)) - 1)] if ordered else 0.0
         kept = [t for t in synthetic if t.reward >= threshold]
+    elif method == "weight_filter":
+        weights = read_pool_weights(cfg.weights_path, synthetic)
+        ordered = sorted(weights, reverse=True)
+        threshold = ordered[max(0, math.ceil(cfg.top_fraction * len(ordered)) - 1)] if ordered else 0.0
+        kept = [t for t, w in zip(synthetic, weights) if w >= threshold]
     elif method == "oracle":
         quality = [ground_truth_quality(t.meta) for t in synthetic]
         if any(q is None for q in quality):
@@ -154,6 +166,46 @@ def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory]
         kept,
         f"weighting {method}{note}: kept {len(kept)} of {len(synthetic)} synthetic trajectories ({detail})",
     )
+
+
+def trajectory_key(t: Trajectory) -> str:
+    """A stable name of a trajectory's content: the first 16 hex digits of the SHA-1 of its source and
+    messages (identical trajectories share it, and would get the same weight)."""
+    text = json.dumps({"source": t.source, "messages": t.messages}, sort_keys=True, ensure_ascii=False)
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:16]
+
+
+def read_pool_weights(path: str | Path | None, synthetic: list[Trajectory]) -> list[float]:
+    """The weight of each of ``synthetic`` in a ``pool_weights.jsonl`` (:func:`weight_analysis`), by
+    :func:`trajectory_key`. Raises ValueError when the file is missing, has rows without a key (written
+    before keys existed) or does not name every trajectory (it was written for other data)."""
+    if path is None:
+        raise ValueError(
+            "weighting.method=weight_filter needs weighting.weights_path=<run>/pool_weights.jsonl "
+            "(written by a finished boost, per_source or mwn run on the same data)"
+        )
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"weighting.weights_path: {path} does not exist")
+    by_key: dict[str, list[float]] = defaultdict(list)
+    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if "key" not in row:
+            raise ValueError(
+                f"{path}:{lineno}: no 'key' (a pool_weights.jsonl written before trajectory keys); rewrite it "
+                "with benchmarks/experiments/key_pool_weights.py or rerun the weighting run"
+            )
+        by_key[row["key"]].append(float(row["weight"]))
+    keys = [trajectory_key(t) for t in synthetic]
+    missing = [k for k in keys if k not in by_key]
+    if missing:
+        raise ValueError(
+            f"{path} has no weight for {len(missing)} of the {len(keys)} synthetic trajectories (first key "
+            f"{missing[0]}): it was written for other data; use the pool_weights.jsonl of a run on this data"
+        )
+    return [math.fsum(by_key[k]) / len(by_key[k]) for k in keys]
 
 
 # ---- per-batch weights of the methods without a head --------------------------------------------------
@@ -249,7 +301,8 @@ def weight_analysis(trainer) -> dict[str, Any]:
     to the pool's mean weight), n_eff.
 
     Over every synthetic trajectory of the training pool; ground truth from ``meta`` (analysis only).
-    Also writes ``out_dir/pool_weights.jsonl`` (source, weight, quality, return per trajectory).
+    Also writes ``out_dir/pool_weights.jsonl`` (source, weight, quality, return, task id and
+    :func:`trajectory_key` per trajectory; ``weighting.method=weight_filter`` reads it).
     """
     weights = pool_weights(trainer)
     trajectories = trainer.data.train_trajectories
@@ -260,7 +313,14 @@ def weight_analysis(trainer) -> dict[str, Any]:
     all_w = torch.tensor([w for w, _ in rows], dtype=torch.float64)
     lines = [
         json.dumps(
-            {"source": t.source, "weight": w, "quality": ground_truth_quality(t.meta), "return": t.reward}
+            {
+                "source": t.source,
+                "weight": w,
+                "quality": ground_truth_quality(t.meta),
+                "return": t.reward,
+                "task_id": t.task_id,
+                "key": trajectory_key(t),
+            }
         )
         for w, t in rows
     ]

@@ -161,12 +161,15 @@ class OptimConfig:
 class WeightingConfig:
     """Which weighting the trainer uses: BOOST or a baseline (boost/train/baselines.py)."""
 
-    # boost, uniform, real_only, return_filter, loss_filter, per_source, mwn, oracle (analysis only)
+    # boost, uniform, real_only, return_filter, loss_filter, per_source, mwn, weight_filter,
+    # oracle (analysis only)
     method: str = "boost"
     return_threshold: float | None = None  # return_filter: keep synthetic with return >= this ...
     top_fraction: float = 0.5  # ... or, without a threshold, this top share by return
     loss_drop: float = 0.2  # loss_filter: share of each batch's synthetic trajectories dropped (highest loss)
     oracle_threshold: float = 0.9  # oracle: keep synthetic with ground-truth quality >= this
+    # weight_filter: a finished learned-weight run's pool_weights.jsonl; keeps its top_fraction by weight
+    weights_path: str | None = None
     awr_beta: float = 0.0  # > 0: AWR, weights times min(exp(beta * (R - mean R)), awr_max)
     awr_max: float = 20.0  # AWR: upper clip of the exp(beta * advantage) factor
     outer_start: int = 0  # no outer step before this inner step (behaviour-cloning warm-up)
@@ -180,6 +183,11 @@ class WeightingConfig:
             raise ValueError(f"weighting.method must be one of {', '.join(METHODS)}, got {self.method!r}")
         if not (0 < self.top_fraction <= 1 and 0 <= self.loss_drop < 1):
             raise ValueError("weighting.top_fraction must be in (0, 1] and weighting.loss_drop in [0, 1)")
+        if (self.method == "weight_filter") != (self.weights_path is not None):
+            raise ValueError(
+                "weighting.weights_path=<run>/pool_weights.jsonl goes with weighting.method=weight_filter "
+                "and only with it (the weights of a finished boost, per_source or mwn run on the same data)"
+            )
         if self.awr_beta < 0 or self.awr_max <= 0 or self.outer_start < 0:
             raise ValueError("weighting.awr_beta and outer_start must be >= 0, awr_max > 0")
 
