@@ -125,6 +125,12 @@ def ground_truth_quality(meta: dict[str, Any]) -> float | None:
 # ---- data-level selection -----------------------------------------------------------------------------
 
 
+def top_share_threshold(values: list[float], fraction: float) -> float:
+    """The value of rank ceil(fraction·n) from the top: keeping ``>= it`` keeps that share (ties kept)."""
+    ordered = sorted(values, reverse=True)
+    return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)] if ordered else 0.0
+
+
 def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory], str]:
     """The synthetic trajectories ``cfg.method`` trains on, and a line saying what was left out."""
     method = cfg.method
@@ -140,13 +146,11 @@ def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory]
         if cfg.return_threshold is not None:
             threshold = cfg.return_threshold
         else:
-            ordered = sorted(returns, reverse=True)
-            threshold = ordered[max(0, math.ceil(cfg.top_fraction * len(ordered)) - 1)] if ordered else 0.0
+            threshold = top_share_threshold(returns, cfg.top_fraction)
         kept = [t for t in synthetic if t.reward >= threshold]
     elif method == "weight_filter":
         weights = read_pool_weights(cfg.weights_path, synthetic)
-        ordered = sorted(weights, reverse=True)
-        threshold = ordered[max(0, math.ceil(cfg.top_fraction * len(ordered)) - 1)] if ordered else 0.0
+        threshold = top_share_threshold(weights, cfg.top_fraction)
         kept = [t for t, w in zip(synthetic, weights) if w >= threshold]
     elif method == "oracle":
         quality = [ground_truth_quality(t.meta) for t in synthetic]
