@@ -79,6 +79,17 @@ def ours_mean_loss(hidden, weight, inp: Inputs) -> torch.Tensor:
     ).loss
 
 
+def _ours_mean_loss_with(**options) -> Callable:
+    """``ours`` with keyword options of the op (e.g. ``scratch_bytes=None``, ``grad_filter=True``)."""
+
+    def loss(hidden, weight, inp: Inputs) -> torch.Tensor:
+        return bk.trajectory_cross_entropy(
+            hidden, weight, inp.labels, inp.one_segment, 1, backend=inp.problem.backend, **options
+        ).loss
+
+    return loss
+
+
 def ours_weighted_loss(hidden, weight, inp: Inputs) -> torch.Tensor:
     return bk.trajectory_cross_entropy(
         hidden, weight, inp.labels, inp.segment_ids, inp.num_segments,
@@ -189,6 +200,14 @@ def _loss_specs(compile_backend: str) -> dict[str, _LossSpec]:
     return {
         "naive": _LossSpec("PyTorch, materialised logits", _naive_loss, reference=None),
         "ours": _LossSpec("boost_kernels, S=1: the unweighted mean", ours_mean_loss),
+        "ours_unlimited_scratch": _LossSpec(
+            "boost_kernels, S=1, scratch_bytes=None: one-pass backward, float32 accumulators (memory for speed)",
+            _ours_mean_loss_with(scratch_bytes=None),
+        ),
+        "ours_filtered": _LossSpec(
+            "boost_kernels, S=1, grad_filter=True (CCE's threshold, natural vocabulary order)",
+            _ours_mean_loss_with(grad_filter=True),
+        ),
         "ours_weighted": _LossSpec(
             "boost_kernels, S=64 trajectories, weighted", ours_weighted_loss, reference=None
         ),
@@ -220,6 +239,8 @@ def _loss_specs(compile_backend: str) -> dict[str, _LossSpec]:
 LOSS_NAMES = (
     "naive",
     "ours",
+    "ours_unlimited_scratch",
+    "ours_filtered",
     "ours_weighted",
     "torch_compile",
     "liger",

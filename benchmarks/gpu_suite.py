@@ -69,7 +69,17 @@ from benchmarks._report import (  # noqa: E402
 )
 from benchmarks._variants import Variant, loss_variant, second_order_variant  # noqa: E402
 
-LOSS_ORDER = ("naive", "ours", "ours_weighted", "cce", "liger", "torch_compile", "cce_exact")
+LOSS_ORDER = (
+    "naive",
+    "ours",
+    "ours_unlimited_scratch",
+    "ours_weighted",
+    "cce",
+    "ours_filtered",
+    "liger",
+    "torch_compile",
+    "cce_exact",
+)
 JVP_ORDER = ("torch_func", "ours", "ours_autograd")
 HVP_ORDER = ("torch_func", "ours", "ours_fwd_over_rev", "ours_double_backward", "double_backward")
 OUTER_ORDER = ("torch_func", "ours")  # one head-block hypergradient (CG + scores)
