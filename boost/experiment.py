@@ -1,6 +1,9 @@
 """A grid of arms x seeds of the trainer, with per-arm learning rates tuned on validation only.
 
-    python -m boost.experiment --config configs/experiment_gridnav.yaml [--quick] [--out DIR]
+    python -m boost.experiment --config configs/experiment_gridnav.yaml [--quick] [--out DIR] [--report-only]
+
+``--report-only`` trains nothing: it writes the results over the runs already finished (e.g. while
+per-arm or per-seed processes of the same grid are still running into the same folder).
 
 The experiment file (YAML)::
 
@@ -196,10 +199,13 @@ def _fmt(pair, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
-def write_markdown(spec, table, lrs, runs, reference, path: Path) -> None:
+def write_markdown(spec, table, lrs, runs, reference, path: Path, missing: list[str] = ()) -> None:
     lines = [f"# Experiment: {spec['env']}, sources {spec['sources']}", "",
              f"{len(spec['seeds'])} seeds ({spec['seeds']}), {spec['steps']} steps, {spec['episodes']} test tasks "
              "per run; mean ± std over seeds. Success: greedy rollouts on the environment's test split.", ""]  # fmt: skip
+    if missing:
+        lines += [f"**Not run ({len(missing)}; the means are over the finished seeds only):** "
+                  + ", ".join(missing) + ".", ""]  # fmt: skip
     header = ["arm", "lr", *(label for _, label in METRICS)]
     if reference:
         header.append(f"success − {reference} (paired)")
@@ -282,8 +288,31 @@ def write_plots(table, runs, out: Path) -> list[Path]:
     return written
 
 
-def run_experiment(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+def finished_runs(spec: dict[str, Any], out: Path) -> tuple[dict, dict, list[str]]:
+    """(learning rate per arm, {arm: {seed: final.json}}, "arm seed k" of each run without a
+    ``final.json``) of the grid as it stands in ``out``: nothing is trained."""
+    lrs, runs, missing = {}, {}, []
+    for name in spec["arms"]:
+        runs[name] = {}
+        for seed in spec["seeds"]:
+            final = out / name / f"seed{seed}" / "final.json"
+            if final.exists():
+                runs[name][seed] = json.loads(final.read_text(encoding="utf-8"))
+                lrs[name] = runs[name][seed].get("lr")
+            else:
+                missing.append(f"{name} seed {seed}")
+    return lrs, {a: by for a, by in runs.items() if by}, missing
+
+
+def run_experiment(spec: dict[str, Any], out: Path, report_only: bool = False) -> dict[str, Any]:
+    """Train every run of the grid that has no ``final.json`` yet (``report_only``: none), then write
+    ``results.json``, ``results.md`` and the plots over the finished runs."""
     out.mkdir(parents=True, exist_ok=True)
+    if report_only:
+        lrs, runs, missing = finished_runs(spec, out)
+        if not runs:
+            raise ExperimentError(f"{out}: no finished run of this grid (no <arm>/seed<k>/final.json)")
+        return write_results(spec, out, lrs, {}, runs, missing)
     write_text_atomic(out / "experiment.yaml", yaml.safe_dump(spec))
     data = ensure_data(spec, out)
     lrs, tuning, runs = {}, {}, {}
@@ -299,12 +328,17 @@ def run_experiment(spec: dict[str, Any], out: Path) -> dict[str, Any]:
             r = runs[name][seed]
             log.info("[%d/%d] %s seed %d: success %.3f, test loss %.4f, %.0f s", done, total, name, seed,
                      r.get("success_rate", math.nan), r.get("test_loss") or math.nan, r.get("wall_seconds", 0))  # fmt: skip
+    return write_results(spec, out, lrs, tuning, runs, [])
+
+
+def write_results(spec, out: Path, lrs, tuning, runs, missing: list[str]) -> dict[str, Any]:
+    """``results.json``, ``results.md`` and the plots of ``runs``; ``missing`` runs are listed as not run."""
     reference = "boost" if "boost" in runs else None
     table = aggregate(runs, reference, out)
     results = {"spec": spec, "lr": lrs, "lr_tuning_validation_loss": tuning, "table": table,
-               "runs": {a: {str(s): r for s, r in by.items()} for a, by in runs.items()}}  # fmt: skip
+               "runs": {a: {str(s): r for s, r in by.items()} for a, by in runs.items()}, "not_run": missing}  # fmt: skip
     write_json_atomic(out / "results.json", results)
-    write_markdown(spec, table, lrs, runs, reference, out / "results.md")
+    write_markdown(spec, table, lrs, runs, reference, out / "results.md", missing)
     write_plots(table, runs, out)
     return results
 
@@ -316,6 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="the experiment YAML file (see the module docstring)")
     parser.add_argument("--quick", action="store_true", help="the file's quick grid")
     parser.add_argument("--out", help="output folder (default: runs/experiment-<env>[-quick])")
+    parser.add_argument("--report-only", action="store_true",
+                        help="train nothing: write the results over the runs already finished in --out")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -323,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ExperimentError, ValueError) as exc:
         parser.error(str(exc))
     out = Path(args.out or f"runs/experiment-{spec['env']}{'-quick' if args.quick else ''}")
-    run_experiment(spec, out)
+    try:
+        run_experiment(spec, out, report_only=args.report_only)
+    except ExperimentError as exc:
+        parser.error(str(exc))
     print(f"results: {out / 'results.md'}")
     return 0
 

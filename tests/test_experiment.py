@@ -78,3 +78,17 @@ def test_two_stage_boost_filters_by_the_pool_weights_of_its_own_seed(tmp_path):
         expected = {r["key"] for r in learned if r["weight"] >= ranked[7]["weight"]}  # top_fraction 0.5
         kept = [json.loads(r) for r in (out / "boost_filter" / f"seed{seed}" / "pool_weights.jsonl").open()]
         assert {r["key"] for r in kept} == expected and len(kept) == len(expected) >= 8
+
+
+def test_report_only_trains_nothing_and_lists_what_did_not_run(tmp_path):
+    out = tmp_path / "out"
+    one_seed = _spec(tmp_path, lr_grid=[0.001], arms={"uniform": ["weighting.method=uniform"]})
+    assert experiment(["--config", str(one_seed), "--out", str(out)]) == 0
+    two_seeds = _spec(tmp_path, lr_grid=[0.001], seeds=[0, 1], arms={"uniform": ["weighting.method=uniform"]})
+    assert experiment(["--config", str(two_seeds), "--out", str(out), "--report-only"]) == 0
+    assert not (out / "uniform" / "seed1").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert results["not_run"] == ["uniform seed 1"] and set(results["runs"]["uniform"]) == {"0"}
+    assert "Not run (1" in (out / "results.md").read_text()
+    with pytest.raises(SystemExit):
+        experiment(["--config", str(two_seeds), "--out", str(tmp_path / "empty"), "--report-only"])
