@@ -4,6 +4,7 @@ CUDA tensors run Triton kernels; CPU tensors run a chunked PyTorch implementatio
 readable specification (``boost_kernels.chunked``). Neither builds the [tokens, vocab] logits.
 """
 
+from boost_kernels._validate import DEFAULT_SCRATCH_BYTES
 from boost_kernels.ops import (
     HeadHVP,
     TrajectoryJVP,
@@ -14,6 +15,7 @@ from boost_kernels.ops import (
 )
 
 __all__ = [
+    "DEFAULT_SCRATCH_BYTES",
     "HeadHVP",
     "TrajectoryJVP",
     "TrajectoryLoss",

@@ -213,3 +213,26 @@ def test_cli_reports_a_bad_setting_and_exits_2(capsys):
         main(["stepz=3"])
     assert exit_info.value.code == 2
     assert "unknown key 'stepz' for TrainConfig" in capsys.readouterr().err
+
+
+def test_the_kernel_settings_reach_every_fused_op_of_a_boost_step(assets, tmp_path, monkeypatch):
+    import boost_kernels as bk
+
+    seen = {"loss": [], "hvp": []}
+    loss_op, hvp_op = bk.trajectory_cross_entropy, bk.trajectory_hvp
+
+    def loss(*args, **kwargs):
+        seen["loss"].append({k: kwargs.get(k, "absent") for k in ("deterministic", "grad_filter")})
+        return loss_op(*args, **kwargs)
+
+    def hvp(*args, **kwargs):
+        seen["hvp"].append(kwargs.get("deterministic", "absent"))
+        return hvp_op(*args, **kwargs)
+
+    monkeypatch.setattr(bk, "trajectory_cross_entropy", loss)
+    monkeypatch.setattr(bk, "trajectory_hvp", hvp)
+    settings = ["steps=1", "kernels.deterministic=true", "kernels.grad_filter=true"]
+    Trainer(_config(assets, tmp_path, *settings), progress=False).train()
+    assert seen["loss"] and seen["hvp"]  # the inner step, the validation loss, the CG solve
+    assert all(s == {"deterministic": True, "grad_filter": True} for s in seen["loss"])
+    assert all(d is True for d in seen["hvp"])

@@ -66,6 +66,9 @@ class HeadBatch:
     ignore_index: int = -100
     softcap: float | None = None
     backend: str = "auto"  # of the fused ops: "auto" (Triton on CUDA), "torch" or "triton"
+    # of the Triton HVP (boost_kernels.trajectory_hvp): float32 scratch (None: no limit), no atomics
+    scratch_bytes: int | None = bk.DEFAULT_SCRATCH_BYTES
+    deterministic: bool = False
 
     def _common(self) -> dict:
         return dict(
@@ -120,7 +123,8 @@ def head_hvp(
     """H u for H = ∇²_W Σ_i w_i L_i / Z: [V, D] in float32 (float64 for float64 weights)."""
     out = bk.trajectory_hvp(
         batch.hidden, weight, tangent_weight=u.to(weight.dtype), traj_weights=traj_weights,
-        normalizer=normalizer, need_hidden=False, need_bias=False, validate=False, **batch._common(),
+        normalizer=normalizer, need_hidden=False, need_bias=False, validate=False,
+        scratch_bytes=batch.scratch_bytes, deterministic=batch.deterministic, **batch._common(),
     )  # fmt: skip
     return out.weight.to(u.dtype)
 

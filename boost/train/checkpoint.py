@@ -44,7 +44,7 @@ RUN_FILES = (
 # (boost/train/distributed.py); a single-process checkpoint is refused by a parallel run and vice versa.
 RESUMABLE_CHANGES = frozenset(
     {"out_dir", "steps", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "optim.schedule_steps",
-     "parallel", "parallel_debug"}
+     "parallel", "parallel_debug", "kernels.deterministic"}
 )  # fmt: skip
 
 

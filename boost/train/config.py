@@ -193,6 +193,24 @@ class WeightingConfig:
 
 
 @dataclass(frozen=True)
+class KernelSettings:
+    """Options of the fused LM-head ops (``boost_kernels``) on CUDA; the CPU path ignores them.
+
+    The trainer hands the fused ops float32 hidden states in every precision mode, so the 16-bit
+    scratch budget of the ops (``scratch_bytes``) does not apply here: float32 gradients accumulate
+    in place, in one pass over the logits."""
+
+    deterministic: bool = False  # bitwise-reproducible Triton gradients and HVPs (no float atomics; slower)
+    # skip the gradient tiles of negligible probability (Cut Cross-Entropy's threshold) in first-order
+    # gradients: the inner step's and the validation gradient g; HVPs and JVPs stay exact
+    grad_filter: bool = False
+
+    def loss_options(self) -> dict:
+        """Keyword options of ``boost_kernels.trajectory_cross_entropy``."""
+        return {"deterministic": self.deterministic, "grad_filter": self.grad_filter}
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -206,6 +224,7 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)  # off: every model weight is trained
+    kernels: KernelSettings = field(default_factory=KernelSettings)  # the fused ops' options on CUDA
     reweight: bool = True  # False: every trajectory has weight 1 (shorthand for weighting.method=uniform)
     # The parameters the hypergradient is taken over: "head" (the LM head, exact fused HVP/JVP on
     # the inner step's hidden states) or "trainable" (every trained parameter, central finite

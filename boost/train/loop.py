@@ -262,7 +262,8 @@ class Trainer:
         weight = self.lm_head.weight if weight is None else weight
         labels, segment_ids = (batch.labels, batch.segment_ids) if counted is None else (
             counted.labels, counted.segment_ids)  # fmt: skip
-        kwargs = {**self.parallel.loss_options(batch), **kwargs}  # parallel: normalised by the global S
+        # parallel: normalised by the global S; kernels: the fused ops' CUDA options
+        kwargs = {**self.cfg.kernels.loss_options(), **self.parallel.loss_options(batch), **kwargs}
         return bk.trajectory_cross_entropy(
             hidden, weight, labels, segment_ids, batch.num_segments, bias=self._bias(), **kwargs
         )
@@ -388,13 +389,13 @@ class Trainer:
             pooled, tokens = self.parallel.gather(val, pooled, val_out.num_tokens)  # every rank's
             self.head.update_reference(pooled[tokens > 0])
 
-    @staticmethod
-    def _counted(hidden: torch.Tensor, batch: PackedBatch) -> HeadBatch:
+    def _counted(self, hidden: torch.Tensor, batch: PackedBatch) -> HeadBatch:
         """The tokens of ``batch`` that count (segment >= 0, hence a label) as a :class:`HeadBatch`: the
         head block's loss, HVPs and JVP read nothing else, so dropping the rest is exact, and on the
         CPU preset's gridnav batches 3.5% of the tokens count (each head pass costs T·V·D)."""
         keep = batch.segment_ids >= 0
-        return HeadBatch(hidden[keep], batch.labels[keep], batch.segment_ids[keep], batch.num_segments)
+        return HeadBatch(hidden[keep], batch.labels[keep], batch.segment_ids[keep], batch.num_segments,
+                         deterministic=self.cfg.kernels.deterministic)  # fmt: skip
 
     def _head_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
         """(validation loss, hypergradient) over the LM head, from the fused ops on the counted tokens."""
