@@ -236,3 +236,20 @@ def test_the_kernel_settings_reach_every_fused_op_of_a_boost_step(assets, tmp_pa
     assert seen["loss"] and seen["hvp"]  # the inner step, the validation loss, the CG solve
     assert all(s == {"deterministic": True, "grad_filter": True} for s in seen["loss"])
     assert all(d is True for d in seen["hvp"])
+
+
+def test_an_outer_step_that_leaves_the_weights_at_one_leaves_training_unchanged(assets, tmp_path):
+    """BOOST with a head that cannot move (weights exactly 1) trains the model bit for bit as uniform
+    weighting does: the outer step (validation forward, CG solve, head update) has no side effect on
+    the model, its optimiser, the batches or the RNG."""
+
+    def params(name, *extra):
+        cfg = _config(assets, tmp_path / name, "steps=4", *extra)
+        trainer = Trainer(cfg, progress=False)
+        trainer.train()
+        return trainer.model.state_dict()
+
+    uniform = params("uniform", "weighting.method=uniform")
+    still = params("still", "weighting.method=boost", "optim.head_lr=1e-30", "weighting.freeze_mass=true")
+    assert all("val_loss" in m for m in _metrics(tmp_path / "still"))  # the outer step ran every step
+    assert all(torch.equal(uniform[k], still[k]) for k in uniform)
