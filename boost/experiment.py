@@ -124,12 +124,24 @@ def ensure_data(spec: dict[str, Any], out: Path) -> Path:
     return path
 
 
+def run_folder(out: Path, arm: str, seed: int) -> Path:
+    """Where the grid in ``out`` keeps the run of ``arm`` with training seed ``seed``."""
+    return out / arm / f"seed{seed}"
+
+
+def read_final(folder: Path) -> dict[str, Any] | None:
+    """The finished run's ``final.json`` in ``folder``, or None while it has none."""
+    path = folder / "final.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
 def run_one(spec: dict[str, Any], overrides: list[str], folder: Path, steps: int, seed: int, lr: float | None,
             data: Path, episodes: int) -> dict[str, Any]:  # fmt: skip
     """Train one run into ``folder`` (skipped when its ``final.json`` exists); its final metrics."""
+    finished = read_final(folder)
+    if finished is not None:
+        return finished
     final_path = folder / "final.json"
-    if final_path.exists():
-        return json.loads(final_path.read_text(encoding="utf-8"))
     overrides = [o.replace("{seed}", str(seed)) for o in overrides]  # e.g. a per-seed weights file
     settings = [f"data.path={data}", f"out_dir={folder}", f"steps={steps}", f"seed={seed}",
                 f"eval.episodes={episodes}", "checkpoint_every=0", *overrides]  # fmt: skip
@@ -172,7 +184,7 @@ def aggregate(runs: dict[str, dict[int, dict]], reference: str | None, out: Path
             diffs = [by_seed[s]["success_rate"] - runs[reference][s]["success_rate"] for s in shared]
             row["success_minus_" + reference] = list(mean_std(diffs)) if diffs else None
         row["mean_weight_per_source"] = _mean_dicts(
-            [_source_weights(out / arm / f"seed{seed}", r) for seed, r in by_seed.items()]
+            [_source_weights(run_folder(out, arm, seed), r) for seed, r in by_seed.items()]
         )
         table[arm] = row
     return table
@@ -251,11 +263,11 @@ def write_plots(table, runs, out: Path) -> list[Path]:
     learned = [
         (arm, min(by_seed))
         for arm, by_seed in runs.items()
-        if (out / arm / f"seed{min(by_seed)}" / "metrics.jsonl").exists()
+        if (run_folder(out, arm, min(by_seed)) / "metrics.jsonl").exists()
     ]
     series = {}
     for arm, seed in learned:
-        lines = (out / arm / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
+        lines = (run_folder(out, arm, seed) / "metrics.jsonl").read_text().splitlines()
         outer = [json.loads(x) for x in lines if '"weights"' in x]
         if outer:
             series[arm] = outer
@@ -269,7 +281,7 @@ def write_plots(table, runs, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(save_png(fig, out / "weights_over_steps.png"))
-    pools = {arm: out / arm / f"seed{min(by_seed)}" / "pool_weights.jsonl" for arm, by_seed in runs.items()}
+    pools = {arm: run_folder(out, arm, min(by_seed)) / "pool_weights.jsonl" for arm, by_seed in runs.items()}
     pools = {a: p for a, p in pools.items() if p.exists() and a in series}
     if pools:
         fig, axes = plt.subplots(1, len(pools), figsize=(5 * len(pools), 3.5), squeeze=False)
@@ -295,10 +307,10 @@ def finished_runs(spec: dict[str, Any], out: Path) -> tuple[dict, dict, list[str
     for name in spec["arms"]:
         runs[name] = {}
         for seed in spec["seeds"]:
-            final = out / name / f"seed{seed}" / "final.json"
-            if final.exists():
-                runs[name][seed] = json.loads(final.read_text(encoding="utf-8"))
-                lrs[name] = runs[name][seed].get("lr")
+            final = read_final(run_folder(out, name, seed))
+            if final is not None:
+                runs[name][seed] = final
+                lrs[name] = final.get("lr")
             else:
                 missing.append(f"{name} seed {seed}")
     return lrs, {a: by for a, by in runs.items() if by}, missing
@@ -322,7 +334,7 @@ def run_experiment(spec: dict[str, Any], out: Path, report_only: bool = False) -
         lrs[name], tuning[name] = tune_lr(spec, name, overrides, out, data)
         runs[name] = {}
         for seed in spec["seeds"]:
-            runs[name][seed] = run_one(spec, overrides, out / name / f"seed{seed}", spec["steps"], seed, lrs[name],
+            runs[name][seed] = run_one(spec, overrides, run_folder(out, name, seed), spec["steps"], seed, lrs[name],
                                        data, spec["episodes"])  # fmt: skip
             done += 1
             r = runs[name][seed]
