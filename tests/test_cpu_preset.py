@@ -109,11 +109,23 @@ def test_every_baseline_is_a_config_of_the_same_trainer(data, tmp_path, override
     outer_steps = [m["step"] for m in metrics if "n_eff" in m]
     assert outer_steps == ([3] if "weighting.outer_start=2" in overrides else [1, 2, 3] if learned else [])
     pool = [json.loads(x) for x in (tmp_path / "pool_weights.jsonl").read_text().splitlines()]
-    assert len(pool) == final["n_synthetic_pool"]
+    assert len(pool) == final["n_synthetic_pool"] == 24  # the whole pool, whatever a filter kept
+    kept = [r for r in pool if r["weight"] > 0]
+    assert final["n_filtered_out"] == len(trainer.data.filtered_out)
+    if trainer.method in ("real_only", "return_filter", "oracle"):  # data-level filters: weights 1 or 0
+        assert len(pool) - len(kept) == final["n_filtered_out"] and {r["weight"] for r in kept} <= {1.0}
+    else:
+        assert final["n_filtered_out"] == 0
     if trainer.method == "real_only":
-        assert not pool
+        assert not kept and final["mean_weight_per_source"] == {}
     if trainer.method == "oracle":
-        assert pool and all(r["quality"] >= 0.9 for r in pool)
+        assert kept and all((r["weight"] == 1.0) == (r["quality"] >= 0.9) for r in pool)
         assert any("ANALYSIS ONLY" in line for line in trainer.data.summary)
+    if trainer.method == "return_filter":  # mean weight per source: the share kept, over the overall share
+        share = {s: sum(r["weight"] for r in pool if r["source"] == s) / 8 for s in ("eps0.1", "random")}
+        overall = len(kept) / len(pool)
+        assert 0 < len(kept) < len(pool) and final["mean_weight_per_source"]["random"] < 1
+        for source, value in share.items():
+            assert final["mean_weight_per_source"][source] == pytest.approx(value / overall)
     if trainer.method == "per_source":
         assert trainer.head.log_mass.item() == 0.0  # frozen at log(init_mass)

@@ -76,7 +76,9 @@ def test_two_stage_boost_filters_by_the_pool_weights_of_its_own_seed(tmp_path):
         assert len(learned) == 16 and all(len(r["key"]) == 16 for r in learned)
         ranked = sorted(learned, key=lambda r: r["weight"], reverse=True)
         expected = {r["key"] for r in learned if r["weight"] >= ranked[7]["weight"]}  # top_fraction 0.5
-        kept = [json.loads(r) for r in (out / "boost_filter" / f"seed{seed}" / "pool_weights.jsonl").open()]
+        pool = [json.loads(r) for r in (out / "boost_filter" / f"seed{seed}" / "pool_weights.jsonl").open()]
+        kept = [r for r in pool if r["weight"] == 1.0]  # the rest is listed with weight 0
+        assert len(pool) == 16 and all(r["weight"] in (0.0, 1.0) for r in pool)
         assert {r["key"] for r in kept} == expected and len(kept) == len(expected) >= 8
 
 

@@ -302,20 +302,26 @@ def relative_source_means(rows: list[tuple[str, float]]) -> dict[str, float]:
 
 def weight_analysis(trainer) -> dict[str, Any]:
     """Spearman(weight, ground-truth quality) and (weight, return), mean weight per source (relative
-    to the pool's mean weight), n_eff.
+    to the pool's mean weight), n_eff: :func:`pool_analysis` of the run's final weights.
 
     Over every synthetic trajectory of the training pool; ground truth from ``meta`` (analysis only).
-    Also writes ``out_dir/pool_weights.jsonl`` (source, weight, quality, return, task id and
-    :func:`trajectory_key` per trajectory; ``weighting.method=weight_filter`` reads it).
+    The trajectories a data-level filter left out (``trainer.data.filtered_out``) count with weight
+    0, so a filter's mean weight per source is the share it kept, relative to the overall share.
+    Also writes ``out_dir/pool_weights.jsonl`` (:func:`pool_weight_lines`;
+    ``weighting.method=weight_filter`` reads it).
     """
     weights = pool_weights(trainer)
     trajectories = trainer.data.train_trajectories
     rows = [(w, trajectories[i]) for i, w in weights.items()]
-    quality = [(w, ground_truth_quality(t.meta)) for w, t in rows]
-    quality = [(w, q) for w, q in quality if q is not None]
-    returns = [(w, t.reward) for w, t in rows if t.reward is not None]
-    all_w = torch.tensor([w for w, _ in rows], dtype=torch.float64)
-    lines = [
+    rows += [(0.0, t) for t in trainer.data.filtered_out]
+    write_text_atomic(Path(trainer.out) / "pool_weights.jsonl", pool_weight_lines(rows))
+    return pool_analysis(rows, filtered_out=len(trainer.data.filtered_out))
+
+
+def pool_weight_lines(rows: list[tuple[float, Trajectory]]) -> str:
+    """``pool_weights.jsonl``: source, weight, quality, return, task id and :func:`trajectory_key` of
+    each (weight, trajectory), one JSON object per line."""
+    return "".join(
         json.dumps(
             {
                 "source": t.source,
@@ -326,13 +332,23 @@ def weight_analysis(trainer) -> dict[str, Any]:
                 "key": trajectory_key(t),
             }
         )
+        + "\n"
         for w, t in rows
-    ]
-    write_text_atomic(Path(trainer.out) / "pool_weights.jsonl", "".join(line + "\n" for line in lines))
+    )
+
+
+def pool_analysis(rows: list[tuple[float, Trajectory]], filtered_out: int) -> dict[str, Any]:
+    """The final.json keys of :func:`weight_analysis` for (weight, synthetic trajectory) pairs, of
+    which ``filtered_out`` are a data-level filter's left-out trajectories (listed with weight 0)."""
+    quality = [(w, ground_truth_quality(t.meta)) for w, t in rows]
+    quality = [(w, q) for w, q in quality if q is not None]
+    returns = [(w, t.reward) for w, t in rows if t.reward is not None]
+    all_w = torch.tensor([w for w, _ in rows], dtype=torch.float64)
     return {
         "spearman_quality": spearman([w for w, _ in quality], [q for _, q in quality]) if quality else None,
         "spearman_return": spearman([w for w, _ in returns], [r for _, r in returns]) if returns else None,
         "mean_weight_per_source": relative_source_means([(t.source, w) for w, t in rows]),
         "n_eff_pool": float(effective_sample_size(all_w)) if len(rows) else None,
         "n_synthetic_pool": len(rows),
+        "n_filtered_out": filtered_out,
     }

@@ -40,7 +40,7 @@ import math
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 
@@ -105,6 +105,9 @@ class TrainData:
     sources: list[str]  # source names of the training data, sorted ("real" included)
     summary: list[str]  # what was read, split, tokenised and dropped
     train_trajectories: list | None = None  # the records behind `train` (its `index` points here)
+    # synthetic trajectories the method's filter left out (return_filter, weight_filter, oracle,
+    # real_only): weight 0 in the pool analysis, so a filter's choice shows next to a learned head's
+    filtered_out: list = field(default_factory=list)
 
 
 def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None, select=None) -> TrainData:
@@ -116,9 +119,13 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
     selection = selection or select_trajectories(cfg)
     summary = list(selection.summary)
     train = selection.train
+    filtered_out = []
     if select is not None:
         real = [t for t in train if t.source == "real"]
-        synthetic, note = select([t for t in train if t.source != "real"])
+        pool = [t for t in train if t.source != "real"]
+        synthetic, note = select(pool)
+        kept = {id(t) for t in synthetic}
+        filtered_out = [t for t in pool if id(t) not in kept]
         train = real + synthetic
         summary.append(note)
         log.info(note)
@@ -146,7 +153,9 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
             )
         packers[name] = TrajectoryPacker(tokenized, packing.get(name, pack_cfg), name=name)
     sources = sorted({t.source for t in train})
-    return TrainData(packers["train"], packers["validation"], packers["test"], sources, summary, train)
+    return TrainData(
+        packers["train"], packers["validation"], packers["test"], sources, summary, train, filtered_out
+    )
 
 
 def _cycle(packer: TrajectoryPacker, skip: int = 0, collate=None) -> Iterator[PackedBatch]:
