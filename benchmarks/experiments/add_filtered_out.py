@@ -23,7 +23,9 @@ from pathlib import Path
 from boost.atomic import write_text_atomic
 from boost.config import load_config
 from boost.train.baselines import (
+    DATA_FILTERS,
     ground_truth_quality,
+    left_out,
     pool_analysis,
     pool_weight_lines,
     select_synthetic,
@@ -31,8 +33,6 @@ from boost.train.baselines import (
 )
 from boost.train.config import TrainConfig
 from boost.train.selection import select_trajectories
-
-FILTERS = ("real_only", "return_filter", "weight_filter", "oracle")
 
 
 class RunError(Exception):
@@ -54,7 +54,7 @@ def add_filtered_out(run: Path) -> str:
         return f"{run}: lists its filtered-out trajectories already"
     cfg = load_config(TrainConfig, run / "config.yaml")
     method = cfg.weighting.method if cfg.reweight else "uniform"
-    if method not in FILTERS:
+    if method not in DATA_FILTERS:
         return f"{run}: weighting.method={method} filters nothing before training; left as it is"
     rows = [json.loads(line) for line in pool_path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if any(r["weight"] != 1.0 for r in rows):
@@ -73,8 +73,7 @@ def add_filtered_out(run: Path) -> str:
             f"{run}: the redone selection keeps {len(kept)} trajectories, the file lists {len(rows)} "
             "other ones (other data, config or a tokeniser drop); nothing written"
         )
-    kept_ids = {id(t) for t in kept}
-    dropped = [t for t in pool if id(t) not in kept_ids]
+    dropped = left_out(pool, kept)
     weighted = [(1.0, t) for t in kept] + [(0.0, t) for t in dropped]
     final.update(pool_analysis(weighted, filtered_out=len(dropped)))
     write_text_atomic(pool_path, pool_weight_lines(weighted))

@@ -52,6 +52,8 @@ METHODS = (
     "boost", "uniform", "real_only", "return_filter", "loss_filter", "per_source", "mwn", "weight_filter", "oracle",
 )  # fmt: skip
 LEARNED = ("boost", "per_source", "mwn")  # methods with a head and outer steps
+# methods that choose their synthetic trajectories before training (select_synthetic), weight 1 each
+DATA_FILTERS = ("real_only", "return_filter", "weight_filter", "oracle")
 ANALYSIS_ONLY = ("oracle",)
 
 
@@ -157,7 +159,7 @@ def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory]
         if any(q is None for q in quality):
             raise ValueError("weighting.method=oracle needs generator ground truth in every synthetic 'meta'")
         kept = [t for t, q in zip(synthetic, quality) if q >= cfg.oracle_threshold]
-    else:
+    else:  # not one of DATA_FILTERS
         return synthetic, f"weighting {method}: all {len(synthetic)} synthetic trajectories kept"
     note = " (ANALYSIS ONLY: reads ground truth)" if method in ANALYSIS_ONLY else ""
     by_source = defaultdict(lambda: [0, 0])
@@ -170,6 +172,12 @@ def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory]
         kept,
         f"weighting {method}{note}: kept {len(kept)} of {len(synthetic)} synthetic trajectories ({detail})",
     )
+
+
+def left_out(pool: list[Trajectory], kept: list[Trajectory]) -> list[Trajectory]:
+    """The trajectories of ``pool`` that are not in ``kept`` (by identity; ``pool`` order)."""
+    kept_ids = {id(t) for t in kept}
+    return [t for t in pool if id(t) not in kept_ids]
 
 
 def trajectory_key(t: Trajectory) -> str:

@@ -62,6 +62,7 @@ from boost.train.baselines import (
     LEARNED,
     awr_factors,
     fixed_weights,
+    left_out,
     make_head,
     mean_return,
     select_synthetic,
@@ -105,8 +106,8 @@ class TrainData:
     sources: list[str]  # source names of the training data, sorted ("real" included)
     summary: list[str]  # what was read, split, tokenised and dropped
     train_trajectories: list | None = None  # the records behind `train` (its `index` points here)
-    # synthetic trajectories the method's filter left out (return_filter, weight_filter, oracle,
-    # real_only): weight 0 in the pool analysis, so a filter's choice shows next to a learned head's
+    # synthetic trajectories the method's filter left out (baselines.DATA_FILTERS): weight 0 in the
+    # pool analysis, so a filter's choice shows next to a learned head's
     filtered_out: list = field(default_factory=list)
 
 
@@ -124,8 +125,7 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
         real = [t for t in train if t.source == "real"]
         pool = [t for t in train if t.source != "real"]
         synthetic, note = select(pool)
-        kept = {id(t) for t in synthetic}
-        filtered_out = [t for t in pool if id(t) not in kept]
+        filtered_out = left_out(pool, synthetic)
         train = real + synthetic
         summary.append(note)
         log.info(note)
