@@ -7,7 +7,6 @@ import json
 import random
 
 import pytest
-import torch
 
 from boost.config import load_config
 from boost.data import TokenizeConfig, tokenize_trajectories
@@ -21,14 +20,6 @@ from boost.train.preset import build_word_tokenizer, corpus
 TINY = ["model.name=cpu", "model.hidden_size=32", "model.layers=1", "model.heads=2", "data.token_budget=2048",
         "data.rows=4", "data.max_length=512", "optim.lr=0.003", "steps=3", "eval.episodes=3",
         "eval.max_new_tokens=2", "checkpoint_every=0", "threads=1"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The runs set 1 torch thread (tiny models; fast on a busy CPU); put the process's setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 import yaml
 
 from boost.experiment import ExperimentError, load_spec
@@ -18,13 +17,6 @@ TRAIN = {
     "checkpoint_every": 0,
     "threads": 1,
 }
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def _spec(tmp_path, **extra):

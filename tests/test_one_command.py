@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-import torch
 
 import boost.train.cli as cli
 from boost.config import load_config
@@ -16,14 +15,6 @@ from boost.train.preset import DEFAULT_DATA, DEFAULT_OUT, GENERATE_ARGS, preset_
 
 TINY = ["model.hidden_size=32", "model.layers=1", "model.heads=2", "steps=2", "eval.episodes=3",
         "eval.max_new_tokens=2", "log_every=1"]  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def _restore_threads():
-    """The preset sets 1 torch thread; put the process's setting back."""
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_preset_is_configs_cpu_preset_yaml_with_its_own_paths():
