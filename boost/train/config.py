@@ -20,6 +20,11 @@ def check_parallel(cfg) -> None:
         raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
     if cfg.parallel_debug and cfg.parallel == "none":
         raise ValueError("parallel_debug checks the ranks of a parallel run: set parallel=ddp or fsdp2")
+    if cfg.parallel != "none" and cfg.weighting.refilter_every:
+        raise ValueError(
+            f"weighting.refilter_every is not supported with parallel={cfg.parallel} yet (the pool is "
+            "scored on one process); set weighting.refilter_every=0 or parallel=none"
+        )
     if cfg.parallel != "none" and cfg.grad_accum > 1:
         raise ValueError(
             f"grad_accum={cfg.grad_accum} is not supported with parallel={cfg.parallel} yet; raise "
@@ -175,9 +180,14 @@ class WeightingConfig:
     outer_start: int = 0  # no outer step before this inner step (behaviour-cloning warm-up)
     # keep the head's synthetic mass at head.init_mass (the mass acts like a step-size multiplier)
     freeze_mass: bool = False
+    # > 0 (learned methods): apply the head's weights by selection, not by multiplying the losses.
+    # Every this many inner steps the head scores the whole synthetic pool and training continues on
+    # the real trajectories plus its top_fraction by weight, each with weight 1: batches stay full
+    # (boost/train/refilter.py). Until the first refilter every trajectory is trained on.
+    refilter_every: int = 0
 
     def __post_init__(self):
-        from boost.train.baselines import METHODS
+        from boost.train.baselines import LEARNED, METHODS
 
         if self.method not in METHODS:
             raise ValueError(f"weighting.method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -190,6 +200,13 @@ class WeightingConfig:
             )
         if self.awr_beta < 0 or self.awr_max <= 0 or self.outer_start < 0:
             raise ValueError("weighting.awr_beta and outer_start must be >= 0, awr_max > 0")
+        if self.refilter_every < 0:
+            raise ValueError(f"weighting.refilter_every must be >= 0 (0: off), got {self.refilter_every}")
+        if self.refilter_every and self.method not in LEARNED:
+            raise ValueError(
+                f"weighting.refilter_every selects by a learned head's weights; weighting.method={self.method} "
+                f"has none (use one of {', '.join(LEARNED)}, or refilter_every=0)"
+            )
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,7 @@ from boost.train.baselines import (
     left_out,
     make_head,
     mean_return,
+    pool_weights,
     select_synthetic,
     weight_analysis,
 )
@@ -91,6 +92,7 @@ from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfini
 from boost.train.lora import apply_lora, output_head
 from boost.train.precision import autocast, resolve_precision
 from boost.train.preset import load_trainer_model
+from boost.train.refilter import Refiltered, choose, is_refilter_step, packer_for
 from boost.train.schedule import horizon, lr_factor, set_lr
 from boost.train.selection import DataError, Selection, select_trajectories
 from boost.train.tensorboard_log import TensorBoardLog, tokens_per_second
@@ -250,6 +252,10 @@ class Trainer:
         )
         self.step = 0
         self.last_v = None  # the previous outer step's v: warm start of Neumann / CG (checkpointed)
+        # weighting.refilter_every (boost/train/refilter.py): the batches come from train_packer, the
+        # pool (data.train) or its latest refiltered subset; refilters: what each one kept
+        self.train_packer, self.refiltered = self.data.train, None
+        self.refilters: list[dict] = []
 
     # ------------------------------------------------------------------ pieces
     def hidden_states(self, batch: PackedBatch, precision: str | None = None) -> torch.Tensor:
@@ -308,15 +314,19 @@ class Trainer:
             w = self.head(view.features)
         else:
             w = fixed_weights(self.method, view.per_trajectory, synthetic, cfg.weighting.loss_drop)
+        # refilter_every: the head's weights choose the batches instead (boost/train/refilter.py); the
+        # loss weighs every trajectory 1, and the outer step differentiates the head's w against that
+        applied = torch.ones_like(w.detach()) if cfg.weighting.refilter_every else w
         if cfg.weighting.awr_beta:
-            w = w * awr_factors(
+            factors = awr_factors(
                 view.rewards,
                 cfg.weighting.awr_beta,
                 self.awr_baseline,
                 cfg.weighting.awr_max,
                 truncated=view.truncated,
             )
-        w_local = view.take(w)  # this rank's trajectories (all of them on one process)
+            w, applied = w * factors, applied * factors
+        w_local = view.take(applied)  # this rank's trajectories (all of them on one process)
         loss = (w_local.detach() * out.per_trajectory).sum() / view.size
         loss_total = self.parallel.sum(loss.detach().clone())  # over ranks (one process: the loss)
         self.opt.zero_grad(set_to_none=True)
@@ -529,9 +539,11 @@ class Trainer:
             return save_distributed_checkpoint(self, {"last_v": self.last_v}, info)
         return save_checkpoint(
             self.out, self.step, **self._checkpoint_parts(), keep=self.cfg.keep_checkpoints,
-            # the warm start of Neumann / CG: without it a resumed run would solve cold and differ
-            tensors={"last_v": self.last_v},
-            info={"config": json_safe(to_dict(self.cfg)), "data_position": position},
+            # the warm start of Neumann / CG: without it a resumed run would solve cold and differ;
+            # the refiltered training set: the head that chose it has moved on since
+            tensors={"last_v": self.last_v, **self._refilter_tensors()},
+            info={"config": json_safe(to_dict(self.cfg)), "data_position": position,
+                  "refilters": json_safe(self.refilters)},
         )  # fmt: skip
 
     def _check_schedule_horizon(self, path: Path, theirs: dict) -> None:
@@ -572,7 +584,38 @@ class Trainer:
             state, tensors = load_checkpoint(path, **self._checkpoint_parts(), device=self.device)
         self.last_v = tensors.get("last_v")
         self.step = int(state["step"])
+        self.refilters = list(state.get("refilters", []))
+        if "refilter_positions" in tensors:
+            self._use_refiltered(
+                Refiltered(int(tensors["refilter_step"]), tensors["refilter_positions"].tolist(), {}),
+                log_it=False,
+            )
         return True
+
+    # ------------------------------------------------------------------ refiltering
+    def _refilter_tensors(self) -> dict[str, torch.Tensor]:
+        if self.refiltered is None:
+            return {}
+        return {"refilter_step": torch.tensor(self.refiltered.step, dtype=torch.int64),
+                "refilter_positions": torch.tensor(self.refiltered.positions, dtype=torch.int64)}  # fmt: skip
+
+    def _use_refiltered(self, chosen: Refiltered, log_it: bool = True) -> None:
+        self.refiltered = chosen
+        self.train_packer = packer_for(self.data.train, chosen.positions, chosen.step)
+        if log_it:
+            log.info(chosen.note())
+
+    def refilter(self) -> dict:
+        """Score the whole synthetic pool with the current model and head and train on the real
+        trajectories plus its top share from now on (:mod:`boost.train.refilter`). Returns the record."""
+        started = time.perf_counter()
+        chosen = choose(self.data.train, pool_weights(self), self.cfg.weighting.top_fraction, self.step)
+        self._use_refiltered(chosen)
+        stats = self.train_packer.stats(self.train_packer.plan(0))
+        record = {"step": chosen.step, "kept": chosen.kept, "seconds": self._elapsed(started),
+                  "fill": stats.fill, "synthetic_per_batch": stats.synthetic_per_batch}  # fmt: skip
+        self.refilters.append(record)
+        return record
 
     # ------------------------------------------------------------------ the loop
     def takes_outer_step(self, step: int | None = None) -> bool:
@@ -618,8 +661,9 @@ class Trainer:
             log.info("resumed from %s at step %d", latest_checkpoint(self.out), self.step)
         if main:
             write_text_atomic(self.out / "config.yaml", yaml.safe_dump(to_dict(cfg)))
-        batches = _cycle(self.data.train, skip=self.step * cfg.grad_accum,
-                         collate=self.parallel.collate(self.data.train))  # fmt: skip
+        since = self.refiltered.step if self.refiltered else 0  # the training set's first step
+        batches = _cycle(self.train_packer, skip=(self.step - since) * cfg.grad_accum,
+                         collate=self.parallel.collate(self.train_packer))  # fmt: skip
         val_batches = _cycle(  # one validation batch per outer step taken so far
             self.data.validation, skip=sum(self.takes_outer_step(s) for s in range(1, self.step + 1)),
             collate=self.parallel.collate(self.data.validation),
@@ -649,8 +693,12 @@ class Trainer:
                         started = time.perf_counter()
                         record.update(self.outer_step(batch, state, val))
                         record["outer_seconds"] = self._elapsed(started)
+                w = cfg.weighting
+                if is_refilter_step(self.step, w.refilter_every, w.outer_start, cfg.steps):
+                    record["refilter"] = self.refilter()
+                    batches = _cycle(self.train_packer, collate=self.parallel.collate(self.train_packer))
                 bad = record.get("skipped", [])
-                if bad or self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                if bad or self.step % cfg.log_every == 0 or self.step == cfg.steps or "refilter" in record:
                     metrics.write({"step": self.step, **record})
                     board.write(self.step, record)
                     shown = {**record, "tok/s": tokens_per_second(record)}
@@ -681,7 +729,8 @@ class Trainer:
         save_full_model(self, self.out / "model")
         final = {"step": self.step, "method": self.method, "validation_loss": self.evaluate(self.data.validation),
                  **evaluate_trainer(self), **weight_analysis(self),
-                 "packing": {str(e): s.as_dict() for e, s in self.data.train.epoch_stats.items()}}  # fmt: skip
+                 "packing": {str(e): s.as_dict() for e, s in self.data.train.epoch_stats.items()},
+                 **({"refilters": self.refilters} if self.refilters else {})}  # fmt: skip
         if main:
             write_json_atomic(self.out / "final.json", json_safe(final))
         return final
