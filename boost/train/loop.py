@@ -124,8 +124,8 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
     train = selection.train
     filtered_out = []
     if select is not None:
-        real = [t for t in train if t.source == "real"]
-        pool = [t for t in train if t.source != "real"]
+        real = [t for t in train if t.is_real]
+        pool = [t for t in train if not t.is_real]
         synthetic, note = select(pool)
         filtered_out = left_out(pool, synthetic)
         train = real + synthetic
