@@ -27,7 +27,7 @@ its own folder ``OUT/<arm>/seed<k>`` (tuning: ``OUT/<arm>/tune-lr<lr>``); a run 
 exists is skipped, so an interrupted grid resumes where it stopped. The learning rate of an arm is
 the grid value with the lowest *validation* loss (held-out real tasks; test tasks are never used to
 choose anything). Writes ``OUT/results.json``, ``OUT/results.md`` and plots (``success.png``,
-``weights_over_steps.png``, ``weight_vs_quality.png``).
+``weights_over_steps.png``, ``weight_vs_quality.png``, and ``refilter_kept.png`` for arms that refilter).
 """
 
 from __future__ import annotations
@@ -297,7 +297,35 @@ def write_plots(table, runs, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(save_png(fig, out / "weight_vs_quality.png"))
-    return written
+    kept = plot_refilters(runs, out)
+    return written + ([kept] if kept else [])
+
+
+def plot_refilters(runs: dict[str, dict[int, dict]], out: Path) -> Path | None:
+    """``refilter_kept.png``: for each arm that refilters (``final.json["refilters"]``), the share of
+    each synthetic source kept at each refilter step, one line per source and seed; None if no arm does."""
+    from boost.plotting import pyplot, save_png
+
+    arms = {
+        arm: by_seed for arm, by_seed in runs.items() if any(r.get("refilters") for r in by_seed.values())
+    }
+    plt = pyplot()
+    if not arms or plt is None:
+        return None
+    fig, axes = plt.subplots(1, len(arms), figsize=(5 * len(arms), 3.5), squeeze=False)
+    for ax, (arm, by_seed) in zip(axes[0], arms.items()):
+        sources = sorted({s for r in by_seed.values() for f in r.get("refilters", []) for s in f["kept"]})
+        for k, src in enumerate(sources):
+            for n, (_, r) in enumerate(sorted(by_seed.items())):
+                pts = [(f["step"], f["kept"][src][0] / f["kept"][src][1]) for f in r.get("refilters", [])
+                       if f["kept"].get(src)]  # fmt: skip
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", ms=3, color=f"C{k}",
+                        linestyle=("-", "--", ":", "-.")[n % 4], label=src if n == 0 else None)  # fmt: skip
+        ax.set(title=f"{arm}: share kept per source (line style: seed)", xlabel="refilter after step",
+               ylabel="kept / in the pool", ylim=(-0.02, 1.02))  # fmt: skip
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_png(fig, out / "refilter_kept.png")
 
 
 def finished_runs(spec: dict[str, Any], out: Path) -> tuple[dict, dict, list[str]]:

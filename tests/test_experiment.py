@@ -86,3 +86,16 @@ def test_report_only_trains_nothing_and_lists_what_did_not_run(tmp_path):
     assert "Not run (1" in (out / "results.md").read_text()
     with pytest.raises(SystemExit):
         experiment(["--config", str(two_seeds), "--out", str(tmp_path / "empty"), "--report-only"])
+
+
+def test_the_refilter_plot_shows_the_share_kept_per_source_of_refiltering_arms_only(tmp_path):
+    from boost.experiment import plot_refilters
+
+    refilters = [
+        {"step": s, "kept": {"eps0.1": [k, 10], "random": [10 - k, 10]}} for s, k in ((5, 6), (10, 9))
+    ]
+    assert plot_refilters({"uniform": {0: {}}, "boost": {0: {"refilters": []}}}, tmp_path) is None
+    path = plot_refilters(
+        {"uniform": {0: {}}, "boost_refilter": {0: {"refilters": refilters}, 1: {}}}, tmp_path
+    )
+    assert path == tmp_path / "refilter_kept.png" and path.read_bytes().startswith(b"\x89PNG")
