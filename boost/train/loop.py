@@ -611,7 +611,8 @@ class Trainer:
         started = time.perf_counter()
         chosen = choose(self.data.train, pool_weights(self), self.cfg.weighting.top_fraction, self.step)
         self._use_refiltered(chosen)
-        stats = self.train_packer.stats(self.train_packer.plan(0))
+        self.train_packer.plan(0)  # records its stats (the loop's first batches replan it)
+        stats = self.train_packer.epoch_stats[0]
         record = {"step": chosen.step, "kept": chosen.kept, "seconds": self._elapsed(started),
                   "fill": stats.fill, "synthetic_per_batch": stats.synthetic_per_batch}  # fmt: skip
         self.refilters.append(record)
@@ -693,8 +694,8 @@ class Trainer:
                         started = time.perf_counter()
                         record.update(self.outer_step(batch, state, val))
                         record["outer_seconds"] = self._elapsed(started)
-                w = cfg.weighting
-                if is_refilter_step(self.step, w.refilter_every, w.outer_start, cfg.steps):
+                weighting = cfg.weighting
+                if is_refilter_step(self.step, weighting.refilter_every, weighting.outer_start, cfg.steps):
                     record["refilter"] = self.refilter()
                     batches = _cycle(self.train_packer, collate=self.parallel.collate(self.train_packer))
                 bad = record.get("skipped", [])
