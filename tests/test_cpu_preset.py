@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import pytest
@@ -107,6 +108,13 @@ def test_every_baseline_is_a_config_of_the_same_trainer(data, tmp_path, override
         assert len(pool) - len(kept) == final["n_filtered_out"] and {r["weight"] for r in kept} <= {1.0}
     else:
         assert final["n_filtered_out"] == 0
+    if "weighting.awr_beta=1.0" in overrides:  # the pool's weights carry the AWR factor the loss applied
+        factor = {
+            r["key"]: 1.0 if r["return"] is None else math.exp(r["return"] - trainer.awr_baseline)
+            for r in pool
+        }
+        assert all(r["weight"] == pytest.approx(factor[r["key"]]) or r["weight"] == 1.0 for r in kept)
+        assert any(r["weight"] != 1.0 for r in kept)
     if trainer.method == "real_only":
         assert not kept and final["mean_weight_per_source"] == {}
     if trainer.method == "oracle":

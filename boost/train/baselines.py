@@ -296,6 +296,20 @@ def pool_weights(trainer) -> dict[int, float]:
     return out
 
 
+def with_awr_factors(trainer, weights: dict[int, float]) -> dict[int, float]:
+    """``weights`` (trajectory index -> weight, :func:`pool_weights`) times each trajectory's AWR
+    factor (:func:`awr_factors` with the run's ``awr_beta``, ``awr_max`` and baseline), as the loss
+    applies it. The refilter chooses on :func:`pool_weights` alone."""
+    cfg = trainer.cfg.weighting
+    by_index = {t.index: t for t in trainer.data.train.trajectories}
+    indices = list(weights)
+    items = [by_index[i] for i in indices]
+    rewards = torch.tensor([math.nan if t.reward is None else t.reward for t in items], dtype=torch.float64)
+    truncated = torch.tensor([t.truncated for t in items], dtype=torch.bool)
+    factors = awr_factors(rewards, cfg.awr_beta, trainer.awr_baseline, cfg.awr_max, truncated=truncated)
+    return {i: weights[i] * f for i, f in zip(indices, factors.tolist())}
+
+
 def relative_source_means(rows: list[tuple[str, float]]) -> dict[str, float]:
     """Mean weight per source divided by the mean over all rows (comparable across runs and heads:
     a learned head's scores have an arbitrary scale). ``rows``: (source, weight) per trajectory."""
@@ -315,10 +329,13 @@ def weight_analysis(trainer) -> dict[str, Any]:
     Over every synthetic trajectory of the training pool; ground truth from ``meta`` (analysis only).
     The trajectories a data-level filter left out (``trainer.data.filtered_out``) count with weight
     0, so a filter's mean weight per source is the share it kept, relative to the overall share.
+    With ``awr_beta > 0`` each weight carries its AWR factor (:func:`with_awr_factors`).
     Also writes ``out_dir/pool_weights.jsonl`` (:func:`pool_weight_lines`;
     ``weighting.method=weight_filter`` reads it).
     """
     weights = pool_weights(trainer)
+    if trainer.cfg.weighting.awr_beta:  # the weight the loss applied: the method's times the AWR factor
+        weights = with_awr_factors(trainer, weights)
     trajectories = trainer.data.train_trajectories
     rows = [(w, trajectories[i]) for i, w in weights.items()]
     rows += [(0.0, t) for t in trainer.data.filtered_out]
