@@ -21,12 +21,14 @@ The experiment file (YAML)::
       uniform: [weighting.method=uniform]          # ("{seed}" in an override: the run's seed)
       boost: [weighting.method=boost]
     quick: {seeds: [0, 1, 2], steps: 100, lr_grid: [0.001], arms: [uniform, boost]}
+    reference: boost                             # paired differences: arm − this arm (default: boost)
 
 ``--quick`` replaces the keys under ``quick`` (``arms`` there lists a subset by name). Every run writes
 its own folder ``OUT/<arm>/seed<k>`` (tuning: ``OUT/<arm>/tune-lr<lr>``); a run whose ``final.json``
 exists is skipped, so an interrupted grid resumes where it stopped. The learning rate of an arm is
 the grid value with the lowest *validation* loss (held-out real tasks; test tasks are never used to
-choose anything). Writes ``OUT/results.json``, ``OUT/results.md`` and plots (``success.png``,
+choose anything). The report gives each arm's success minus the reference arm's over the seeds both
+ran, as mean ± std and a 95% Student-t interval (``--reference`` overrides the file's). Writes ``OUT/results.json``, ``OUT/results.md`` and plots (``success.png``,
 ``weights_over_steps.png``, ``weight_vs_quality.png``, and ``refilter_kept.png`` for arms that refilter).
 """
 
@@ -47,7 +49,7 @@ from boost.atomic import write_json_atomic, write_text_atomic
 from boost.config import load_config
 from boost.data.format import write_jsonl
 from boost.generators import GeneratorConfig, generate, parse_sources
-from boost.stats import mean_std
+from boost.stats import mean_std, t_interval95
 from boost.train.baselines import relative_source_means
 from boost.train.config import TrainConfig
 from boost.train.loop import Trainer
@@ -55,7 +57,15 @@ from boost.train.loop import Trainer
 log = logging.getLogger(__name__)
 
 REQUIRED = ("train_config", "env", "sources", "seeds", "steps", "arms")
-DEFAULTS = {"data_seed": 0, "episodes": 100, "lr_grid": [], "tune_steps": 150, "tune_seed": 100, "quick": {}}
+DEFAULTS = {
+    "data_seed": 0,
+    "episodes": 100,
+    "lr_grid": [],
+    "tune_steps": 150,
+    "tune_seed": 100,
+    "quick": {},
+    "reference": None,
+}
 METRICS = (
     ("success_rate", "success"),
     ("mean_return", "return"),
@@ -90,6 +100,8 @@ def load_spec(path: str | Path, quick: bool = False) -> dict[str, Any]:
     if missing:
         raise ExperimentError(f"{path}: missing key {missing[0]!r}")
     spec = {**DEFAULTS, **spec}
+    if spec["reference"] is not None and spec["reference"] not in (spec["arms"] or {}):
+        raise ExperimentError(f"{path}: reference {spec['reference']!r} is not one of the arms")
     if quick:
         q = dict(spec["quick"] or {})
         names = q.pop("arms", None)
@@ -102,6 +114,8 @@ def load_spec(path: str | Path, quick: bool = False) -> dict[str, Any]:
             if absent:
                 raise ExperimentError(f"{path}: quick.arms names {absent[0]!r}, which is not an arm")
             spec["arms"] = {n: spec["arms"][n] for n in names}
+            if spec["reference"] not in names:  # the quick subset leaves it out: the default applies
+                spec["reference"] = None
     if not isinstance(spec["arms"], dict) or not spec["arms"]:
         raise ExperimentError(f"{path}: arms must be a mapping name -> list of key=value overrides")
     for name, overrides in spec["arms"].items():
@@ -172,7 +186,8 @@ def tune_lr(spec, name, overrides, out, data) -> tuple[float | None, dict[str, f
 
 
 def aggregate(runs: dict[str, dict[int, dict]], reference: str | None, out: Path) -> dict[str, Any]:
-    """Mean ± std over seeds per arm and metric; paired differences (arm − reference) over shared seeds."""
+    """Mean ± std over seeds per arm and metric; paired differences (arm − reference) over shared seeds:
+    ``success_minus_<reference>`` (mean, std) and, from two shared seeds, ``..._ci95`` (Student t)."""
     table: dict[str, Any] = {}
     for arm, by_seed in runs.items():
         row: dict[str, Any] = {"seeds": sorted(by_seed)}
@@ -183,6 +198,10 @@ def aggregate(runs: dict[str, dict[int, dict]], reference: str | None, out: Path
             shared = sorted(set(by_seed) & set(runs[reference]))
             diffs = [by_seed[s]["success_rate"] - runs[reference][s]["success_rate"] for s in shared]
             row["success_minus_" + reference] = list(mean_std(diffs)) if diffs else None
+            row["success_minus_" + reference + "_ci95"] = (
+                list(t_interval95(diffs)) if len(diffs) > 1 else None
+            )
+            row["paired_seeds"] = shared
         row["mean_weight_per_source"] = _mean_dicts(
             [_source_weights(run_folder(out, arm, seed), r) for seed, r in by_seed.items()]
         )
@@ -211,6 +230,14 @@ def _fmt(pair, digits: int = 3) -> str:
     return f"{m:.{digits}f} ± {s:.{digits}f}"
 
 
+def _paired_cell(row: dict[str, Any], reference: str) -> str:
+    diff, ci = row.get("success_minus_" + reference), row.get("success_minus_" + reference + "_ci95")
+    if diff is None:
+        return "–"
+    seeds = len(row.get("paired_seeds", ()))
+    return _fmt(diff) + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" ({seeds} seeds)"
+
+
 def write_markdown(spec, table, lrs, runs, reference, path: Path, missing: list[str] = ()) -> None:
     lines = [f"# Experiment: {spec['env']}, sources {spec['sources']}", "",
              f"{len(spec['seeds'])} seeds ({spec['seeds']}), {spec['steps']} steps, {spec['episodes']} test tasks "
@@ -220,12 +247,12 @@ def write_markdown(spec, table, lrs, runs, reference, path: Path, missing: list[
                   + ", ".join(missing) + ".", ""]  # fmt: skip
     header = ["arm", "lr", *(label for _, label in METRICS)]
     if reference:
-        header.append(f"success − {reference} (paired)")
+        header.append(f"success − {reference} (paired, 95% t interval)")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, row in table.items():
         cells = [arm, str(lrs.get(arm))] + [_fmt(row[k], 1 if k == "wall_seconds" else 3) for k, _ in METRICS]
         if reference:
-            cells.append(_fmt(row.get("success_minus_" + reference)) if arm != reference else "–")
+            cells.append(_paired_cell(row, reference) if arm != reference else "–")
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Per-seed success (95% Wilson interval):", ""]
     for arm, by_seed in runs.items():
@@ -373,7 +400,9 @@ def run_experiment(spec: dict[str, Any], out: Path, report_only: bool = False) -
 
 def write_results(spec, out: Path, lrs, tuning, runs, missing: list[str]) -> dict[str, Any]:
     """``results.json``, ``results.md`` and the plots of ``runs``; ``missing`` runs are listed as not run."""
-    reference = "boost" if "boost" in runs else None
+    reference = spec.get("reference") or ("boost" if "boost" in runs else None)
+    if reference not in runs:
+        reference = None
     table = aggregate(runs, reference, out)
     results = {"spec": spec, "lr": lrs, "lr_tuning_validation_loss": tuning, "table": table,
                "runs": {a: {str(s): r for s, r in by.items()} for a, by in runs.items()}, "not_run": missing}  # fmt: skip
@@ -392,12 +421,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="output folder (default: runs/experiment-<env>[-quick])")
     parser.add_argument("--report-only", action="store_true",
                         help="train nothing: write the results over the runs already finished in --out")  # fmt: skip
+    parser.add_argument("--reference", help="the arm the paired differences are taken against (default: the "
+                        "file's reference, else boost)")  # fmt: skip
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         spec = load_spec(args.config, quick=args.quick)
     except (ExperimentError, ValueError) as exc:
         parser.error(str(exc))
+    if args.reference is not None:
+        if args.reference not in spec["arms"]:
+            parser.error(
+                f"--reference {args.reference!r} is not an arm of {args.config} ({', '.join(spec['arms'])})"
+            )
+        spec["reference"] = args.reference
     out = Path(args.out or f"runs/experiment-{spec['env']}{'-quick' if args.quick else ''}")
     try:
         run_experiment(spec, out, report_only=args.report_only)

@@ -10,7 +10,7 @@ import torch
 
 from boost.bilevel.reweighting import HeadConfig, TrajectoryFeatures
 from boost.data.format import Trajectory
-from boost.stats import mean_std, spearman, wilson_interval
+from boost.stats import mean_std, spearman, t_critical95, t_interval95, wilson_interval
 from boost.train.baselines import (
     LossHead,
     SourceHead,
@@ -136,3 +136,20 @@ def test_trajectory_key_names_content_not_object():
     a, b = _traj("eps0.1", 1.0), _traj("eps0.1", 0.0)
     assert trajectory_key(a) == trajectory_key(b)  # same source and messages
     assert trajectory_key(a) != trajectory_key(_traj("eps0.3", 1.0))
+
+
+def test_t_interval_uses_student_t_critical_values():
+    assert t_critical95(1) == 12.7062 and t_critical95(30) == 2.0423
+    assert t_critical95(31) == pytest.approx(2.0395, abs=1e-4) and t_critical95(10**6) == pytest.approx(
+        1.96, abs=1e-3
+    )
+    lo, hi = t_interval95([1.0, 2.0, 3.0])
+    assert (lo + hi) / 2 == pytest.approx(2.0) and hi - lo == pytest.approx(2 * 4.3027 / math.sqrt(3))
+    with pytest.raises(ValueError, match="at least 2 values"):
+        t_interval95([1.0])
+
+
+def test_t_critical_values_match_scipy():
+    stats = pytest.importorskip("scipy.stats")
+    for df in [*range(1, 31), 31, 45, 100, 1000]:
+        assert t_critical95(df) == pytest.approx(stats.t.ppf(0.975, df), abs=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -40,7 +41,7 @@ def test_a_grid_runs_tunes_on_validation_and_resumes(tmp_path):
     assert results["lr"]["boost"] == min((float(k) for k in tuning), key=lambda lr: tuning[str(lr)])
     assert results["table"]["uniform"]["success_minus_boost"] is not None
     text = (out / "results.md").read_text()
-    assert "| uniform |" in text and "success − boost (paired)" in text
+    assert "| uniform |" in text and "success − boost (paired, 95% t interval)" in text
     assert (out / "success.png").exists() and (out / "weights_over_steps.png").exists()
     stamp = (out / "boost" / "seed0" / "final.json").stat().st_mtime_ns
     assert experiment(["--config", str(path), "--out", str(out)]) == 0  # resumes: nothing re-run
@@ -99,3 +100,32 @@ def test_the_refilter_plot_shows_the_share_kept_per_source_of_refiltering_arms_o
         {"uniform": {0: {}}, "boost_refilter": {0: {"refilters": refilters}, 1: {}}}, tmp_path
     )
     assert path == tmp_path / "refilter_kept.png" and path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_paired_differences_take_the_chosen_reference_with_a_t_interval(tmp_path):
+    arms = {"uniform": ["weighting.method=uniform"], "boost": ["weighting.method=boost"],
+            "boost_filter": ["weighting.method=weight_filter"]}  # fmt: skip
+    path, out = _spec(tmp_path, seeds=[0, 1, 2], arms=arms, reference="boost_filter"), tmp_path / "out"
+    success = {"uniform": (0.2, 0.3, 0.1), "boost": (0.5, 0.4, 0.6), "boost_filter": (0.6, 0.6, 0.5)}
+    for arm, values in success.items():
+        for seed, p in enumerate(values):
+            final = {"success_rate": p, "success_ci95": [p - 0.1, p + 0.1], "test_loss": 1.0}
+            (out / arm / f"seed{seed}").mkdir(parents=True)
+            (out / arm / f"seed{seed}" / "final.json").write_text(json.dumps(final))
+    assert experiment(["--config", str(path), "--out", str(out), "--report-only"]) == 0
+    row = json.loads((out / "results.json").read_text())["table"]["uniform"]
+    diffs = [u - f for u, f in zip(success["uniform"], success["boost_filter"])]  # -0.4, -0.3, -0.4
+    mean = sum(diffs) / 3
+    half = 4.3027 * math.sqrt(sum((d - mean) ** 2 for d in diffs) / 2) / math.sqrt(3)
+    assert row["success_minus_boost_filter"][0] == pytest.approx(mean) and row["paired_seeds"] == [0, 1, 2]
+    assert row["success_minus_boost_filter_ci95"] == pytest.approx([mean - half, mean + half])
+    text = (out / "results.md").read_text()
+    assert "success − boost_filter (paired, 95% t interval)" in text and f"[{mean - half:+.3f}, " in text
+    assert (
+        experiment(["--config", str(path), "--out", str(out), "--report-only", "--reference", "boost"]) == 0
+    )
+    assert "success_minus_boost" in json.loads((out / "results.json").read_text())["table"]["uniform"]
+    with pytest.raises(SystemExit):
+        experiment(["--config", str(path), "--out", str(out), "--report-only", "--reference", "nope"])
+    with pytest.raises(ExperimentError, match="reference 'nope' is not one of the arms"):
+        load_spec(_spec(tmp_path, reference="nope"))
