@@ -22,12 +22,16 @@ The experiment file (YAML)::
       boost: [weighting.method=boost]
     quick: {seeds: [0, 1, 2], steps: 100, lr_grid: [0.001], arms: [uniform, boost]}
     reference: boost                             # paired differences: arm − this arm (default: boost)
+    tune:                                        # per arm, settings chosen with lr on validation loss
+      boost: {head.init_mass: [0.5, 1.0]}          # (every combination with lr_grid; same tune_steps/seed)
+    reference: boost                             # paired differences: arm − this arm (default: boost)
 
 ``--quick`` replaces the keys under ``quick`` (``arms`` there lists a subset by name). Every run writes
 its own folder ``OUT/<arm>/seed<k>`` (tuning: ``OUT/<arm>/tune-lr<lr>``); a run whose ``final.json``
 exists is skipped, so an interrupted grid resumes where it stopped. The learning rate of an arm is
 the grid value with the lowest *validation* loss (held-out real tasks; test tasks are never used to
-choose anything). The report gives each arm's success minus the reference arm's over the seeds both
+choose anything); an arm listed under ``tune`` has its settings there chosen the same way, jointly
+with the learning rate (give each compared arm a grid of the same size: the same tuning budget). The report gives each arm's success minus the reference arm's over the seeds both
 ran, as mean ± std and a 95% Student-t interval (``--reference`` overrides the file's). Writes ``OUT/results.json``, ``OUT/results.md`` and plots (``success.png``,
 ``weights_over_steps.png``, ``weight_vs_quality.png``, and ``refilter_kept.png`` for arms that refilter).
 """
@@ -35,6 +39,7 @@ ran, as mean ± std and a 95% Student-t interval (``--reference`` overrides the 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
@@ -65,6 +70,7 @@ DEFAULTS = {
     "tune_seed": 100,
     "quick": {},
     "reference": None,
+    "tune": {},
 }
 METRICS = (
     ("success_rate", "success"),
@@ -100,6 +106,7 @@ def load_spec(path: str | Path, quick: bool = False) -> dict[str, Any]:
     if missing:
         raise ExperimentError(f"{path}: missing key {missing[0]!r}")
     spec = {**DEFAULTS, **spec}
+    _check_tune(path, spec)
     if spec["reference"] is not None and spec["reference"] not in (spec["arms"] or {}):
         raise ExperimentError(f"{path}: reference {spec['reference']!r} is not one of the arms")
     if quick:
@@ -116,6 +123,7 @@ def load_spec(path: str | Path, quick: bool = False) -> dict[str, Any]:
             spec["arms"] = {n: spec["arms"][n] for n in names}
             if spec["reference"] not in names:  # the quick subset leaves it out: the default applies
                 spec["reference"] = None
+            spec["tune"] = {a: g for a, g in spec["tune"].items() if a in names}
     if not isinstance(spec["arms"], dict) or not spec["arms"]:
         raise ExperimentError(f"{path}: arms must be a mapping name -> list of key=value overrides")
     for name, overrides in spec["arms"].items():
@@ -125,6 +133,26 @@ def load_spec(path: str | Path, quick: bool = False) -> dict[str, Any]:
         raise ExperimentError(f"{path}: seeds must be a non-empty list of integers")
     parse_sources(spec["sources"])  # a clear error for a bad source list
     return spec
+
+
+def _check_tune(path: Path, spec: dict[str, Any]) -> None:
+    tune = spec["tune"]
+    if not isinstance(tune, dict):
+        raise ExperimentError(f"{path}: tune must be a mapping arm -> {{setting: [values]}}")
+    for arm, grid in tune.items():
+        if arm not in (spec["arms"] or {}):
+            raise ExperimentError(f"{path}: tune names {arm!r}, which is not an arm")
+        if not isinstance(grid, dict) or not grid:
+            raise ExperimentError(f"{path}: tune.{arm} must be a mapping setting -> [values]")
+        for key, values in grid.items():
+            if key == "optim.lr":
+                raise ExperimentError(f"{path}: tune.{arm}: the learning rate is tuned by lr_grid, not tune")
+            if (
+                not isinstance(values, list)
+                or not values
+                or not all(isinstance(v, (int, float, str)) for v in values)
+            ):
+                raise ExperimentError(f"{path}: tune.{arm}.{key} must be a non-empty list of values")
 
 
 def ensure_data(spec: dict[str, Any], out: Path) -> Path:
@@ -150,15 +178,17 @@ def read_final(folder: Path) -> dict[str, Any] | None:
 
 
 def run_one(spec: dict[str, Any], overrides: list[str], folder: Path, steps: int, seed: int, lr: float | None,
-            data: Path, episodes: int) -> dict[str, Any]:  # fmt: skip
-    """Train one run into ``folder`` (skipped when its ``final.json`` exists); its final metrics."""
+            data: Path, episodes: int, tuned: dict[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Train one run into ``folder`` (skipped when its ``final.json`` exists); its final metrics.
+    ``tuned``: settings chosen on validation (:func:`tune_arm`), applied after the arm's overrides."""
     finished = read_final(folder)
     if finished is not None:
         return finished
     final_path = folder / "final.json"
     overrides = [o.replace("{seed}", str(seed)) for o in overrides]  # e.g. a per-seed weights file
     settings = [f"data.path={data}", f"out_dir={folder}", f"steps={steps}", f"seed={seed}",
-                f"eval.episodes={episodes}", "checkpoint_every=0", *overrides]  # fmt: skip
+                f"eval.episodes={episodes}", "checkpoint_every=0", *overrides,
+                *(f"{k}={v}" for k, v in (tuned or {}).items())]  # fmt: skip
     if lr is not None:
         settings.append(f"optim.lr={lr}")
     cfg = load_config(TrainConfig, spec["train_config"], settings)
@@ -167,22 +197,31 @@ def run_one(spec: dict[str, Any], overrides: list[str], folder: Path, steps: int
     final = trainer.train()
     final["wall_seconds"] = round(time.perf_counter() - started, 1)
     final["lr"] = cfg.optim.lr
+    if tuned:
+        final["tuned"] = dict(tuned)
     write_json_atomic(final_path, final)
     return final
 
 
-def tune_lr(spec, name, overrides, out, data) -> tuple[float | None, dict[str, float]]:
-    """The arm's learning rate with the lowest validation loss over ``lr_grid`` (None: no grid)."""
-    grid = spec["lr_grid"]
-    if len(grid) < 2:
-        return (grid[0] if grid else None), {}
-    scores = {}
-    for lr in grid:
-        final = run_one(spec, overrides, out / name / f"tune-lr{lr}", spec["tune_steps"], spec["tune_seed"], lr,
-                        data, episodes=0)  # fmt: skip
-        scores[str(lr)] = final["validation_loss"]
-    best = min(grid, key=lambda lr: scores[str(lr)])
-    return best, scores
+def tune_arm(spec, name, overrides, out, data) -> tuple[float | None, dict[str, Any], dict[str, float]]:
+    """(learning rate, {setting: value}, validation loss per candidate) of the arm: the combination of
+    ``lr_grid`` and the arm's ``tune`` grid with the lowest validation loss after ``tune_steps`` at
+    ``tune_seed``. A single candidate is taken without a run (lr None: no lr_grid)."""
+    grid = spec["tune"].get(name, {})
+    keys = list(grid)
+    candidates = list(itertools.product(spec["lr_grid"] or [None], *(grid[k] for k in keys)))
+    if len(candidates) == 1:
+        return candidates[0][0], dict(zip(keys, candidates[0][1:])), {}
+    scores, label = {}, {}
+    for lr, *values in candidates:
+        tuned = dict(zip(keys, values))
+        name_parts = [f"lr{lr}"] + [f"{k}={v}" for k, v in tuned.items()]
+        label[(lr, *values)] = str(lr) if not keys else ",".join(name_parts)
+        final = run_one(spec, overrides, out / name / ("tune-" + "-".join(name_parts)), spec["tune_steps"],
+                        spec["tune_seed"], lr, data, episodes=0, tuned=tuned)  # fmt: skip
+        scores[label[(lr, *values)]] = final["validation_loss"]
+    best = min(candidates, key=lambda c: scores[label[c]])
+    return best[0], dict(zip(keys, best[1:])), scores
 
 
 def aggregate(runs: dict[str, dict[int, dict]], reference: str | None, out: Path) -> dict[str, Any]:
@@ -238,19 +277,24 @@ def _paired_cell(row: dict[str, Any], reference: str) -> str:
     return _fmt(diff) + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" ({seeds} seeds)"
 
 
-def write_markdown(spec, table, lrs, runs, reference, path: Path, missing: list[str] = ()) -> None:
+def write_markdown(
+    spec, table, lrs, runs, reference, path: Path, missing: list[str] = (), tuned=None
+) -> None:
+    tuned = {a: t for a, t in (tuned or {}).items() if t}
     lines = [f"# Experiment: {spec['env']}, sources {spec['sources']}", "",
              f"{len(spec['seeds'])} seeds ({spec['seeds']}), {spec['steps']} steps, {spec['episodes']} test tasks "
              "per run; mean ± std over seeds. Success: greedy rollouts on the environment's test split.", ""]  # fmt: skip
     if missing:
         lines += [f"**Not run ({len(missing)}; the means are over the finished seeds only):** "
                   + ", ".join(missing) + ".", ""]  # fmt: skip
-    header = ["arm", "lr", *(label for _, label in METRICS)]
+    header = ["arm", "lr", *(["tuned"] if tuned else []), *(label for _, label in METRICS)]
     if reference:
         header.append(f"success − {reference} (paired, 95% t interval)")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for arm, row in table.items():
-        cells = [arm, str(lrs.get(arm))] + [_fmt(row[k], 1 if k == "wall_seconds" else 3) for k, _ in METRICS]
+        cells = [arm, str(lrs.get(arm))] + ([", ".join(f"{k}={v}" for k, v in tuned.get(arm, {}).items()) or "–"]
+                                             if tuned else [])  # fmt: skip
+        cells += [_fmt(row[k], 1 if k == "wall_seconds" else 3) for k, _ in METRICS]
         if reference:
             cells.append(_paired_cell(row, reference) if arm != reference else "–")
         lines.append("| " + " | ".join(cells) + " |")
@@ -386,11 +430,11 @@ def run_experiment(spec: dict[str, Any], out: Path, report_only: bool = False) -
     total = len(spec["arms"]) * len(spec["seeds"])
     done = 0
     for name, overrides in spec["arms"].items():
-        lrs[name], tuning[name] = tune_lr(spec, name, overrides, out, data)
+        lrs[name], tuned, tuning[name] = tune_arm(spec, name, overrides, out, data)
         runs[name] = {}
         for seed in spec["seeds"]:
             runs[name][seed] = run_one(spec, overrides, run_folder(out, name, seed), spec["steps"], seed, lrs[name],
-                                       data, spec["episodes"])  # fmt: skip
+                                       data, spec["episodes"], tuned)  # fmt: skip
             done += 1
             r = runs[name][seed]
             log.info("[%d/%d] %s seed %d: success %.3f, test loss %.4f, %.0f s", done, total, name, seed,
@@ -404,10 +448,11 @@ def write_results(spec, out: Path, lrs, tuning, runs, missing: list[str]) -> dic
     if reference not in runs:
         reference = None
     table = aggregate(runs, reference, out)
-    results = {"spec": spec, "lr": lrs, "lr_tuning_validation_loss": tuning, "table": table,
+    tuned = {a: next((r["tuned"] for r in by.values() if r.get("tuned")), {}) for a, by in runs.items()}
+    results = {"spec": spec, "lr": lrs, "tuned": tuned, "lr_tuning_validation_loss": tuning, "table": table,
                "runs": {a: {str(s): r for s, r in by.items()} for a, by in runs.items()}, "not_run": missing}  # fmt: skip
     write_json_atomic(out / "results.json", results)
-    write_markdown(spec, table, lrs, runs, reference, out / "results.md", missing)
+    write_markdown(spec, table, lrs, runs, reference, out / "results.md", missing, tuned)
     write_plots(table, runs, out)
     return results
 

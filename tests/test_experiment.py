@@ -129,3 +129,24 @@ def test_paired_differences_take_the_chosen_reference_with_a_t_interval(tmp_path
         experiment(["--config", str(path), "--out", str(out), "--report-only", "--reference", "nope"])
     with pytest.raises(ExperimentError, match="reference 'nope' is not one of the arms"):
         load_spec(_spec(tmp_path, reference="nope"))
+
+
+def test_an_arms_tune_grid_is_chosen_with_lr_on_validation_and_applied_to_its_runs(tmp_path):
+    arms = {"return_filter": ["weighting.method=return_filter"], "uniform": ["weighting.method=uniform"]}
+    tune = {"return_filter": {"weighting.top_fraction": [0.25, 0.75]}}
+    path, out = _spec(tmp_path, lr_grid=[0.001], arms=arms, tune=tune), tmp_path / "out"
+    assert experiment(["--config", str(path), "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    scores = results["lr_tuning_validation_loss"]["return_filter"]
+    assert set(scores) == {"lr0.001,weighting.top_fraction=0.25", "lr0.001,weighting.top_fraction=0.75"}
+    best = min(scores, key=scores.get).split("=")[-1]
+    assert results["tuned"] == {"return_filter": {"weighting.top_fraction": float(best)}, "uniform": {}}
+    assert results["lr_tuning_validation_loss"]["uniform"] == {}  # one candidate: no tuning run
+    assert (out / "return_filter" / "tune-lr0.001-weighting.top_fraction=0.25" / "final.json").exists()
+    run = yaml.safe_load((out / "return_filter" / "seed0" / "config.yaml").read_text())
+    assert run["weighting"]["top_fraction"] == float(best)
+    assert f"weighting.top_fraction={float(best)}" in (out / "results.md").read_text()
+    with pytest.raises(ExperimentError, match="tune names 'nope'"):
+        load_spec(_spec(tmp_path, tune={"nope": {"head.init_mass": [1.0]}}))
+    with pytest.raises(ExperimentError, match="tuned by lr_grid"):
+        load_spec(_spec(tmp_path, tune={"boost": {"optim.lr": [1.0]}}))
