@@ -150,3 +150,18 @@ def test_an_arms_tune_grid_is_chosen_with_lr_on_validation_and_applied_to_its_ru
         load_spec(_spec(tmp_path, tune={"nope": {"head.init_mass": [1.0]}}))
     with pytest.raises(ExperimentError, match="tuned by lr_grid"):
         load_spec(_spec(tmp_path, tune={"boost": {"optim.lr": [1.0]}}))
+
+
+def test_every_shipped_experiment_file_loads_with_and_without_quick():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [
+        root / "configs" / "experiment_gridnav.yaml",
+        *sorted((root / "benchmarks" / "experiments").rglob("*.yaml")),
+    ]
+    assert len(files) > 10
+    for path in files:
+        spec = load_spec(path)
+        assert set(spec["tune"]) <= set(spec["arms"]), path
+        load_spec(path, quick=True)
