@@ -274,7 +274,11 @@ def _paired_cell(row: dict[str, Any], reference: str) -> str:
     if diff is None:
         return "–"
     seeds = len(row.get("paired_seeds", ()))
-    return _fmt(diff) + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" ({seeds} seeds)"
+    return (
+        _fmt(diff)
+        + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+        + f" ({seeds} seed{'' if seeds == 1 else 's'})"
+    )
 
 
 def write_markdown(
