@@ -24,15 +24,16 @@ The experiment file (YAML)::
     reference: boost                             # paired differences: arm − this arm (default: boost)
     tune:                                        # per arm, settings chosen with lr on validation loss
       boost: {head.init_mass: [0.5, 1.0]}          # (every combination with lr_grid; same tune_steps/seed)
-    reference: boost                             # paired differences: arm − this arm (default: boost)
 
 ``--quick`` replaces the keys under ``quick`` (``arms`` there lists a subset by name). Every run writes
 its own folder ``OUT/<arm>/seed<k>`` (tuning: ``OUT/<arm>/tune-lr<lr>``); a run whose ``final.json``
 exists is skipped, so an interrupted grid resumes where it stopped. The learning rate of an arm is
 the grid value with the lowest *validation* loss (held-out real tasks; test tasks are never used to
 choose anything); an arm listed under ``tune`` has its settings there chosen the same way, jointly
-with the learning rate (give each compared arm a grid of the same size: the same tuning budget). The report gives each arm's success minus the reference arm's over the seeds both
-ran, as mean ± std and a 95% Student-t interval (``--reference`` overrides the file's). Writes ``OUT/results.json``, ``OUT/results.md`` and plots (``success.png``,
+with the learning rate (give each compared arm a grid of the same size: the same tuning budget).
+The report gives each arm's success minus the reference arm's over the seeds both ran, as mean ± std
+and a 95% Student-t interval (``--reference`` overrides the file's). Writes ``OUT/results.json``,
+``OUT/results.md`` and plots (``success.png``,
 ``weights_over_steps.png``, ``weight_vs_quality.png``, and ``refilter_kept.png`` for arms that refilter).
 """
 
@@ -212,15 +213,20 @@ def tune_arm(spec, name, overrides, out, data) -> tuple[float | None, dict[str, 
     candidates = list(itertools.product(spec["lr_grid"] or [None], *(grid[k] for k in keys)))
     if len(candidates) == 1:
         return candidates[0][0], dict(zip(keys, candidates[0][1:])), {}
-    scores, label = {}, {}
-    for lr, *values in candidates:
-        tuned = dict(zip(keys, values))
-        name_parts = [f"lr{lr}"] + [f"{k}={v}" for k, v in tuned.items()]
-        label[(lr, *values)] = str(lr) if not keys else ",".join(name_parts)
-        final = run_one(spec, overrides, out / name / ("tune-" + "-".join(name_parts)), spec["tune_steps"],
-                        spec["tune_seed"], lr, data, episodes=0, tuned=tuned)  # fmt: skip
-        scores[label[(lr, *values)]] = final["validation_loss"]
-    best = min(candidates, key=lambda c: scores[label[c]])
+
+    def parts(candidate) -> list[str]:  # its folder name and score label: lr, then each setting
+        return [f"lr{candidate[0]}"] + [f"{k}={v}" for k, v in zip(keys, candidate[1:])]
+
+    def label(candidate) -> str:  # an lr-only grid keeps its plain lr labels
+        return ",".join(parts(candidate)) if keys else str(candidate[0])
+
+    scores = {}
+    for candidate in candidates:
+        final = run_one(spec, overrides, out / name / ("tune-" + "-".join(parts(candidate))), spec["tune_steps"],
+                        spec["tune_seed"], candidate[0], data, episodes=0,
+                        tuned=dict(zip(keys, candidate[1:])))  # fmt: skip
+        scores[label(candidate)] = final["validation_loss"]
+    best = min(candidates, key=lambda c: scores[label(c)])
     return best[0], dict(zip(keys, best[1:])), scores
 
 
