@@ -337,6 +337,7 @@ class TrajectoryPacker:
         self.counted = np.array([t.num_counted for t in trajectories], dtype=np.int64)
         self.sources = [t.source for t in trajectories]
         self.epoch_stats: dict[int, PackingStats] = {}  # filled by plan(): what each epoch's batches hold
+        self._last_logged = ""  # the last epoch summary logged at INFO (a repeat goes to DEBUG)
         limit = self.config.row_length
         too_long = np.flatnonzero(self.lengths > limit)
         if len(too_long):
@@ -368,7 +369,12 @@ class TrajectoryPacker:
         first = epoch not in self.epoch_stats  # evaluation replans epoch 0: log each epoch once
         stats = self.epoch_stats[epoch] = self.stats(plan)
         if first:
-            log.info("%s, epoch %d: %s", self.name, epoch, stats.summary())
+            # a small split cycled every few steps (validation) repeats one summary for hundreds of
+            # epochs: log a summary at INFO when it changes, repeats at DEBUG
+            summary = stats.summary()
+            level = logging.DEBUG if summary == self._last_logged else logging.INFO
+            log.log(level, "%s, epoch %d: %s", self.name, epoch, summary)
+            self._last_logged = summary
         return plan
 
     def stats(self, plan: Sequence[Sequence[int]]) -> PackingStats:

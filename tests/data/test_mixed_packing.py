@@ -89,3 +89,25 @@ def test_max_seqlen_counts_a_row_of_padding_only():
     lengths = (batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).tolist()
     assert 64 in lengths, lengths  # the test needs a row of padding only
     assert batch.max_seqlen == max(lengths)
+
+
+def test_a_repeated_epoch_summary_is_logged_once_at_info(caplog):
+    """A one-source split (validation, all real) cycled for many epochs logs its summary once at INFO,
+    the repeats at DEBUG; a summary that changes is logged again."""
+    import logging
+
+    rng = np.random.default_rng(3)
+    packer = TrajectoryPacker([fake(i, 30, rng, "real") for i in range(8)], PackingConfig(token_budget=120),
+                              name="validation")  # fmt: skip
+    with caplog.at_level(logging.DEBUG, logger="boost.data.packing"):
+        for epoch in range(5):
+            packer.plan(epoch)
+    info = [r for r in caplog.records if r.levelno == logging.INFO]
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG]
+    assert len(info) == 1 and "validation, epoch 0" in info[0].getMessage()
+    assert len(debug) == 4
+    packer.config = PackingConfig(token_budget=240)  # other batches: another summary, logged again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="boost.data.packing"):
+        packer.plan(5)
+    assert [r.getMessage()[:19] for r in caplog.records] == ["validation, epoch 5"]
