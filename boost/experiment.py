@@ -1,6 +1,11 @@
 """A grid of arms x seeds of the trainer, with per-arm learning rates tuned on validation only.
 
     python -m boost.experiment --config configs/experiment_gridnav.yaml [--quick] [--out DIR] [--report-only]
+        [--arms A,B] [--seeds 0,3]
+
+``--arms`` / ``--seeds`` train a part of the grid (e.g. one process per arm and seed, all into one
+``--out``; give parallel processes different arms, or let one finish an arm's tuning first); the
+report covers every finished run of the whole grid.
 
 ``--report-only`` trains nothing: it writes the results over the runs already finished (e.g. while
 per-arm or per-seed processes of the same grid are still running into the same folder).
@@ -425,31 +430,48 @@ def finished_runs(spec: dict[str, Any], out: Path) -> tuple[dict, dict, list[str
     return lrs, {a: by for a, by in runs.items() if by}, missing
 
 
-def run_experiment(spec: dict[str, Any], out: Path, report_only: bool = False) -> dict[str, Any]:
+def run_experiment(
+    spec: dict[str, Any],
+    out: Path,
+    report_only: bool = False,
+    arms: list[str] | None = None,
+    seeds: list[int] | None = None,
+) -> dict[str, Any]:
     """Train every run of the grid that has no ``final.json`` yet (``report_only``: none), then write
-    ``results.json``, ``results.md`` and the plots over the finished runs."""
+    ``results.json``, ``results.md`` and the plots over the finished runs.
+
+    ``arms`` / ``seeds``: train only these arms / seeds of the grid (e.g. one process per arm and seed
+    into the same ``out``); the report still covers the whole grid and lists what has not run."""
     out.mkdir(parents=True, exist_ok=True)
     if report_only:
-        lrs, runs, missing = finished_runs(spec, out)
-        if not runs:
-            raise ExperimentError(f"{out}: no finished run of this grid (no <arm>/seed<k>/final.json)")
-        return write_results(spec, out, lrs, {}, runs, missing)
+        return _report_finished(spec, out)
     write_text_atomic(out / "experiment.yaml", yaml.safe_dump(spec))
     data = ensure_data(spec, out)
+    chosen_arms = {n: o for n, o in spec["arms"].items() if arms is None or n in arms}
+    chosen_seeds = [s for s in spec["seeds"] if seeds is None or s in seeds]
     lrs, tuning, runs = {}, {}, {}
-    total = len(spec["arms"]) * len(spec["seeds"])
+    total = len(chosen_arms) * len(chosen_seeds)
     done = 0
-    for name, overrides in spec["arms"].items():
+    for name, overrides in chosen_arms.items():
         lrs[name], tuned, tuning[name] = tune_arm(spec, name, overrides, out, data)
         runs[name] = {}
-        for seed in spec["seeds"]:
+        for seed in chosen_seeds:
             runs[name][seed] = run_one(spec, overrides, run_folder(out, name, seed), spec["steps"], seed, lrs[name],
                                        data, spec["episodes"], tuned)  # fmt: skip
             done += 1
             r = runs[name][seed]
             log.info("[%d/%d] %s seed %d: success %.3f, test loss %.4f, %.0f s", done, total, name, seed,
                      r.get("success_rate", math.nan), r.get("test_loss") or math.nan, r.get("wall_seconds", 0))  # fmt: skip
+    if arms is not None or seeds is not None:  # a part of the grid: report over every finished run
+        return _report_finished(spec, out)
     return write_results(spec, out, lrs, tuning, runs, [])
+
+
+def _report_finished(spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    lrs, runs, missing = finished_runs(spec, out)
+    if not runs:
+        raise ExperimentError(f"{out}: no finished run of this grid (no <arm>/seed<k>/final.json)")
+    return write_results(spec, out, lrs, {}, runs, missing)
 
 
 def write_results(spec, out: Path, lrs, tuning, runs, missing: list[str]) -> dict[str, Any]:
@@ -478,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="train nothing: write the results over the runs already finished in --out")  # fmt: skip
     parser.add_argument("--reference", help="the arm the paired differences are taken against (default: the "
                         "file's reference, else boost)")  # fmt: skip
+    parser.add_argument("--arms", help="comma-separated: train only these arms of the grid (the report covers "
+                        "every finished run)")  # fmt: skip
+    parser.add_argument("--seeds", help="comma-separated integers: train only these seeds of the grid")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
@@ -490,9 +515,25 @@ def main(argv: list[str] | None = None) -> int:
                 f"--reference {args.reference!r} is not an arm of {args.config} ({', '.join(spec['arms'])})"
             )
         spec["reference"] = args.reference
+    arms = seeds = None
+    if args.arms is not None:
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        absent = [a for a in arms if a not in spec["arms"]]
+        if absent or not arms:
+            parser.error(f"--arms {args.arms!r}: {repr(absent[0]) if absent else 'no arm'} is not an arm of "
+                         f"{args.config} ({', '.join(spec['arms'])})")  # fmt: skip
+    if args.seeds is not None:
+        try:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,3")
+        absent = [s for s in seeds if s not in spec["seeds"]]
+        if absent or not seeds:
+            parser.error(f"--seeds {args.seeds!r}: {absent[0] if absent else 'no seed'} is not a seed of "
+                         f"{args.config} (seeds: {spec['seeds']})")  # fmt: skip
     out = Path(args.out or f"runs/experiment-{spec['env']}{'-quick' if args.quick else ''}")
     try:
-        run_experiment(spec, out, report_only=args.report_only)
+        run_experiment(spec, out, report_only=args.report_only, arms=arms, seeds=seeds)
     except ExperimentError as exc:
         parser.error(str(exc))
     print(f"results: {out / 'results.md'}")

@@ -89,6 +89,21 @@ def test_report_only_trains_nothing_and_lists_what_did_not_run(tmp_path):
         experiment(["--config", str(two_seeds), "--out", str(tmp_path / "empty"), "--report-only"])
 
 
+def test_arms_and_seeds_train_a_part_of_the_grid_and_report_the_whole(tmp_path, capsys):
+    out = tmp_path / "out"
+    path = _spec(tmp_path, lr_grid=[0.001], seeds=[0, 1])
+    assert experiment(["--config", str(path), "--out", str(out), "--arms", "uniform", "--seeds", "1"]) == 0
+    assert (out / "uniform" / "seed1" / "final.json").exists()
+    assert not (out / "uniform" / "seed0").exists() and not (out / "boost").exists()
+    results = json.loads((out / "results.json").read_text())
+    assert sorted(results["not_run"]) == ["boost seed 0", "boost seed 1", "uniform seed 0"]
+    for bad, message in ((["--arms", "uniform,nope"], "'nope' is not an arm"),
+                         (["--seeds", "0,7"], "7 is not a seed"), (["--seeds", "a"], "comma-separated integers")):  # fmt: skip
+        with pytest.raises(SystemExit):
+            experiment(["--config", str(path), "--out", str(out), *bad])
+        assert message in capsys.readouterr().err
+
+
 def test_the_refilter_plot_shows_the_share_kept_per_source_of_refiltering_arms_only(tmp_path):
     from boost.experiment import plot_refilters
 
