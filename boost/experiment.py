@@ -518,19 +518,19 @@ def main(argv: list[str] | None = None) -> int:
     arms = seeds = None
     if args.arms is not None:
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-        absent = [a for a in arms if a not in spec["arms"]]
-        if absent or not arms:
-            parser.error(f"--arms {args.arms!r}: {repr(absent[0]) if absent else 'no arm'} is not an arm of "
-                         f"{args.config} ({', '.join(spec['arms'])})")  # fmt: skip
+        absent = [a for a in arms if a not in spec["arms"]] if arms else ["(none given)"]
+        if absent:
+            parser.error(f"--arms {args.arms!r}: {absent[0]!r} is not an arm of {args.config} "
+                         f"({', '.join(spec['arms'])})")  # fmt: skip
     if args.seeds is not None:
         try:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
         except ValueError:
             parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,3")
-        absent = [s for s in seeds if s not in spec["seeds"]]
-        if absent or not seeds:
-            parser.error(f"--seeds {args.seeds!r}: {absent[0] if absent else 'no seed'} is not a seed of "
-                         f"{args.config} (seeds: {spec['seeds']})")  # fmt: skip
+        absent = [s for s in seeds if s not in spec["seeds"]] if seeds else ["(none given)"]
+        if absent:
+            parser.error(f"--seeds {args.seeds!r}: {absent[0]} is not a seed of {args.config} "
+                         f"(seeds: {spec['seeds']})")  # fmt: skip
     out = Path(args.out or f"runs/experiment-{spec['env']}{'-quick' if args.quick else ''}")
     try:
         run_experiment(spec, out, report_only=args.report_only, arms=arms, seeds=seeds)

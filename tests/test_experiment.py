@@ -98,7 +98,8 @@ def test_arms_and_seeds_train_a_part_of_the_grid_and_report_the_whole(tmp_path, 
     results = json.loads((out / "results.json").read_text())
     assert sorted(results["not_run"]) == ["boost seed 0", "boost seed 1", "uniform seed 0"]
     for bad, message in ((["--arms", "uniform,nope"], "'nope' is not an arm"),
-                         (["--seeds", "0,7"], "7 is not a seed"), (["--seeds", "a"], "comma-separated integers")):  # fmt: skip
+                         (["--seeds", "0,7"], "7 is not a seed"), (["--seeds", "a"], "comma-separated integers"),
+                         (["--arms", ","], "'(none given)' is not an arm")):  # fmt: skip
         with pytest.raises(SystemExit):
             experiment(["--config", str(path), "--out", str(out), *bad])
         assert message in capsys.readouterr().err
