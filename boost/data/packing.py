@@ -337,7 +337,6 @@ class TrajectoryPacker:
         self.counted = np.array([t.num_counted for t in trajectories], dtype=np.int64)
         self.sources = [t.source for t in trajectories]
         self.epoch_stats: dict[int, PackingStats] = {}  # filled by plan(): what each epoch's batches hold
-        self._last_logged = ""  # the last epoch summary logged at INFO (a repeat goes to DEBUG)
         limit = self.config.row_length
         too_long = np.flatnonzero(self.lengths > limit)
         if len(too_long):
@@ -370,11 +369,11 @@ class TrajectoryPacker:
         stats = self.epoch_stats[epoch] = self.stats(plan)
         if first:
             # a small split cycled every few steps (validation) repeats one summary for hundreds of
-            # epochs: log a summary at INFO when it changes, repeats at DEBUG
+            # epochs: a summary equal to the previous epoch's goes to DEBUG
             summary = stats.summary()
-            level = logging.DEBUG if summary == self._last_logged else logging.INFO
-            log.log(level, "%s, epoch %d: %s", self.name, epoch, summary)
-            self._last_logged = summary
+            previous = self.epoch_stats.get(epoch - 1)
+            repeat = previous is not None and previous.summary() == summary
+            log.log(logging.DEBUG if repeat else logging.INFO, "%s, epoch %d: %s", self.name, epoch, summary)
         return plan
 
     def stats(self, plan: Sequence[Sequence[int]]) -> PackingStats:
