@@ -489,6 +489,24 @@ def write_results(spec, out: Path, lrs, tuning, runs, missing: list[str]) -> dic
     return results
 
 
+def _subset(parser, flag: str, text: str | None, known: list, convert, noun: str, config: str) -> list | None:
+    """The comma-separated values of ``flag`` (each ``convert``ed: ``str`` or ``int``), every one in
+    ``known``; None when the flag is not given. A bad, empty or unknown value is a parser error that
+    names it and lists ``known``."""
+    if text is None:
+        return None
+    try:
+        values = [convert(v.strip()) for v in text.split(",") if v.strip()]
+    except ValueError:
+        parser.error(f"{flag} {text!r}: give comma-separated integers, e.g. {flag} 0,3")
+    absent = [v for v in values if v not in known] if values else ["(none given)"]
+    if absent:
+        parser.error(
+            f"{flag} {text!r}: {absent[0]!r} is not {noun} of {config} ({', '.join(map(str, known))})"
+        )
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m boost.experiment", description="Arms x seeds of the trainer."
@@ -515,22 +533,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"--reference {args.reference!r} is not an arm of {args.config} ({', '.join(spec['arms'])})"
             )
         spec["reference"] = args.reference
-    arms = seeds = None
-    if args.arms is not None:
-        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-        absent = [a for a in arms if a not in spec["arms"]] if arms else ["(none given)"]
-        if absent:
-            parser.error(f"--arms {args.arms!r}: {absent[0]!r} is not an arm of {args.config} "
-                         f"({', '.join(spec['arms'])})")  # fmt: skip
-    if args.seeds is not None:
-        try:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-        except ValueError:
-            parser.error(f"--seeds {args.seeds!r}: give comma-separated integers, e.g. --seeds 0,3")
-        absent = [s for s in seeds if s not in spec["seeds"]] if seeds else ["(none given)"]
-        if absent:
-            parser.error(f"--seeds {args.seeds!r}: {absent[0]} is not a seed of {args.config} "
-                         f"(seeds: {spec['seeds']})")  # fmt: skip
+    arms = _subset(parser, "--arms", args.arms, list(spec["arms"]), str, "an arm", args.config)
+    seeds = _subset(parser, "--seeds", args.seeds, spec["seeds"], int, "a seed", args.config)
     out = Path(args.out or f"runs/experiment-{spec['env']}{'-quick' if args.quick else ''}")
     try:
         run_experiment(spec, out, report_only=args.report_only, arms=arms, seeds=seeds)
