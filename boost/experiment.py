@@ -209,30 +209,54 @@ def run_one(spec: dict[str, Any], overrides: list[str], folder: Path, steps: int
     return final
 
 
+def _tuning_candidates(spec, name) -> tuple[list[str], list[tuple]]:
+    """(setting names, candidates) of an arm's tuning grid: each candidate is (lr, *setting values)."""
+    grid = spec["tune"].get(name, {})
+    keys = list(grid)
+    return keys, list(itertools.product(spec["lr_grid"] or [None], *(grid[k] for k in keys)))
+
+
+def _tuning_folder(out: Path, name: str, keys: list[str], candidate: tuple) -> Path:
+    parts = [f"lr{candidate[0]}"] + [f"{k}={v}" for k, v in zip(keys, candidate[1:])]
+    return out / name / ("tune-" + "-".join(parts))
+
+
+def _tuning_label(keys: list[str], candidate: tuple) -> str:
+    """The score label of a candidate: its lr, then each setting (an lr-only grid keeps plain lr labels)."""
+    if not keys:
+        return str(candidate[0])
+    return ",".join([f"lr{candidate[0]}"] + [f"{k}={v}" for k, v in zip(keys, candidate[1:])])
+
+
 def tune_arm(spec, name, overrides, out, data) -> tuple[float | None, dict[str, Any], dict[str, float]]:
     """(learning rate, {setting: value}, validation loss per candidate) of the arm: the combination of
     ``lr_grid`` and the arm's ``tune`` grid with the lowest validation loss after ``tune_steps`` at
     ``tune_seed``. A single candidate is taken without a run (lr None: no lr_grid)."""
-    grid = spec["tune"].get(name, {})
-    keys = list(grid)
-    candidates = list(itertools.product(spec["lr_grid"] or [None], *(grid[k] for k in keys)))
+    keys, candidates = _tuning_candidates(spec, name)
     if len(candidates) == 1:
         return candidates[0][0], dict(zip(keys, candidates[0][1:])), {}
-
-    def parts(candidate) -> list[str]:  # its folder name and score label: lr, then each setting
-        return [f"lr{candidate[0]}"] + [f"{k}={v}" for k, v in zip(keys, candidate[1:])]
-
-    def label(candidate) -> str:  # an lr-only grid keeps its plain lr labels
-        return ",".join(parts(candidate)) if keys else str(candidate[0])
-
     scores = {}
     for candidate in candidates:
-        final = run_one(spec, overrides, out / name / ("tune-" + "-".join(parts(candidate))), spec["tune_steps"],
+        final = run_one(spec, overrides, _tuning_folder(out, name, keys, candidate), spec["tune_steps"],
                         spec["tune_seed"], candidate[0], data, episodes=0,
                         tuned=dict(zip(keys, candidate[1:])))  # fmt: skip
-        scores[label(candidate)] = final["validation_loss"]
-    best = min(candidates, key=lambda c: scores[label(c)])
+        scores[_tuning_label(keys, candidate)] = final["validation_loss"]
+    best = min(candidates, key=lambda c: scores[_tuning_label(keys, c)])
     return best[0], dict(zip(keys, best[1:])), scores
+
+
+def finished_tuning(spec: dict[str, Any], out: Path) -> dict[str, dict[str, float]]:
+    """Validation loss per tuning candidate of each arm, read back from the tuning runs in ``out`` (the
+    candidates not finished are left out; an arm with one candidate has none)."""
+    tuning = {}
+    for name in spec["arms"]:
+        keys, candidates = _tuning_candidates(spec, name)
+        if len(candidates) == 1:
+            tuning[name] = {}
+            continue
+        finals = {_tuning_label(keys, c): read_final(_tuning_folder(out, name, keys, c)) for c in candidates}
+        tuning[name] = {label: f["validation_loss"] for label, f in finals.items() if f is not None}
+    return tuning
 
 
 def aggregate(runs: dict[str, dict[int, dict]], reference: str | None, out: Path) -> dict[str, Any]:
@@ -471,7 +495,7 @@ def _report_finished(spec: dict[str, Any], out: Path) -> dict[str, Any]:
     lrs, runs, missing = finished_runs(spec, out)
     if not runs:
         raise ExperimentError(f"{out}: no finished run of this grid (no <arm>/seed<k>/final.json)")
-    return write_results(spec, out, lrs, {}, runs, missing)
+    return write_results(spec, out, lrs, finished_tuning(spec, out), runs, missing)
 
 
 def write_results(spec, out: Path, lrs, tuning, runs, missing: list[str]) -> dict[str, Any]:
@@ -533,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"--reference {args.reference!r} is not an arm of {args.config} ({', '.join(spec['arms'])})"
             )
         spec["reference"] = args.reference
+    if args.report_only and (args.arms is not None or args.seeds is not None):
+        parser.error("--report-only trains nothing and reports the whole grid; --arms and --seeds choose what "
+                     "to train: give one or the other")  # fmt: skip
     arms = _subset(parser, "--arms", args.arms, list(spec["arms"]), str, "an arm", args.config)
     seeds = _subset(parser, "--seeds", args.seeds, spec["seeds"], int, "a seed", args.config)
     out = Path(args.out or f"runs/experiment-{spec['env']}{'-quick' if args.quick else ''}")

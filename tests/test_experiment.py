@@ -99,7 +99,8 @@ def test_arms_and_seeds_train_a_part_of_the_grid_and_report_the_whole(tmp_path, 
     assert sorted(results["not_run"]) == ["boost seed 0", "boost seed 1", "uniform seed 0"]
     for bad, message in ((["--arms", "uniform,nope"], "'nope' is not an arm"),
                          (["--seeds", "0,7"], "7 is not a seed"), (["--seeds", "a"], "comma-separated integers"),
-                         (["--arms", ","], "'(none given)' is not an arm")):  # fmt: skip
+                         (["--arms", ","], "'(none given)' is not an arm"),
+                         (["--report-only", "--seeds", "0"], "give one or the other")):  # fmt: skip
         with pytest.raises(SystemExit):
             experiment(["--config", str(path), "--out", str(out), *bad])
         assert message in capsys.readouterr().err
@@ -162,6 +163,11 @@ def test_an_arms_tune_grid_is_chosen_with_lr_on_validation_and_applied_to_its_ru
     run = yaml.safe_load((out / "return_filter" / "seed0" / "config.yaml").read_text())
     assert run["weighting"]["top_fraction"] == float(best)
     assert f"weighting.top_fraction={float(best)}" in (out / "results.md").read_text()
+    assert experiment(["--config", str(path), "--out", str(out), "--report-only"]) == 0  # reads them back
+    assert (
+        json.loads((out / "results.json").read_text())["lr_tuning_validation_loss"]
+        == results["lr_tuning_validation_loss"]
+    )
     with pytest.raises(ExperimentError, match="tune names 'nope'"):
         load_spec(_spec(tmp_path, tune={"nope": {"head.init_mass": [1.0]}}))
     with pytest.raises(ExperimentError, match="tuned by lr_grid"):
