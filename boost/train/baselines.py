@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -260,39 +261,52 @@ def awr_factors(
 
 
 @torch.no_grad()
+def pool_batches(trainer, features: bool) -> Iterator[tuple[Any, Any, Any]]:
+    """(batch, losses, head features or None) for every batch of the training pool (epoch-0 order),
+    under the current model in eval mode (restored after), without gradients. ``features``: also build
+    the head's :func:`trajectory_features` as the trainer does (source and returns as its config says).
+    """
+    cfg = trainer.cfg
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        with torch.no_grad():
+            for batch in trainer.data.train.batches(0):
+                batch = batch.to(trainer.device)
+                hidden = trainer.hidden_states(batch)
+                losses = trainer.losses(hidden, batch)
+                f = None
+                if features:
+                    f = trajectory_features(
+                        hidden, batch.segment_ids, batch.segment_ids >= 0, losses.per_trajectory,
+                        losses.num_tokens, ~batch.is_real,
+                        source=trainer._source_index(batch) if cfg.head.num_sources else None,
+                        returns=torch.nan_to_num(batch.rewards) if cfg.head.use_returns else None,
+                    )  # fmt: skip
+                yield batch, losses, f
+    finally:
+        trainer.model.train(was_training)
+
+
 def pool_weights(trainer) -> dict[int, float]:
     """Trajectory index (into the training packer's list) -> weight under the final model and head.
 
     Learned heads: the unnormalised score times the mass (so weights compare across batches); other
     methods: the weight the method gives (1 or 0).
     """
-    cfg = trainer.cfg
     method = trainer.method
     out: dict[int, float] = {}
     if method not in LEARNED and method != "loss_filter":  # weight 1 on every kept trajectory: no forward
         return {t.index: 1.0 for t in trainer.data.train.trajectories if t.source != "real"}
-    was_training = trainer.model.training
-    trainer.model.eval()
-    try:
-        for batch in trainer.data.train.batches(0):
-            batch = batch.to(trainer.device)
-            hidden = trainer.hidden_states(batch)
-            losses = trainer.losses(hidden, batch)
-            synthetic = ~batch.is_real
-            if method in LEARNED:
-                f = trajectory_features(
-                    hidden, batch.segment_ids, batch.segment_ids >= 0, losses.per_trajectory, losses.num_tokens,
-                    synthetic, source=trainer._source_index(batch) if cfg.head.num_sources else None,
-                    returns=torch.nan_to_num(batch.rewards) if cfg.head.use_returns else None,
-                )  # fmt: skip
-                w = trainer.head.scores(f) * trainer.head.mass
-            else:
-                w = fixed_weights(method, losses.per_trajectory, synthetic, cfg.weighting.loss_drop)
-            for i, value, syn in zip(batch.trajectory_index.tolist(), w.tolist(), synthetic.tolist()):
-                if syn:
-                    out[i] = value
-    finally:
-        trainer.model.train(was_training)
+    for batch, losses, f in pool_batches(trainer, features=method in LEARNED):
+        synthetic = ~batch.is_real
+        if f is not None:
+            w = trainer.head.scores(f) * trainer.head.mass
+        else:
+            w = fixed_weights(method, losses.per_trajectory, synthetic, trainer.cfg.weighting.loss_drop)
+        for i, value, syn in zip(batch.trajectory_index.tolist(), w.tolist(), synthetic.tolist()):
+            if syn:
+                out[i] = value
     return out
 
 

@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from boost.bilevel.reweighting import trajectory_features
 from boost.config import load_config
+from boost.train.baselines import pool_batches
 from boost.train.config import TrainConfig
 from boost.train.loop import Trainer
 
@@ -27,20 +27,12 @@ def main(run: str) -> None:
         raise SystemExit(f"{run}: no checkpoint to load (checkpoints/ is empty)")
     print(f"step {trainer.step}, reference scale {float(trainer.head.reference_scale):.3f}")
     rows = collections.defaultdict(list)
-    trainer.model.eval()
-    with torch.no_grad():
-        for batch in trainer.data.train.batches(0):
-            hidden = trainer.hidden_states(batch)
-            losses = trainer.losses(hidden, batch)
-            f = trajectory_features(
-                hidden, batch.segment_ids, batch.segment_ids >= 0, losses.per_trajectory, losses.num_tokens,
-                ~batch.is_real, source=trainer._source_index(batch),
-            )  # fmt: skip
-            d = trainer.head.shift_distance(f.pooled)
-            w = trainer.head.scores(f) * trainer.head.mass
-            sources = [trainer.data.train_trajectories[i].source for i in batch.trajectory_index.tolist()]
-            for row in zip(sources, d.tolist(), w.tolist(), f.loss.tolist()):
-                rows[row[0]].append(row[1:])
+    for batch, _, f in pool_batches(trainer, features=True):
+        d = trainer.head.shift_distance(f.pooled)
+        w = trainer.head.scores(f) * trainer.head.mass
+        sources = [trainer.data.train_trajectories[i].source for i in batch.trajectory_index.tolist()]
+        for row in zip(sources, d.tolist(), w.tolist(), f.loss.tolist()):
+            rows[row[0]].append(row[1:])
     for source, values in sorted(rows.items()):
         t = torch.tensor(values)
         print(f"{source:15s} n={len(values):4d}  d mean {t[:, 0].mean():.3f} (10% {t[:, 0].quantile(0.1):.3f}, "
