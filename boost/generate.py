@@ -46,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sources",
         default=DEFAULT_SOURCES,
-        help="NAME:COUNT list; names: real, expert_shifted, eps<E> (0<E<=1), random, corrupt, lm_rollout "
+        help="NAME:COUNT list; names: real, expert_shifted, eps<E> (0<E<=1), random, sticky, corrupt, lm_rollout "
         f"(default: {DEFAULT_SOURCES})",
     )
     parser.add_argument("--split", default="train", choices=SPLITS, help="task pool (default: train)")

@@ -6,6 +6,7 @@ Sources (the ``source`` field of each trajectory, what a user sees):
 - ``expert_shifted``: the expert on the shifted variant of the environment (task shift).
 - ``eps<E>`` (e.g. ``eps0.3``): the expert taking a random action with probability E (quality).
 - ``random``: the random policy.
+- ``sticky``: a stuck agent: a random first action, repeated every turn (low loss, no skill).
 - ``corrupt``: the expert with a share of its actions truncated or malformed (format errors).
 - ``lm_rollout``: a language model acting through its chat template (see :mod:`boost.rollout.generation`).
 
@@ -29,10 +30,17 @@ from tqdm.auto import tqdm
 from boost.data.format import Trajectory
 from boost.envs.base import EnvError, check_split
 from boost.envs.episode import Episode, play_episode
-from boost.envs.policies import CORRUPTIONS, CorruptExpert, EpsilonExpert, expert_policy, random_policy
+from boost.envs.policies import (
+    CORRUPTIONS,
+    CorruptExpert,
+    EpsilonExpert,
+    StickyPolicy,
+    expert_policy,
+    random_policy,
+)
 from boost.envs.registry import make_env, shifted_env_name
 
-FIXED_SOURCES = ("real", "expert_shifted", "random", "corrupt", "lm_rollout")
+FIXED_SOURCES = ("real", "expert_shifted", "random", "sticky", "corrupt", "lm_rollout")
 _EPS_SOURCE = re.compile(r"eps(\d+(?:\.\d+)?)")
 
 
@@ -149,6 +157,8 @@ def _scripted(config: GeneratorConfig, source: str, count: int, progress: bool) 
             env_name = shift = config.shift_env or shifted_env_name(config.env)
     elif source == "random":
         policy, generator, epsilon = random_policy, "random", 1.0
+    elif source == "sticky":
+        policy, generator, epsilon = StickyPolicy(), "sticky", 1.0
     elif source == "corrupt":
         policy, generator, epsilon = CorruptExpert(config.corrupt_prob, config.corruptions), "corrupt", 0.0
     else:

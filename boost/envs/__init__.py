@@ -8,7 +8,7 @@ Minesweeper and FrozenLake. See :func:`env_names`.
 
 from boost.envs.base import SPLITS, Env, EnvError, Step, Task, split_of
 from boost.envs.episode import END_REASONS, Episode, play_episode
-from boost.envs.policies import CorruptExpert, EpsilonExpert, expert_policy, random_policy
+from boost.envs.policies import CorruptExpert, EpsilonExpert, StickyPolicy, expert_policy, random_policy
 from boost.envs.registry import BUILTIN_ENVS, describe_env, env_names, make_env, shifted_env_name
 
 __all__ = [
@@ -20,6 +20,7 @@ __all__ = [
     "EnvError",
     "Episode",
     "EpsilonExpert",
+    "StickyPolicy",
     "Step",
     "Task",
     "describe_env",

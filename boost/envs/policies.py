@@ -1,4 +1,5 @@
-"""Scripted policies: the expert, the random policy, the epsilon-random expert, the format corrupter.
+"""Scripted policies: the expert, the random policy, the epsilon-random expert, the format corrupter,
+the stuck agent.
 
 A policy is called as ``policy(env, rng) -> action text`` on an environment that has been reset.
 Policies that deviate from the expert count their deviations in ``counts`` (reset per episode by
@@ -55,6 +56,27 @@ class EpsilonExpert:
             self.counts["n_random_actions"] += 1
             return env.random_action(rng)
         return env.expert_action()
+
+
+class StickyPolicy:
+    """A stuck agent: a random first action, then the same action every turn (an agent looping on one
+    action). Its trajectories are easy to predict after the first reply (low loss once learned) and
+    teach nothing of the task. ``counts["n_random_actions"]``: the turns whose action is not the
+    expert's."""
+
+    def __init__(self) -> None:
+        self.reset_counts()
+
+    def reset_counts(self) -> None:
+        self.counts = {"n_random_actions": 0}
+        self._action: str | None = None
+
+    def __call__(self, env: Env, rng: random.Random) -> str:
+        if self._action is None:
+            self._action = env.random_action(rng)
+        if self._action != env.expert_action():
+            self.counts["n_random_actions"] += 1
+        return self._action
 
 
 class CorruptExpert:

@@ -117,7 +117,7 @@ def ground_truth_quality(meta: dict[str, Any]) -> float | None:
     generator, turns = meta.get("generator"), meta.get("turns") or 0
     if generator == "random":
         return 0.0
-    if generator in ("expert", "eps_expert", "corrupt") and turns:
+    if generator in ("expert", "eps_expert", "corrupt", "sticky") and turns:
         bad = meta.get("n_random_actions", 0) + meta.get("n_corrupted", 0)
         return 1.0 - bad / turns
     if generator == "expert":

@@ -206,3 +206,24 @@ def test_lm_rollout_source_through_the_cli(tiny_model_dir, tmp_path):
         assert all(len(m["content"]) > 0 for m in record.messages)
     summary = json.loads((tmp_path / "lm.summary.json").read_text())
     assert summary["sources"]["lm_rollout"]["count"] == 3
+
+
+@pytest.mark.parametrize("env", ["gridnav", "guess-compact"])
+def test_sticky_repeats_its_first_action_and_counts_the_non_expert_turns(env):
+    from boost.train.baselines import ground_truth_quality
+
+    data = generate(GeneratorConfig(env=env, sources={"sticky": 20, "real": 2}, seed=3), progress=False)
+    sticky = [t for t in data if t.source == "sticky"]
+    assert len(sticky) == 20
+    firsts = set()
+    for traj in sticky:
+        actions = [m["content"] for m in traj.messages if m["role"] == "assistant"]
+        assert len(set(actions)) == 1 and len(actions) == traj.meta["turns"]  # one action, every turn
+        firsts.add(actions[0])
+        assert traj.meta["generator"] == "sticky" and 0 <= traj.meta["n_random_actions"] <= traj.meta["turns"]
+        assert ground_truth_quality(traj.meta) == 1.0 - traj.meta["n_random_actions"] / traj.meta["turns"]
+    assert len(firsts) > 1  # the first action is random, not one fixed move
+    assert sum(t.meta["n_random_actions"] for t in sticky) > sum(t.meta["turns"] for t in sticky) / 2
+    assert sum(t.meta["success"] for t in sticky) < len(sticky) / 2
+    with pytest.raises(EnvError, match="sticky"):
+        parse_sources("stuck:3")
