@@ -260,7 +260,6 @@ def awr_factors(
 # ---- analysis of the final weights over the whole synthetic pool --------------------------------------
 
 
-@torch.no_grad()
 def pool_batches(trainer, features: bool) -> Iterator[tuple[Any, Any, Any]]:
     """(batch, losses, head features or None) for every batch of the training pool (epoch-0 order),
     under the current model in eval mode (restored after), without gradients. ``features``: also build
@@ -288,6 +287,7 @@ def pool_batches(trainer, features: bool) -> Iterator[tuple[Any, Any, Any]]:
         trainer.model.train(was_training)
 
 
+@torch.no_grad()
 def pool_weights(trainer) -> dict[int, float]:
     """Trajectory index (into the training packer's list) -> weight under the final model and head.
 

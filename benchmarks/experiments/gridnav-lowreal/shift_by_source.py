@@ -21,6 +21,7 @@ from boost.train.config import TrainConfig
 from boost.train.loop import Trainer
 
 
+@torch.no_grad()
 def main(run: str) -> None:
     trainer = Trainer(load_config(TrainConfig, f"{run}/config.yaml"), progress=False)
     if not trainer.resume():
