@@ -216,16 +216,18 @@ def _tuning_candidates(spec, name) -> tuple[list[str], list[tuple]]:
     return keys, list(itertools.product(spec["lr_grid"] or [None], *(grid[k] for k in keys)))
 
 
+def _tuning_parts(keys: list[str], candidate: tuple) -> list[str]:
+    """A candidate's name parts, for its folder and its score label: its lr, then each setting."""
+    return [f"lr{candidate[0]}"] + [f"{k}={v}" for k, v in zip(keys, candidate[1:])]
+
+
 def _tuning_folder(out: Path, name: str, keys: list[str], candidate: tuple) -> Path:
-    parts = [f"lr{candidate[0]}"] + [f"{k}={v}" for k, v in zip(keys, candidate[1:])]
-    return out / name / ("tune-" + "-".join(parts))
+    return out / name / ("tune-" + "-".join(_tuning_parts(keys, candidate)))
 
 
 def _tuning_label(keys: list[str], candidate: tuple) -> str:
-    """The score label of a candidate: its lr, then each setting (an lr-only grid keeps plain lr labels)."""
-    if not keys:
-        return str(candidate[0])
-    return ",".join([f"lr{candidate[0]}"] + [f"{k}={v}" for k, v in zip(keys, candidate[1:])])
+    """The score label of a candidate (an lr-only grid keeps plain lr labels)."""
+    return ",".join(_tuning_parts(keys, candidate)) if keys else str(candidate[0])
 
 
 def tune_arm(spec, name, overrides, out, data) -> tuple[float | None, dict[str, Any], dict[str, float]]:
