@@ -85,7 +85,10 @@ def test_the_flash_path_trains_like_the_block_mask(assets, tmp_path, monkeypatch
     assert generated_with == ["sdpa"] and flash.model.config._attn_implementation == "flash_attention_2"
     for a, b in zip(_metrics(tmp_path / "flash"), _metrics(tmp_path / "mask")):
         for key in ("loss", "val_loss", "n_eff", "real_train_loss"):
-            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
+            if b[key] is None:  # a batch without real trajectories logs null on both paths
+                assert a[key] is None, key
+            else:
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), key
 
 
 def test_the_finite_differences_of_block_trainable_run_in_float32_under_bf16(assets, tmp_path, monkeypatch):
