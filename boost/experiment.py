@@ -2,6 +2,9 @@
 
     python -m boost.experiment --config configs/experiment_gridnav.yaml [--quick] [--out DIR] [--report-only]
         [--arms A,B] [--seeds 0,3]
+    python -m boost.experiment analyse {ranking,shift-by-source,key-pool-weights,add-filtered-out} ...
+
+``analyse`` reads finished runs' records and trains nothing (:mod:`boost.analysis`).
 
 ``--arms`` / ``--seeds`` train a part of the grid (e.g. one process per arm and seed, all into one
 ``--out``; give parallel processes different arms, or let one finish an arm's tuning first); the
@@ -56,6 +59,8 @@ from typing import Any
 
 import yaml
 
+from boost import analysis
+from boost.analysis import read_pool_rows
 from boost.atomic import write_json_atomic, write_text_atomic
 from boost.config import load_config
 from boost.data.format import write_jsonl
@@ -290,7 +295,7 @@ def _source_weights(folder: Path, final: dict) -> dict[str, float]:
     pool = folder / "pool_weights.jsonl"
     if not pool.exists():
         return final.get("mean_weight_per_source") or {}
-    rows = [json.loads(line) for line in pool.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = read_pool_rows(pool)
     return relative_source_means([(r["source"], r["weight"]) for r in rows])
 
 
@@ -398,7 +403,7 @@ def write_plots(table, runs, out: Path) -> list[Path]:
     if pools:
         fig, axes = plt.subplots(1, len(pools), figsize=(5 * len(pools), 3.5), squeeze=False)
         for ax, (arm, p) in zip(axes[0], pools.items()):
-            rows = [json.loads(x) for x in p.read_text().splitlines()]
+            rows = read_pool_rows(p)
             for k, src in enumerate(sorted({r["source"] for r in rows})):
                 pts = [r for r in rows if r["source"] == src and r["quality"] is not None]
                 ax.scatter(
@@ -534,8 +539,13 @@ def _subset(parser, flag: str, text: str | None, known: list, convert, noun: str
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] in (["analyse"], ["analyze"]):  # analyses of finished runs' records (boost/analysis.py)
+        return analysis.main(argv[1:])
     parser = argparse.ArgumentParser(
-        prog="python -m boost.experiment", description="Arms x seeds of the trainer."
+        prog="python -m boost.experiment",
+        description="Arms x seeds of the trainer.",
+        epilog="python -m boost.experiment analyse --help: analyses of finished runs' records (train nothing)",
     )
     parser.add_argument("--config", required=True, help="the experiment YAML file (see the module docstring)")
     parser.add_argument("--quick", action="store_true", help="the file's quick grid")

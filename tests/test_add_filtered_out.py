@@ -1,30 +1,21 @@
-"""benchmarks/experiments/add_filtered_out.py rebuilds what the trainer now writes for a filter run."""
+"""``python -m boost.experiment analyse add-filtered-out`` rebuilds what the trainer now writes for a filter run."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from boost import analysis as script
 from boost.config import load_config
 from boost.generate import main as generate
 from boost.train import TrainConfig, Trainer
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "experiments" / "add_filtered_out.py"
 TINY = ["model.name=cpu", "model.hidden_size=32", "model.layers=1", "model.heads=2", "data.token_budget=2048",
         "data.rows=4", "data.max_length=512", "steps=1", "eval.episodes=0", "checkpoint_every=0",
         "threads=1"]  # fmt: skip
 ANALYSIS = ("spearman_quality", "spearman_return", "mean_weight_per_source", "n_eff_pool", "n_synthetic_pool",
             "n_filtered_out")  # fmt: skip
-
-
-def _script():
-    spec = importlib.util.spec_from_file_location("add_filtered_out", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("method", ["return_filter", "oracle"])
@@ -48,7 +39,6 @@ def test_an_old_filter_run_gets_the_rows_and_analysis_a_new_run_writes(tmp_path,
         del row["key"], row["task_id"]
     (run / "pool_weights.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     (run / "final.json").write_text(json.dumps({k: v for k, v in new_final.items() if k != "n_filtered_out"}))
-    script = _script()
     assert "filtered out listed with weight 0" in script.add_filtered_out(run)
     redone = json.loads((run / "final.json").read_text())
     for key in ANALYSIS:  # approx takes one level of dict: the per-source means are compared alone

@@ -208,7 +208,7 @@ def read_pool_weights(path: str | Path | None, synthetic: list[Trajectory]) -> l
         if "key" not in row:
             raise ValueError(
                 f"{path}:{lineno}: no 'key' (a pool_weights.jsonl written before trajectory keys); rewrite it "
-                "with benchmarks/experiments/key_pool_weights.py or rerun the weighting run"
+                "with python -m boost.experiment analyse key-pool-weights RUN or rerun the weighting run"
             )
         by_key[row["key"]].append(float(row["weight"]))
     keys = [trajectory_key(t) for t in synthetic]
