@@ -158,7 +158,9 @@ def _loads(where: str, text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        return TrajectoryReadError(where, "malformed_json", f"{err.msg} at column {err.colno}")
+        # some of json's messages end in "at" ("Unterminated string starting at"): no second "at"
+        at = "" if err.msg.endswith(" at") else " at"
+        return TrajectoryReadError(where, "malformed_json", f"{err.msg}{at} column {err.colno}")
     except RecursionError:
         return TrajectoryReadError(where, "malformed_json", "JSON nested too deeply")
     except ValueError as err:  # e.g. an integer literal longer than Python's int-to-str digit limit

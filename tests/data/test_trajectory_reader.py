@@ -125,6 +125,21 @@ def test_invalid_utf8_is_reported_with_the_byte(tmp_path):
     assert len(read) == 1 and report.skipped == {"invalid_utf8": 1}
 
 
+@pytest.mark.parametrize(
+    ("raw", "detail"),
+    [
+        ('{"messages": "unterminated', "Unterminated string starting at column 14"),
+        ('{"messages" 1}', "Expecting ':' delimiter at column 13"),
+    ],
+)
+def test_malformed_json_says_the_column_once(tmp_path, raw, detail):
+    path = tmp_path / "data.jsonl"
+    path.write_text(raw, encoding="utf-8")  # the last line, cut short: no newline ends the string
+    with pytest.raises(TrajectoryReadError) as info:
+        read_trajectories(path, strict=True)
+    assert info.value.detail == detail and " at at " not in str(info.value)
+
+
 def test_strict_stops_at_the_first_bad_line(tmp_path):
     path = write_lines(tmp_path, [line(), with_messages(USER), "{", line()])
     with pytest.raises(TrajectoryReadError, match=r"data\.jsonl:2: no_assistant_turn"):
