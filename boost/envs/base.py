@@ -82,6 +82,18 @@ class Step(NamedTuple):
     info: dict[str, Any]
 
 
+def stripped_span(text: str, chars: str) -> tuple[int, int]:
+    """(start, end) of ``text.strip().strip(chars).strip()`` inside ``text`` (what a parser that strips
+    whitespace, then the characters ``chars``, then whitespace again reads)."""
+    start, end = 0, len(text)
+    for inside in (str.isspace, chars.__contains__, str.isspace):
+        while start < end and inside(text[start]):
+            start += 1
+        while end > start and inside(text[end - 1]):
+            end -= 1
+    return start, end
+
+
 def parse_task_id(task_id: str, env_name: str) -> int:
     """The seed in ``"<env_name>/<seed>"``; a clear error for anything else."""
     prefix, sep, seed = task_id.rpartition("/")
@@ -172,6 +184,15 @@ class Env(ABC):
     @abstractmethod
     def random_action(self, rng: random.Random) -> str:
         """A uniformly random well-formed action (it may still be a bad move)."""
+
+    def action_span(self, reply: str) -> tuple[int, int] | None:
+        """Where the action the environment parses sits in ``reply``: ``(start, end)`` character offsets,
+        or None when the reply parses to no action. The decision tokens of the ``decision`` outer
+        objective (:mod:`boost.bilevel.objectives`) are the reply tokens inside this span.
+
+        The default is for free text without a parser: the whole reply (every agent token decides).
+        """
+        return (0, len(reply))
 
     def close(self) -> None:  # noqa: B027 (an optional hook: most environments hold nothing to release)
         """Release resources (processes, files); the default has none."""

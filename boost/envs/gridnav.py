@@ -20,7 +20,7 @@ import random
 from collections import deque
 from dataclasses import dataclass
 
-from boost.envs.base import Env, EnvError, Step, Task
+from boost.envs.base import Env, EnvError, Step, Task, stripped_span
 
 MOVES = {"up": (-1, 0), "down": (1, 0), "left": (0, -1), "right": (0, 1)}
 WALL, FLOOR, AGENT, GOAL = "#", ".", "A", "G"
@@ -111,9 +111,17 @@ def build_grid(config: GridNavConfig, seed: int) -> Grid:
 
 def parse_move(action: str) -> str | None:
     """The move named by a reply (first line, case and surrounding punctuation ignored), else None."""
-    lines = action.strip().splitlines()
-    word = lines[0].strip().strip(".!'\"`[]()").strip().lower() if lines else ""
+    span = _move_span(action)
+    word = action[span[0] : span[1]].lower()
     return word if word in MOVES else None
+
+
+def _move_span(action: str) -> tuple[int, int]:
+    """(start, end) in ``action`` of its first non-blank line without surrounding punctuation."""
+    lead = len(action) - len(action.lstrip())
+    first = (action[lead:].splitlines() or [""])[0]
+    start, end = stripped_span(first, ".!'\"`[]()")
+    return lead + start, lead + end
 
 
 class GridNavEnv(Env):
@@ -195,6 +203,10 @@ class GridNavEnv(Env):
                 return Step(f"{short} ; out of moves", 0.0, True, info)
             return Step(f"{message} Out of moves: the goal was not reached.", 0.0, True, info)
         return Step(self._describe(message, short), 0.0, False, info)
+
+    def action_span(self, reply: str) -> tuple[int, int] | None:
+        """The move word :func:`parse_move` reads (None: the reply names no move)."""
+        return _move_span(reply) if parse_move(reply) is not None else None
 
     def expert_action(self) -> str:
         r, c = self._agent

@@ -20,9 +20,10 @@ import random
 import re
 from dataclasses import dataclass
 
-from boost.envs.base import Env, EnvError, Step, Task
+from boost.envs.base import Env, EnvError, Step, Task, stripped_span
 
 _INTEGER = re.compile(r"[-+]?\d+")
+_AROUND = ".!'\"`[]()"  # what a reply may wrap its number in
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,8 @@ def build_task(config: GuessConfig, seed: int) -> tuple[int, int, int]:
 
 def parse_guess(action: str) -> int | None:
     """The reply as a whole number (surrounding spaces, brackets and a final period allowed), else None."""
-    text = action.strip().strip(".!'\"`[]()").strip()
+    start, end = stripped_span(action, _AROUND)
+    text = action[start:end]
     return int(text) if _INTEGER.fullmatch(text) else None
 
 
@@ -156,6 +158,10 @@ class GuessEnv(Env):
                 info,
             )
         return Step(f"{message} Guesses left: {self.max_turns - self._turns}.", 0.0, False, info)
+
+    def action_span(self, reply: str) -> tuple[int, int] | None:
+        """The number :func:`parse_guess` reads (None: the reply is no number)."""
+        return stripped_span(reply, _AROUND) if parse_guess(reply) is not None else None
 
     def expert_action(self) -> str:
         return str((self._lo + self._hi) // 2)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import re
 from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,6 +50,7 @@ GAMES = {
     "FrozenLake-v0-hardcore": "FrozenLake-v0",
 }
 PREFIX = "textarena:"
+_BRACKETED = re.compile(r"\[([^\[\]]*)\]")
 
 
 def import_textarena() -> Any:
@@ -308,6 +310,12 @@ class TextArenaEnv(Env):
             info.update(success=reward >= 1.0, truncated="turn limit" in reason.lower(), reason=reason)
             observation = f"{observation}\nGame over: {reason}".strip()
         return Step(observation or "(no message)", reward, done, info)
+
+    def action_span(self, reply: str) -> tuple[int, int] | None:
+        """The inside of the first ``[...]``: every supported game reads its move from a bracketed
+        group (``[42]``, ``[A C]``, ``[1 2 3 4]``, ``[3 5]``, ``[up]``); None without one."""
+        match = _BRACKETED.search(reply)
+        return match.span(1) if match else None
 
     def expert_action(self) -> str:
         return self._expert(self._game)
