@@ -4,10 +4,12 @@
 
 Nested dataclass fields are YAML mappings; override values are parsed as YAML scalars (``1e-4``,
 ``true``, ``null``, ``[1, 2]``). Unknown keys and values of the wrong type raise a ``ValueError``
-that names the file (or the override) and the key, with the keys that exist.
+that names the file (or the override) and the key, with the keys that exist. A key that a config
+class has retired (its ``REMOVED`` class attribute: key -> a function of the value given, returning the
+message) is refused with that message, which names the setting to use instead.
 
 Booleans are ``true`` and ``false`` only (YAML 1.2): PyYAML follows YAML 1.1, where ``no``, ``off``,
-``yes`` and ``on`` are booleans too, so ``reweight=no`` would pass silently and ``name: off`` would
+``yes`` and ``on`` are booleans too, so ``data.strict=no`` would pass silently and ``name: off`` would
 become ``False``. Here those words are strings, and a boolean setting given one is an error.
 """
 
@@ -107,6 +109,10 @@ def from_dict(cls: type[C], data: dict[str, Any], origin: str = "config", prefix
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
     where = f"{origin}: {prefix.rstrip('.')}" if prefix else origin
+    removed = getattr(cls, "REMOVED", {})
+    for key in unknown:
+        if key in removed:
+            raise ValueError(f"{where}: {removed[key](data[key])}")
     if unknown:
         raise ValueError(
             f"{where}: unknown key '{prefix}{unknown[0]}' for {cls.__name__}; known keys: {', '.join(names)}"

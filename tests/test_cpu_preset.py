@@ -63,7 +63,13 @@ def test_a_trainer_checkpoint_is_evaluable_by_boost_evaluate(data, tmp_path):
     cfg = load_config(
         TrainConfig,
         None,
-        [*TINY, f"data.path={data}", f"out_dir={tmp_path / 'run'}", "reweight=false", "eval.every=2"],
+        [
+            *TINY,
+            f"data.path={data}",
+            f"out_dir={tmp_path / 'run'}",
+            "weighting.method=uniform",
+            "eval.every=2",
+        ],
     )
     final = Trainer(cfg, progress=False).train()
     assert final["env"] == "gridnav-compact" and final["episodes"] == 3

@@ -123,7 +123,9 @@ def test_the_identity_look_ahead_uses_the_pre_step_head_and_the_adamw_response(a
 
 
 def test_the_uniform_baseline_takes_no_outer_steps(assets, tmp_path):
-    trainer = Trainer(_config(assets, tmp_path, "reweight=false", "steps=2", "data.test=0"), progress=False)
+    trainer = Trainer(
+        _config(assets, tmp_path, "weighting.method=uniform", "steps=2", "data.test=0"), progress=False
+    )
     final = trainer.train()
     assert all("n_eff" not in m for m in _metrics(tmp_path))
     assert final["test_loss"] is None  # no test split: said, not NaN
@@ -197,6 +199,13 @@ def test_config_from_yaml_and_overrides(tmp_path):
             r"solver.alpha is not used with solver.method=identity",
         ),
         ("", ["solver.residual=false"], r"always reports the solver's residual"),
+        # the retired weighting switch: weighting.method is the one setting
+        ("", ["reweight=false"], r"with overrides: reweight=false is gone: use weighting.method=uniform \("),
+        (
+            "reweight: true\n",
+            [],
+            r"run.yaml: reweight=true is gone: use weighting.method=boost \(the default",
+        ),
     ],
 )
 def test_bad_config_names_the_file_and_key(tmp_path, text, overrides, message):

@@ -63,7 +63,7 @@ def _recording_hypergradients(monkeypatch) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "method", [("reweight=false",), ("solver.steps=3",), ("block=trainable", "solver.method=identity")],
+    "method", [("weighting.method=uniform",), ("solver.steps=3",), ("block=trainable", "solver.method=identity")],
     ids=["uniform", "boost", "boost-trainable"],
 )  # fmt: skip
 def test_two_micro_batches_make_the_step_of_their_union(assets, tmp_path, monkeypatch, method):
@@ -88,7 +88,7 @@ def test_two_micro_batches_make_the_step_of_their_union(assets, tmp_path, monkey
     # The outer step: the same scores for every trajectory of both micro-batches. (Not the head's
     # parameters: Adam turns the float noise of a zero gradient, like that of the last bias under
     # the batch-mean normaliser, into a full ±lr step.)
-    assert len(ours_h) == len(theirs_h) == (0 if "reweight=false" in method else 3)
+    assert len(ours_h) == len(theirs_h) == (0 if "weighting.method=uniform" in method else 3)
     # block=trainable: central differences of float32 losses (fd_step 1e-2) carry ~1e-4 of noise
     tol = 1e-3 if "block=trainable" in method else 1e-4
     for a, b, row in zip(ours_h, theirs_h, ours):

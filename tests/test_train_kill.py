@@ -17,7 +17,7 @@ def test_kill_9_while_checkpointing_leaves_a_loadable_checkpoint_and_unique_step
         (0.0, 120.0),
         None,
         steps=3,
-        settings=("reweight=false",),
+        settings=("weighting.method=uniform",),
     )
     assert result["killed"] and result["temporaries_left"], "not killed in the middle of a checkpoint write"
     assert result["problems"] == []

@@ -41,7 +41,9 @@ def assets(tmp_path_factory):
 
 def _fast(assets, out, *overrides):
     """The trainer tests' config on shorter batches, without outer steps unless asked (CPU seconds)."""
-    return _config(assets, out, "data.token_budget=384", "data.max_length=192", "reweight=false", *overrides)
+    return _config(
+        assets, out, "data.token_budget=384", "data.max_length=192", "weighting.method=uniform", *overrides
+    )
 
 
 def _no_nan(name):
@@ -149,7 +151,7 @@ def _unchanged(before, trainer):
 
 
 def test_a_nonfinite_validation_loss_or_head_weight_skips_the_update(assets, tmp_path, monkeypatch):
-    trainer = Trainer(_fast(assets, tmp_path, "reweight=true"), progress=False)
+    trainer = Trainer(_fast(assets, tmp_path, "weighting.method=boost"), progress=False)
     batch, val = next(_cycle(trainer.data.train)), next(_cycle(trainer.data.validation))
     _, state = trainer.inner_step(batch)
     head_block = trainer._head_block
@@ -169,7 +171,9 @@ def test_a_nonfinite_validation_loss_or_head_weight_skips_the_update(assets, tmp
 
 
 def test_a_run_with_one_bad_step_finishes_and_reports_it(assets, tmp_path, monkeypatch):
-    trainer = Trainer(_fast(assets, tmp_path, "reweight=true", "steps=3", "solver.steps=1"), progress=False)
+    trainer = Trainer(
+        _fast(assets, tmp_path, "weighting.method=boost", "steps=3", "solver.steps=1"), progress=False
+    )
     calls, forward = [], trainer.head.forward
 
     def nan_once(features):  # the head's weights are NaN at step 2 only
@@ -187,7 +191,7 @@ def test_a_run_with_one_bad_step_finishes_and_reports_it(assets, tmp_path, monke
 
 
 def test_lr_1e30_stops_after_max_bad_steps_and_keeps_the_last_good_checkpoint(assets, tmp_path):
-    run = ("optim.lr=1e30", "reweight=false", "steps=10", "checkpoint_every=1", "max_bad_steps=3")
+    run = ("optim.lr=1e30", "weighting.method=uniform", "steps=10", "checkpoint_every=1", "max_bad_steps=3")
     message = (
         r"stopped at step 4: 3 steps in a row \(max_bad_steps=3\) had a non-finite loss \(the last good step "
         r"was 1\).*checkpoint .* of step 1 is intact"
@@ -211,7 +215,7 @@ def test_lr_1e30_stops_after_max_bad_steps_and_keeps_the_last_good_checkpoint(as
 
 
 def test_resume_after_a_divergence_reproduces_the_good_steps_bit_for_bit(assets, tmp_path, monkeypatch):
-    run = ("reweight=true", "solver.steps=2", "steps=6", "checkpoint_every=2", "max_bad_steps=2")
+    run = ("weighting.method=boost", "solver.steps=2", "steps=6", "checkpoint_every=2", "max_bad_steps=2")
     Trainer(_fast(assets, tmp_path / "reference", *run), progress=False).train()
     save = Trainer.save_checkpoint
 
@@ -319,7 +323,7 @@ def test_cli_device_cuda_without_cuda_is_one_line(tmp_path, capsys):
 def test_cli_refuses_an_existing_run_and_stops_a_diverging_one_with_exit_1(assets, tmp_path, capsys):
     model, data = assets
     args = [f"data.path={data}", f"model.name={model}", f"out_dir={tmp_path}", "data.token_budget=384",
-            "data.max_length=192", "steps=6", "reweight=false", "optim.lr=1e30", "max_bad_steps=2"]  # fmt: skip
+            "data.max_length=192", "steps=6", "weighting.method=uniform", "optim.lr=1e30", "max_bad_steps=2"]  # fmt: skip
     code, line = _cli(capsys, *args, "--quiet")
     assert code == 1 and "stopped at step 3: 2 steps in a row" in line
     assert math.isfinite(_strict_rows(tmp_path)[0]["loss"])

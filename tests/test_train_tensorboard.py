@@ -42,7 +42,7 @@ def test_tensorboard_holds_every_logged_number_of_metrics_jsonl(assets, tmp_path
 
 
 def test_a_resumed_run_purges_the_points_after_its_checkpoint(assets, tmp_path):
-    run = ("steps=4", "checkpoint_every=2", "reweight=false")
+    run = ("steps=4", "checkpoint_every=2", "weighting.method=uniform")
     Trainer(_config(assets, tmp_path, *run), progress=False).train()
     shutil.rmtree(tmp_path / "checkpoints" / "step-00000004")  # as if killed before saving step 4
     Trainer(_config(assets, tmp_path, *run), progress=False).train(resume=True)

@@ -1,6 +1,6 @@
 """Baselines as configurations of the one trainer: only the per-trajectory weights differ.
 
-``weighting.method`` (``reweight=false`` is a shorthand for ``uniform``):
+``weighting.method`` (the one weighting setting):
 
 - ``boost``: the reweighting head of :mod:`boost.bilevel.reweighting`, trained by implicit hypergradients.
 - ``uniform``: weight 1 on every real and synthetic trajectory (behaviour cloning on all data).

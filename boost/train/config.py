@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 from boost.bilevel.hypergradient import SolverConfig
 from boost.bilevel.reweighting import HeadConfig
@@ -227,8 +229,20 @@ class KernelSettings:
         return {"deterministic": self.deterministic, "grad_filter": self.grad_filter}
 
 
+def _reweight_is_gone(value: Any) -> str:
+    """The message for the retired ``reweight`` setting (``weighting.method`` said the same thing)."""
+    fix = "weighting.method=uniform" if value is False else "weighting.method=boost (the default), or drop it"
+    return (
+        f"reweight={json.dumps(value)} is gone: use {fix} (weighting.method is the one weighting setting; "
+        "see boost/train/baselines.py for its values)"
+    )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
+    # retired settings: the error names what replaced them (boost.config.from_dict)
+    REMOVED: ClassVar[dict[str, Any]] = {"reweight": _reweight_is_gone}
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -242,7 +256,6 @@ class TrainConfig:
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)  # off: every model weight is trained
     kernels: KernelSettings = field(default_factory=KernelSettings)  # the fused ops' options on CUDA
-    reweight: bool = True  # False: every trajectory has weight 1 (shorthand for weighting.method=uniform)
     # The parameters the hypergradient is taken over: "head" (the LM head, exact fused HVP/JVP on
     # the inner step's hidden states) or "trainable" (every trained parameter, central finite
     # differences of plain forward/backward passes: no double backward, any attention kernel). The
@@ -287,10 +300,6 @@ class TrainConfig:
             raise ValueError(f"threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
-        if not self.reweight and self.weighting.method not in ("boost", "uniform"):
-            raise ValueError(
-                f"reweight=false means weighting.method=uniform; drop it to run {self.weighting.method!r}"
-            )
         if self.block not in ("head", "trainable"):
             raise ValueError(f"block must be 'head' or 'trainable', got {self.block!r}")
         check_block(self.lora, self.block)

@@ -230,7 +230,7 @@ class Trainer:
         self.lm_head = output_head(self.model)
         impl = getattr(self.model.config, "_attn_implementation", "sdpa")
         self.mask_dtype = self.model.dtype if impl == "eager" else torch.bool
-        self.method = "uniform" if not cfg.reweight else cfg.weighting.method
+        self.method = cfg.weighting.method
         self.data = prepare_data(
             cfg.data, self.tokenizer, selection, partial(select_synthetic, cfg=cfg.weighting)
         )

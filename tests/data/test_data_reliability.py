@@ -201,6 +201,8 @@ def test_stale_temporaries_of_run_files_are_removed_and_nothing_else(tmp_path):
 
 @pytest.mark.parametrize("word", ["no", "off", "yes", "On"])
 def test_yaml_11_boolean_words_are_refused_for_booleans(word):
-    with pytest.raises(ValueError, match=rf"reweight: expected true or false, got '{word}' \(yes/no/on/off"):
-        load_config(TrainConfig, None, [f"reweight={word}"])
+    with pytest.raises(
+        ValueError, match=rf"data.strict: expected true or false, got '{word}' \(yes/no/on/off"
+    ):
+        load_config(TrainConfig, None, [f"data.strict={word}"])
     assert load_config(TrainConfig, None, [f"model.name={word}"]).model.name == word
