@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,29 +111,68 @@ def save_checkpoint(
     Raises:
         AtomicWriteError: a file could not be written (e.g. a full disk); the folder is not created.
     """
-    root = Path(out) / CHECKPOINTS
-    final = root / f"step-{step:08d}"
-    if final.is_dir():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
-    try:
+
+    def write(tmp: Path) -> None:
         if is_peft_model(model):
             model.save_pretrained(tmp / ADAPTER_DIR)  # peft's format: adapter_config.json + safetensors
         else:
             save_model(model, str(tmp / MODEL_FILE))  # drops the duplicates of tied weights
         write_run_state(tmp, step, head=head, optimizers=optimizers, tensors=tensors, info=info)
-        os.replace(tmp, final)
+
+    return write_step_folder(out, step, keep, write)
+
+
+def write_step_folder(
+    out: Path,
+    step: int,
+    keep: int,
+    write: Callable[[Path], None],
+    *,
+    main: bool = True,
+    share: Callable[[Path | None], Path | None] = lambda tmp: tmp,
+    barrier: Callable[[], None] = lambda: None,
+) -> Path:
+    """Create ``out/checkpoints/step-<step>/`` atomically and keep only the newest ``keep`` folders:
+    ``write(tmp)`` fills a temporary folder ``.step-<step>.<random>.tmp``, which is then renamed. A
+    folder of this step that already exists is kept as it is (``write`` is not called). Returns the
+    folder. Serves :func:`save_checkpoint` and the torchrun save
+    (:func:`boost.train.distributed.save_distributed_checkpoint`).
+
+    Under torchrun every rank calls it: only the ``main`` rank creates, renames, prunes and cleans up;
+    ``share`` hands the main rank's temporary folder (None: the step is saved already) to every rank,
+    and ``barrier`` waits for every rank once the folder is written and once it is renamed.
+
+    Raises:
+        AtomicWriteError: a file could not be written (e.g. a full disk); the folder is not created.
+    """
+    root = Path(out) / CHECKPOINTS
+    final = root / f"step-{step:08d}"
+    tmp = None
+    if main and not final.is_dir():
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root))
+    tmp = share(tmp)
+    if tmp is None:  # this step is saved already
+        return final
+    try:
+        write(tmp)
+        barrier()
+        if main:
+            os.replace(tmp, final)
     except (OSError, RuntimeError) as err:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise AtomicWriteError(
             f"could not write the checkpoint {final}: {type(err).__name__}: {err}; the earlier "
             "checkpoints are unchanged"
         ) from err
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
-    prune_checkpoints(out, keep)
+    if main:
+        prune_checkpoints(out, keep)
+    barrier()
     return final
 
 

@@ -64,8 +64,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -80,15 +78,14 @@ from boost.bilevel.reweighting import TrajectoryFeatures
 from boost.data import PackedBatch, TrajectoryPacker
 from boost.data.packing import _concat_rows, assign_rows
 from boost.train.checkpoint_io import (
-    CHECKPOINTS,
     HEAD_FILE,
     TENSORS_FILE,
     CheckpointError,
     _set_rng_states,
     load_optimizer_states,
-    prune_checkpoints,
     read_state,
     write_run_state,
+    write_step_folder,
 )
 from boost.train.config import PARALLEL
 from boost.train.evaluation import save_pretrained_atomic
@@ -588,37 +585,27 @@ def save_distributed_checkpoint(
         trainer_state.json     as for one process, plus ``"parallel": {"mode", "world_size"}``
 
     The folder loads on any number of ranks, under DDP or FSDP2 (:func:`load_distributed_checkpoint`).
+    The temporary folder, the renaming and the pruning are :func:`write_step_folder`'s, as for one
+    process.
     """
     import torch.distributed.checkpoint as dcp
 
     parallel: TorchRun = trainer.parallel
-    root = Path(trainer.out) / CHECKPOINTS
-    final = root / f"step-{trainer.step:08d}"
-    box = [None]
-    if parallel.is_main:
-        if not final.is_dir():
-            root.mkdir(parents=True, exist_ok=True)
-            box[0] = tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=root)
-    dist.broadcast_object_list(box, src=0)
-    if box[0] is None:  # this step is saved already
-        return final
-    tmp = Path(box[0])
-    try:
+
+    def share(tmp: Path | None) -> Path | None:
+        box = [None if tmp is None else str(tmp)]
+        dist.broadcast_object_list(box, src=0)
+        return None if box[0] is None else Path(box[0])
+
+    def write(tmp: Path) -> None:
         dcp.save(_model_and_optimizer_state(trainer), checkpoint_id=str(tmp / DCP_DIR))
         if parallel.is_main:
-            info = {"parallel": {"mode": parallel.kind, "world_size": parallel.world}, **info}
+            run_info = {"parallel": {"mode": parallel.kind, "world_size": parallel.world}, **info}
             write_run_state(tmp, trainer.step, head=trainer.head, optimizers={"head": trainer.head_opt},
-                            tensors=tensors, info=info)  # fmt: skip
-        parallel.barrier()
-        if parallel.is_main:
-            os.replace(tmp, final)
-            prune_checkpoints(trainer.out, trainer.cfg.keep_checkpoints)
-    except BaseException:
-        if parallel.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    parallel.barrier()
-    return final
+                            tensors=tensors, info=run_info)  # fmt: skip
+
+    return write_step_folder(trainer.out, trainer.step, trainer.cfg.keep_checkpoints, write,
+                             main=parallel.is_main, share=share, barrier=parallel.barrier)  # fmt: skip
 
 
 def is_distributed_checkpoint(path: Path) -> bool:
