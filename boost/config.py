@@ -124,6 +124,19 @@ def from_dict(cls: type[C], data: dict[str, Any], origin: str = "config", prefix
         raise ValueError(f"{where}: {exc}") from exc
 
 
+def from_attributes(cls: type[C], source: Any, **overrides: Any) -> C:
+    """Build dataclass ``cls`` from the same-named attributes of ``source`` (an ``argparse`` namespace,
+    another dataclass), then ``overrides``; a field that ``source`` lacks keeps its default.
+
+    The one place where settings pass from a command line or another settings object to a dataclass
+    of the same names, e.g. ``from_attributes(RolloutConfig, args, reuse_cache=not args.no_kv_cache)``.
+    """
+    values = {
+        f.name: getattr(source, f.name) for f in dataclasses.fields(cls) if f.init and hasattr(source, f.name)
+    }
+    return cls(**{**values, **overrides})
+
+
 def _set(tree: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = tree

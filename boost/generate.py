@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from boost.atomic import write_json_atomic
+from boost.config import from_attributes
 from boost.data.format import write_jsonl
 from boost.envs import SPLITS, EnvError, env_names, make_env
 from boost.envs.policies import CORRUPTIONS
@@ -90,16 +91,7 @@ def config_from_args(args: argparse.Namespace) -> GeneratorConfig:
         corruptions=tuple(kind.strip() for kind in args.corruptions.split(",") if kind.strip()),
         seed=args.seed,
         games_dir=args.games_dir,
-        lm=LMRolloutSettings(
-            model=args.model,
-            gguf_file=args.gguf_file,
-            chat_template=args.chat_template,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
-            device=args.device,
-        ),
+        lm=from_attributes(LMRolloutSettings, args),  # --model, --temperature, ... --device
     )
 
 

@@ -23,10 +23,11 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from boost.config import from_attributes
 from boost.data.format import Trajectory
 from boost.envs.base import EnvError, check_split
 from boost.envs.episode import Episode, play_episode
@@ -39,6 +40,9 @@ from boost.envs.policies import (
     random_policy,
 )
 from boost.envs.registry import make_env, shifted_env_name
+
+if TYPE_CHECKING:
+    from boost.rollout.generation import RolloutConfig
 
 FIXED_SOURCES = ("real", "expert_shifted", "random", "sticky", "corrupt", "lm_rollout")
 _EPS_SOURCE = re.compile(r"eps(\d+(?:\.\d+)?)")
@@ -88,6 +92,13 @@ class LMRolloutSettings:
     batch_size: int = 16
     device: str = "cpu"
 
+    def rollout_config(self, **overrides: Any) -> RolloutConfig:
+        """The :class:`~boost.rollout.generation.RolloutConfig` of these settings (decoding and batch
+        size), ``overrides`` last (e.g. the seed); raises RolloutError naming a bad setting."""
+        from boost.rollout.generation import RolloutConfig
+
+        return from_attributes(RolloutConfig, self, **overrides)
+
 
 @dataclass
 class GeneratorConfig:
@@ -131,7 +142,7 @@ class GeneratorConfig:
                 raise EnvError(
                     "source lm_rollout needs a model: pass --model PATH (a checkpoint dir) or 'smollm2'"
                 )
-            from boost.rollout.generation import SMOLLM2, RolloutConfig
+            from boost.rollout.generation import SMOLLM2
 
             # Bad model paths and decoding settings fail here, before any trajectory is generated.
             if self.lm.model != SMOLLM2 and not Path(self.lm.model).is_dir():
@@ -139,12 +150,7 @@ class GeneratorConfig:
                     f"--model {self.lm.model!r} is not a local folder; give a checkpoint folder "
                     f"(save_pretrained) or '{SMOLLM2}' for the packaged SmolLM2-135M-Instruct"
                 )
-            RolloutConfig(
-                max_new_tokens=self.lm.max_new_tokens,
-                temperature=self.lm.temperature,
-                top_p=self.lm.top_p,
-                batch_size=self.lm.batch_size,
-            )
+            self.lm.rollout_config()
 
 
 def _scripted(config: GeneratorConfig, source: str, count: int, progress: bool) -> list[Trajectory]:
@@ -188,7 +194,7 @@ def hash_seed(seed: int, source: str) -> int:
 
 
 def _lm_rollouts(config: GeneratorConfig, count: int, progress: bool) -> list[Trajectory]:
-    from boost.rollout.generation import RolloutConfig, load_model, rollout
+    from boost.rollout.generation import load_model, rollout
 
     lm = config.lm
     model, tokenizer = load_model(
@@ -197,13 +203,7 @@ def _lm_rollouts(config: GeneratorConfig, count: int, progress: bool) -> list[Tr
     env = make_env(config.env, games_dir=config.games_dir)
     tasks = env.sample_tasks(config.split, count, seed=hash_seed(config.seed, "lm_rollout"))
     env.close()
-    rollout_config = RolloutConfig(
-        max_new_tokens=lm.max_new_tokens,
-        temperature=lm.temperature,
-        top_p=lm.top_p,
-        batch_size=lm.batch_size,
-        seed=hash_seed(config.seed, "lm_rollout"),
-    )
+    rollout_config = lm.rollout_config(seed=hash_seed(config.seed, "lm_rollout"))
     episodes: list[Episode] = rollout(
         model, tokenizer, config.env, tasks, rollout_config, games_dir=config.games_dir, progress=progress
     )

@@ -227,3 +227,16 @@ def test_sticky_repeats_its_first_action_and_counts_the_non_expert_turns(env):
     assert sum(t.meta["success"] for t in sticky) < len(sticky) / 2
     with pytest.raises(EnvError, match="sticky"):
         parse_sources("stuck:3")
+
+
+def test_the_command_line_reaches_lm_rollout_and_its_rollout_config_by_name():
+    from boost.generate import build_parser, config_from_args
+    from boost.rollout.generation import RolloutConfig
+
+    argv = ["--env", "gridnav", "--out", "x.jsonl", "--sources", "lm_rollout:1", "--model", "smollm2",
+            "--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "5", "--batch-size", "3"]  # fmt: skip
+    lm = config_from_args(build_parser().parse_args(argv)).lm
+    assert (lm.model, lm.device, lm.gguf_file) == ("smollm2", "cpu", None)
+    assert lm.rollout_config(seed=4) == RolloutConfig(
+        max_new_tokens=5, temperature=0.7, top_p=0.9, batch_size=3, seed=4
+    )
