@@ -279,3 +279,21 @@ def test_weight_summary_per_source():
         "real": {"count": 2, "mean": 1.5, "min": 1.0, "max": 2.0},
         "gen_b": {"count": 1, "mean": 4.0, "min": 4.0, "max": 4.0},
     }
+
+
+def test_the_monotone_loss_input_orders_weights_by_loss_whatever_the_mlp():
+    head = ReweightingHead(5, HeadConfig(monotone_loss=True, normalizer="batch", task_shift=0.0))
+    f = _features()
+    start = head(f).detach()
+    assert torch.allclose(start[f.synthetic], start[f.synthetic][0])  # c starts at 0: uniform weights
+    with torch.no_grad():
+        head.loss_slope.fill_(-5.0)  # the MLP's output stays constant (zero last layer)
+    w = head(f).detach()[f.synthetic]
+    order = torch.argsort(f.loss[f.synthetic])
+    assert bool((w[order][1:] < w[order][:-1]).all())  # strictly decreasing in the loss
+    # the slope is learned: an outer objective that prefers low-loss trajectories moves it down
+    hyper = f.loss * f.synthetic  # dL_out/dw_i grows with the loss
+    head.loss_slope.data.zero_()
+    outer_objective(head, head(f), hyper, f.synthetic).surrogate.backward()
+    assert float(head.loss_slope.grad) > 0  # gradient descent lowers c: high-loss weights shrink
+    assert "loss_slope" not in dict(ReweightingHead(5, HeadConfig()).named_parameters())

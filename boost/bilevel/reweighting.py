@@ -4,7 +4,7 @@ docs/design.md, "Reweighting head"; the bound the regularisers come from is writ
 ``docs/method.md``. Features per trajectory, all detached from the model θ:
 
     pooled [S, D]   mean of the last hidden states over the trajectory's counted tokens
-    loss [S]        its loss L_i
+    loss [S]        its loss L_i (an MLP input; with ``monotone_loss`` also c · L_i on the logit)
     log_tokens [S]  log(1 + N_i)
     source [S]      (optional) index of its source name, through a learned embedding
     returns [S]     (optional) its return
@@ -119,6 +119,11 @@ class HeadConfig:
     num_sources: int = 0
     source_dim: int = 8  # width of the source embedding (num_sources > 0)
     use_returns: bool = False  # the episode return is a feature of the head
+    # the score's logit also gets c · L_i with a learned scalar c (starting at 0): a path from the
+    # per-trajectory loss that is monotone whatever the MLP does (a loss-only Meta-Weight-Net head
+    # ranked trajectories inside a source better than the MLP over all features: RESULTS-log.md,
+    # "how the heads rank the pool")
+    monotone_loss: bool = False
     init_mass: float = 1.0  # m at initialisation: synthetic weights start at mean m
     real_weight: float = 1.0  # weight of every real training trajectory
     # λ_conc on 1/√n_eff and λ_shift on Σ_syn w_i d_i / S, in units of the outer surrogate (the
@@ -186,6 +191,7 @@ class ReweightingHead(nn.Module):
             nn.Linear(width, cfg.hidden_size), nn.SiLU(), nn.Linear(cfg.hidden_size, 1, bias=False)
         )
         nn.init.zeros_(self.mlp[-1].weight)  # every score starts equal: uniform weights
+        self.loss_slope = nn.Parameter(torch.zeros(())) if cfg.monotone_loss else None
         self.log_mass = nn.Parameter(torch.tensor(math.log(cfg.init_mass)))
         self.register_buffer("score_mean", torch.tensor(_INITIAL_SCORE))  # exact for the initial head
         K = cfg.pool_size if cfg.normalizer == "pool" else 0
@@ -218,7 +224,10 @@ class ReweightingHead(nn.Module):
             if f.returns is None:
                 raise ValueError("HeadConfig.use_returns is set but the features carry no returns")
             parts.append(f.returns[:, None])
-        return nn.functional.softplus(self.mlp(torch.cat(parts, dim=1)).squeeze(1)) + 1e-6
+        logit = self.mlp(torch.cat(parts, dim=1)).squeeze(1)
+        if self.loss_slope is not None:
+            logit = logit + self.loss_slope * f.loss
+        return nn.functional.softplus(logit) + 1e-6
 
     def forward(self, f: TrajectoryFeatures, update: bool | None = None) -> torch.Tensor:
         """Weights [S]. ``update`` (default: ``self.training``) adds this batch's synthetic trajectories to
