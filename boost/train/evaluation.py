@@ -71,11 +71,17 @@ def task_success(
 
 def random_policy_success(env_name: str, episodes: int, seed: int = 0) -> dict[str, Any]:
     """The uniformly random policy on the same test tasks as :func:`task_success` (same seed)."""
-    env = make_env(env_name)
+    return random_policy_on(env_name, held_out_tasks(env_name, episodes, seed), seed)
+
+
+def random_policy_on(env_name: str, tasks, seed: int = 0, games_dir: str | None = None) -> dict[str, Any]:
+    """The uniformly random policy on ``tasks``: the metrics of :func:`task_success` (the episode of
+    the ``i``-th task seeded by ``seed`` and ``i``, as :func:`random_policy_success` seeds it)."""
+    env = make_env(env_name, games_dir=games_dir)
     try:
         played = [
             play_episode(env, task, random_policy, random.Random(f"random|{seed}|{i}"))
-            for i, task in enumerate(held_out_tasks(env_name, episodes, seed))
+            for i, task in enumerate(tasks)
         ]
     finally:
         env.close()

@@ -42,7 +42,9 @@ def test_named_tasks_are_played(tiny_model_dir, tmp_path, capsys):
     assert code == 0 and metrics["episodes"] == 2 and metrics["split"] == "tasks"
     assert metrics["mean_turns"] == 2 and metrics["rollout"]["reuse_cache"]
     code, _ = run(
-        args + ["--max-turns", "2", "--max-new-tokens", "3", "--out", str(out), "--no-kv-cache"], capsys
+        args
+        + ["--max-turns", "2", "--max-new-tokens", "3", "--out", str(out), "--no-kv-cache", "--overwrite"],
+        capsys,
     )
     uncached = json.loads((out / "metrics.json").read_text())
     assert code == 0 and not uncached["rollout"]["reuse_cache"]
@@ -50,6 +52,47 @@ def test_named_tasks_are_played(tiny_model_dir, tmp_path, capsys):
     assert {k: v for k, v in uncached.items() if k not in timing} == {
         k: v for k, v in metrics.items() if k not in timing
     }
+
+
+def test_an_earlier_evaluation_is_kept_unless_overwrite(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_model_dir), "--env", "gridnav", "--tasks", "gridnav/1", "--max-turns", "1",
+            "--max-new-tokens", "2", "--transcripts", "0", "--out", str(out)]  # fmt: skip
+    assert run(args, capsys)[0] == 0
+    (out / "metrics.json").write_text('{"earlier": true}')
+    with pytest.raises(SystemExit) as exit_info:
+        run(args, capsys)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and "usage:" not in err  # one line, no banner
+    assert "holds an earlier evaluation; pass --overwrite" in err and "--help" in err
+    assert json.loads((out / "metrics.json").read_text()) == {"earlier": True}  # untouched
+    assert run(args + ["--overwrite"], capsys)[0] == 0
+    assert json.loads((out / "metrics.json").read_text())["episodes"] == 1
+
+
+def test_the_random_policy_is_printed_beside_the_model_on_the_same_tasks(tiny_model_dir, tmp_path, capsys):
+    from boost.train.evaluation import random_policy_success
+
+    out = tmp_path / "eval"
+    args = ["--model", str(tiny_model_dir), "--env", "gridnav", "--episodes", "5", "--seed", "3",
+            "--max-turns", "2", "--max-new-tokens", "2", "--transcripts", "0", "--out", str(out)]  # fmt: skip
+    code, printed = run(args, capsys)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert code == 0 and metrics["random_policy"] == random_policy_success("gridnav", 5, 3)  # the trainer's
+    rate = metrics["random_policy"]["success_rate"]
+    assert f"on 5 test tasks of gridnav; the random policy on the same tasks: {rate:.2f} [" in printed.out
+
+
+def test_the_defaults_are_the_trainers_evaluation_settings():
+    from boost.rollout.evaluate import build_parser
+    from boost.train.config import EvalConfig
+
+    args = build_parser().parse_args(["--model", "m", "--env", "gridnav"])
+    trainer = EvalConfig()
+    assert (args.max_new_tokens, args.batch_size, args.seed) == (
+        trainer.max_new_tokens, trainer.batch_size, trainer.seed,
+    )  # fmt: skip
+    assert f"(default: {trainer.episodes})" in build_parser().format_help()
 
 
 def test_a_model_without_chat_template_is_refused_and_the_fix_works(tiny_model_dir, tmp_path, capsys):
