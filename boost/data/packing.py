@@ -373,7 +373,8 @@ class TrajectoryPacker:
             summary = stats.summary()
             previous = self.epoch_stats.get(epoch - 1)
             repeat = previous is not None and previous.summary() == summary
-            log.log(logging.DEBUG if repeat else logging.INFO, "%s, epoch %d: %s", self.name, epoch, summary)
+            level = logging.DEBUG if repeat else logging.INFO
+            log.log(level, "%s, epoch %d: %s", self.name, epoch, summary, extra={"epoch": epoch})
         return plan
 
     def stats(self, plan: Sequence[Sequence[int]]) -> PackingStats:

@@ -7,17 +7,25 @@ held-out test tasks next to the random policy's, printed and written into ``repo
 Everything that can be checked before the model loads is checked first: the settings, ``out_dir``
 (a run there is refused without ``--resume`` or ``--overwrite``), the device, and the data (read,
 validated and split). A problem with any of them is one line naming the file or setting and the
-fix, with exit status 2; a run stopped by non-finite steps or a failed write exits with 1, again
-with one line and no traceback.
+fix, with exit status 2 (without argparse's usage banner: :class:`boost.cli.ArgumentParser`); a run
+stopped by non-finite steps or a failed write exits with 1, again with one line and no traceback.
+
+The output is quiet by default: transformers' progress bars (loading and writing the model) are off,
+and each packing summary is logged for a split's first epoch only; ``--verbose`` brings both back,
+``--quiet`` also hides the trainer's own progress bar. A CPU-preset run with fewer steps than any
+recorded run that beat the random policy is warned about (:func:`boost.train.preset.budget_warning`).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from boost.atomic import AtomicWriteError
+from boost.cli import ArgumentParser
 from boost.config import load_config
 from boost.data import ChatTemplateError, TrajectoryReadError
 from boost.rollout.generation import RolloutError
@@ -26,7 +34,7 @@ from boost.train.config import TrainConfig
 from boost.train.evaluation import random_policy_success
 from boost.train.guards import DeviceError, NonFiniteStepError, resolve_device
 from boost.train.loop import Trainer
-from boost.train.preset import PRESET, SETTINGS, ensure_default_data, preset_overrides
+from boost.train.preset import PRESET, SETTINGS, budget_warning, ensure_default_data, preset_overrides
 from boost.train.report import success_line, write_report
 from boost.train.selection import DataError
 from boost.train.settings_help import settings_help
@@ -34,12 +42,41 @@ from boost.train.settings_help import settings_help
 # Errors in what the user gave (exit 2) and failures of the run itself (exit 1): one line each.
 USAGE_ERRORS = (DataError, TrajectoryReadError, RunDirError, DeviceError, ChatTemplateError, RolloutError)
 RUN_ERRORS = (NonFiniteStepError, AtomicWriteError)
+log = logging.getLogger(__name__)
 
 
-def build_parser(description: str, examples: str = "") -> argparse.ArgumentParser:
+class FirstEpochOnly(logging.Filter):
+    """Lets through a packing summary (``boost.data.packing``) of epoch 0 only: a long run replans its
+    splits every epoch, and the same block of lines came back every few steps."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return getattr(record, "epoch", 0) == 0
+
+
+@contextmanager
+def output_verbosity(verbose: bool) -> Iterator[None]:
+    """transformers' progress bars and the packing summaries while the command runs (see the module
+    docstring); both are as they were once it returns."""
+    from transformers.utils import logging as hf_logging
+
+    bars_were_on = hf_logging.is_progress_bar_enabled()
+    packing, first_epoch_only = logging.getLogger("boost.data.packing"), FirstEpochOnly()
+    if verbose:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()  # "Loading weights", "Writing model shards" (GGUF included)
+        packing.addFilter(first_epoch_only)
+    try:
+        yield
+    finally:
+        packing.removeFilter(first_epoch_only)
+        (hf_logging.enable_progress_bar if bars_were_on else hf_logging.disable_progress_bar)()
+
+
+def build_parser(description: str, examples: str = "") -> ArgumentParser:
     """The parser; ``--help`` ends with ``examples`` and every setting with its default and meaning."""
     epilog = "\n\n".join(filter(None, [examples, settings_help(TrainConfig())]))
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m boost.train",
         description=description.replace("``", ""),
         epilog=epilog.replace("``", ""),
@@ -57,8 +94,12 @@ def build_parser(description: str, examples: str = "") -> argparse.ArgumentParse
     runs.add_argument(
         "--overwrite", action="store_true", help="delete the run files in out_dir and start a new run"
     )
-    parser.add_argument(
-        "--quiet", action="store_true", help="no progress bars (the trainer's and transformers')"
+    output = parser.add_mutually_exclusive_group()
+    output.add_argument("--quiet", action="store_true", help="no progress bars (also not the trainer's)")
+    output.add_argument(
+        "--verbose",
+        action="store_true",
+        help="transformers' progress bars and every epoch's packing summary (off by default)",
     )
     parser.add_argument(
         "overrides", nargs="*", help="key=value settings, e.g. steps=200 solver.method=neumann"
@@ -94,10 +135,11 @@ def main(
     parser = build_parser(description, examples)
     args = parser.parse_intermixed_args(argv)  # options may follow key=value settings
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.quiet:  # also the model loading / saving bars of transformers (GGUF included)
-        from transformers.utils import logging as hf_logging
+    with output_verbosity(args.verbose):
+        return _run(parser, args)
 
-        hf_logging.disable_progress_bar()
+
+def _run(parser: ArgumentParser, args: argparse.Namespace) -> int:
     default_run = args.config is None and args.preset is None and not args.overrides
     preset = default_run or args.preset == PRESET
     try:
@@ -108,6 +150,9 @@ def main(
         parser.error(str(exc))
     if default_run:
         print(f"{parser.prog}: {_default_run_note()}", flush=True)
+    warning = budget_warning(cfg.model.name, cfg.steps)
+    if warning:
+        log.warning("WARNING: %s (also in report.md)", warning)
     try:
         check_out_dir(Path(cfg.out_dir), resume=args.resume, overwrite=args.overwrite)
         resolve_device(cfg.device)

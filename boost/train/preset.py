@@ -60,6 +60,28 @@ SETTINGS = {
 }
 
 
+# The fewest inner steps with which any recorded CPU-preset run beat the random policy: 300. Recorded:
+# 300 steps of the preset on gridnav-compact (real:400,eps0.1:800) score 0.48 [0.38, 0.58] against
+# the random policy's 0.14 [0.09, 0.22] (README, "Measured on fresh clones"; benchmarks/RESULTS.md,
+# "One-command default"), and 0.51 on gridnav-compact, 0.64 against 0.27 on guess-compact
+# (RESULTS.md, "The gate"). No shorter run on record beats it: 120 steps (uniform, on a pool with
+# 1500 synthetic trajectories of mixed quality) scored 0.01 to 0.03 against 0.14 (RESULTS.md, "Quick
+# experiment grid on gridnav"), and issue 26's 60-step default run scored 0.00.
+MIN_PRESET_STEPS = 300
+
+
+def budget_warning(model_name: str, steps: int) -> str | None:
+    """A warning when a CPU-preset run has fewer steps than any recorded run that beat the random
+    policy (:data:`MIN_PRESET_STEPS`); None otherwise, and for any other model (no record to go by)."""
+    if model_name != PRESET or steps >= MIN_PRESET_STEPS:
+        return None
+    return (
+        f"steps={steps} is fewer than the {MIN_PRESET_STEPS} of the shortest CPU-preset run on record that "
+        'beat the random policy (benchmarks/RESULTS.md, "The gate"): expect task success at or below '
+        f"the random policy's; use steps={MIN_PRESET_STEPS} or more"
+    )
+
+
 def preset_overrides(settings: dict | None = None, prefix: str = "") -> list[str]:
     """:data:`SETTINGS` (or ``settings``) as ``key=value`` overrides for :func:`boost.config.load_config`."""
     out = []

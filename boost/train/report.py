@@ -1,14 +1,24 @@
-"""report.md and training.png of a finished run, from the files the loop wrote under ``out_dir``."""
+"""report.md and training.png of a finished run, from the files the loop wrote under ``out_dir``.
+
+The report is titled by what ran (``uniform run``, ``BOOST run (head, cg)``, ...: :func:`run_title`),
+warns when a CPU-preset run had too few steps to beat the random policy
+(:func:`boost.train.preset.budget_warning`), and its config shows only the settings that applied to
+the run (:func:`applied_settings`; ``config.yaml`` beside it keeps them all).
+"""
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from boost.atomic import write_text_atomic
 from boost.plotting import integer_ticks, pyplot, save_png
+from boost.train.baselines import LEARNED
+from boost.train.preset import PRESET, budget_warning
 
 
 def _number(x: float | None) -> str:
@@ -88,6 +98,75 @@ def _plot(metrics: list[dict], path: Path) -> Path | None:
     return None if fig is None else save_png(fig, path)
 
 
+def run_title(config: dict[str, Any]) -> str:
+    """What ran, from a run's config: ``uniform run``, ``return_filter run``, ``BOOST run (head, cg)``
+    (a learned weighting: the block the hypergradient is taken over and the solver)."""
+    method = config["weighting"]["method"]
+    if method not in LEARNED:
+        return f"{method} run"
+    parts = [config["block"], config["solver"]["method"]]
+    if config["weighting"]["refilter_every"]:
+        parts.append(f"refiltering every {config['weighting']['refilter_every']} steps")
+    return f"{'BOOST' if method == 'boost' else method} run ({', '.join(parts)})"
+
+
+# weighting.* settings read only by some methods (boost/train/baselines.py, boost/train/refilter.py)
+_WEIGHTING_USERS = {
+    "return_threshold": ("return_filter",),
+    "loss_drop": ("loss_filter",),
+    "oracle_threshold": ("oracle",),
+    "weights_path": ("weight_filter",),
+}
+# what only a learned weighting (a head and outer steps) reads
+_LEARNED_ONLY = ("solver", "head", "outer", "block", "fd_step", "outer_every")
+_LEARNED_ONLY_IN = {
+    "optim": ("head_lr", "schedule_head"),
+    "weighting": ("outer_start", "freeze_mass", "refilter_every"),
+}
+
+
+def applied_settings(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (a run's ``config.yaml``) without the settings that did not apply to the run: no
+    solver, head or outer-step settings without a learned weighting, no other method's
+    ``weighting.*`` settings, no LoRA options with LoRA off, no rollout options without rollouts, no
+    preset model sizes for another model, no finite-difference step for ``block=head``."""
+    shown = copy.deepcopy(config)
+    weighting = shown["weighting"]
+    method = weighting["method"]
+    learned = method in LEARNED
+    if not learned:
+        for key in _LEARNED_ONLY:
+            shown.pop(key, None)
+        for group, keys in _LEARNED_ONLY_IN.items():
+            for key in keys:
+                shown[group].pop(key, None)
+    elif shown.get("block") == "head":
+        shown.pop("fd_step", None)
+    for key, users in _WEIGHTING_USERS.items():
+        if method not in users:
+            weighting.pop(key, None)
+    uses_top = method == "weight_filter" or (
+        method == "return_filter" and weighting.get("return_threshold") is None
+    )
+    if not (uses_top or (learned and weighting.get("refilter_every"))):
+        weighting.pop("top_fraction", None)
+    if not weighting.get("awr_beta"):
+        weighting.pop("awr_max", None)
+    if shown["optim"].get("schedule") == "constant":
+        shown["optim"].pop("min_lr_ratio", None)
+    if not shown["lora"]["enabled"]:
+        shown["lora"] = {"enabled": False}
+    if not shown["eval"]["episodes"]:
+        shown["eval"] = {"episodes": 0}
+    if shown["model"]["name"] != PRESET:
+        shown["model"] = {
+            k: v for k, v in shown["model"].items() if k not in ("hidden_size", "layers", "heads")
+        }
+    if shown.get("parallel") == "none":
+        shown.pop("parallel_debug", None)
+    return shown
+
+
 def success_line(final: dict, random_policy: dict | None = None) -> str:
     """One line: held-out task success with its 95% Wilson interval (and the random policy's)."""
     if "success_rate" not in final:
@@ -111,10 +190,12 @@ def write_report(out: Path, data_summary: list[str], random_policy: dict | None 
     """
     metrics = read_metrics(out)
     final = json.loads((out / "final.json").read_text(encoding="utf-8"))
-    config = (out / "config.yaml").read_text(encoding="utf-8")
+    config = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
+    warning = budget_warning(config["model"]["name"], config["steps"])
     lines = [
-        f"# BOOST run: {out.name}",
+        f"# {run_title(config)}: {out.name}",
         "",
+        *([f"**Warning:** {warning}.", ""] if warning else []),
         f"Steps: {final['step']}. Held-out real tasks, mean per-trajectory loss: validation "
         f"{_number(final['validation_loss'])}, test {_number(final['test_loss'])}.",
         "",
@@ -147,7 +228,7 @@ def write_report(out: Path, data_summary: list[str], random_policy: dict | None 
     if outer:
         timing += (
             f", outer {_median(m['outer_seconds'] for m in outer):.2f} s "
-            f"(every {yaml.safe_load(config)['outer_every']} inner steps)"
+            f"(every {config['outer_every']} inner steps)"
         )
     lines += ["", timing + "."]
     plot = _plot(metrics, out / "training.png")
@@ -162,8 +243,10 @@ def write_report(out: Path, data_summary: list[str], random_policy: dict | None 
         "",
         "## Config",
         "",
+        "The settings that applied to this run (`config.yaml` holds every setting).",
+        "",
         "```yaml",
-        config.rstrip(),
+        yaml.safe_dump(applied_settings(config), sort_keys=False).rstrip(),
         "```",
     ]
     path = out / "report.md"
