@@ -298,8 +298,9 @@ def test_cli_data_errors_are_one_line_with_exit_2_before_the_model_loads(tmp_pat
     empty.write_text("")
     no_model = f"model.name={tmp_path / 'no-such-model'}"  # loading it would fail: the data fails first
     code, line = _cli(capsys, f"data.path={empty}", "--quiet", no_model, f"out_dir={tmp_path / 'run'}")
-    assert code == 2 and line.endswith(
-        f"{empty}: the file is empty (no record in it); point data.path at the data or regenerate it"
+    assert code == 2 and line.startswith("python -m boost.train: error: ")  # no usage banner above it
+    assert (
+        f"{empty}: the file is empty (no record in it); point data.path at the data or regenerate it" in line
     )
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
