@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from boost.bilevel.hypergradient import SolverConfig
+from boost.bilevel.objectives import OuterConfig
 from boost.bilevel.reweighting import HeadConfig
 from boost.train.attention_backend import ATTENTION
 from boost.train.lora import LoraSettings, check_block
@@ -31,6 +32,11 @@ def check_parallel(cfg) -> None:
         raise ValueError(
             f"grad_accum={cfg.grad_accum} is not supported with parallel={cfg.parallel} yet; raise "
             "data.token_budget (the global batch) instead, or set grad_accum=1"
+        )
+    if cfg.parallel != "none" and cfg.outer.terms != {"nll": 1.0}:
+        raise ValueError(
+            f"outer.objective={cfg.outer.objective} runs on one process for now (its validation gradient is "
+            f"not reduced over ranks); use parallel=none, or outer.objective=nll"
         )
     if cfg.parallel != "fsdp2":
         return
@@ -253,6 +259,9 @@ class TrainConfig:
     # the training data); 0 turns the feature off
     head: HeadConfig = field(default_factory=lambda: HeadConfig(num_sources=-1))
     eval: EvalConfig = field(default_factory=EvalConfig)
+    # what the outer step optimises on held-out real validation data: nll, decision, return or a
+    # mixture (boost/bilevel/objectives.py, docs/method.md)
+    outer: OuterConfig = field(default_factory=OuterConfig)
     weighting: WeightingConfig = field(default_factory=WeightingConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)  # off: every model weight is trained
     kernels: KernelSettings = field(default_factory=KernelSettings)  # the fused ops' options on CUDA
@@ -303,6 +312,11 @@ class TrainConfig:
         if self.block not in ("head", "trainable"):
             raise ValueError(f"block must be 'head' or 'trainable', got {self.block!r}")
         check_block(self.lora, self.block)
+        if self.block != "head" and self.outer.terms != {"nll": 1.0}:
+            raise ValueError(
+                f"outer.objective={self.outer.objective} is built for block=head (its gradients come from the "
+                "fused LM-head ops); use block=head, or outer.objective=nll"
+            )
         if self.solver.method == "identity" and self.solver.alpha is not None:
             raise ValueError(
                 "solver.alpha is not used with solver.method=identity: the inner AdamW step defines the "

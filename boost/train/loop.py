@@ -23,7 +23,7 @@ With ``block="head"`` (default) the hypergradient is taken over the LM head (doc
 block"), reusing the inner step's hidden states, so an outer step costs one trunk forward on the
 validation batch plus fused head passes. ``block="trainable"`` takes it over every trained
 parameter by central finite differences (two forward/backward passes of the inner batch per HVP,
-two forwards for the scores). ``reweight=False`` trains with weight 1 everywhere (the baseline).
+two forwards for the scores). ``weighting.method=uniform`` trains with weight 1 everywhere (the baseline).
 
 Writes under ``out_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoints/step-N/``
 (safetensors, no pickle, written to a temporary folder and renamed: a crash never leaves a half
@@ -90,6 +90,7 @@ from boost.train.distributed import (
 from boost.train.evaluation import append_eval, evaluate_trainer
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
 from boost.train.lora import apply_lora, output_head
+from boost.train.outer_signal import OuterSignal
 from boost.train.precision import autocast, resolve_precision
 from boost.train.preset import load_trainer_model
 from boost.train.refilter import Refiltered, choose, is_refilter_step, packer_for
@@ -249,6 +250,10 @@ class Trainer:
             self.head.log_mass.requires_grad_(False)
         self.head_opt = torch.optim.Adam(
             [p for p in self.head.parameters() if p.requires_grad], lr=cfg.optim.head_lr
+        )
+        # the outer objective's validation gradient (boost/train/outer_signal.py); None: the NLL's
+        self.signal = (
+            OuterSignal(self) if cfg.outer.terms != {"nll": 1.0} and self.method in LEARNED else None
         )
         self.step = 0
         self.last_v = None  # the previous outer step's v: warm start of Neumann / CG (checkpointed)
@@ -417,14 +422,22 @@ class Trainer:
                          deterministic=self.cfg.kernels.deterministic)  # fmt: skip
 
     def _head_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
-        """(validation loss, hypergradient) over the LM head, from the fused ops on the counted tokens."""
+        """(validation loss, hypergradient) over the LM head, from the fused ops on the counted tokens.
+
+        g = ∇_W L_out for ``outer.objective`` (:mod:`boost.train.outer_signal`); the validation NLL
+        is computed whatever the objective (logged as ``val_loss``; the task-shift reference)."""
         with torch.no_grad():
-            val_c = self._counted(self.hidden_states(val), val)
+            val_hidden = self.hidden_states(val)
+            val_c = self._counted(val_hidden, val)
         # θ_{t+1}; shares W's storage: no [V, D] copy (FSDP2: the head gathered on every rank)
         Wg = self.parallel.full(self.lm_head.weight).detach().requires_grad_()
         bias = self._bias()
         val_out = self.losses(val_c.hidden, val, weight=Wg, counted=val_c)  # parallel: the global count
-        (g,) = torch.autograd.grad(val_out.loss, Wg)
+        if self.signal is None:  # outer.objective=nll
+            (g,) = torch.autograd.grad(val_out.loss, Wg)
+        else:
+            g, value, terms = self.signal.gradient(val, val_hidden, Wg, val_out.loss)
+            state["outer_terms"] = {"outer_loss": value if math.isfinite(value) else None, **terms}
         g = self.parallel.sum(g)
         self._update_reference(val_c.hidden, val_c.segment_ids, val, val_out)
         train = self._counted(state["hidden"], batch)
@@ -498,6 +511,7 @@ class Trainer:
         shift = float(objective.shift) if math.isfinite(float(objective.shift)) else None
         return {
             **({"skipped": bad} if bad else {}),
+            **state.get("outer_terms", {}),
             "val_loss": float(val_loss),
             "n_eff": float(objective.n_eff.detach()),
             "mass": float(objective.mass.detach()),
@@ -541,7 +555,8 @@ class Trainer:
             self.out, self.step, **self._checkpoint_parts(), keep=self.cfg.keep_checkpoints,
             # the warm start of Neumann / CG: without it a resumed run would solve cold and differ;
             # the refiltered training set: the head that chose it has moved on since
-            tensors={"last_v": self.last_v, **self._refilter_tensors()},
+            tensors={"last_v": self.last_v, **self._refilter_tensors(),
+                     **(self.signal.state() if self.signal else {})},
             info={"config": json_safe(to_dict(self.cfg)), "data_position": position,
                   "refilters": json_safe(self.refilters)},
         )  # fmt: skip
@@ -583,6 +598,8 @@ class Trainer:
         else:
             state, tensors = load_checkpoint(path, **self._checkpoint_parts(), device=self.device)
         self.last_v = tensors.get("last_v")
+        if self.signal is not None:
+            self.signal.load(tensors)
         self.step = int(state["step"])
         self.refilters = list(state.get("refilters", []))
         if "refilter_positions" in tensors:

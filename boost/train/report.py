@@ -100,11 +100,15 @@ def _plot(metrics: list[dict], path: Path) -> Path | None:
 
 def run_title(config: dict[str, Any]) -> str:
     """What ran, from a run's config: ``uniform run``, ``return_filter run``, ``BOOST run (head, cg)``
-    (a learned weighting: the block the hypergradient is taken over and the solver)."""
+    (a learned weighting: the block the hypergradient is taken over, the solver, and the outer objective
+    when it is not the validation NLL)."""
     method = config["weighting"]["method"]
     if method not in LEARNED:
         return f"{method} run"
     parts = [config["block"], config["solver"]["method"]]
+    objective = config.get("outer", {}).get("objective", "nll")
+    if objective != "nll":
+        parts.append(f"outer objective {objective}")
     if config["weighting"]["refilter_every"]:
         parts.append(f"refiltering every {config['weighting']['refilter_every']} steps")
     return f"{'BOOST' if method == 'boost' else method} run ({', '.join(parts)})"
