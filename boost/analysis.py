@@ -35,7 +35,6 @@ as it is.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import tempfile
@@ -45,6 +44,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from boost.atomic import write_text_atomic
+from boost.cli import ArgumentParser
 from boost.stats import spearman
 
 SHIFTED = "expert_shifted"
@@ -250,7 +250,7 @@ COMMANDS = {  # name: (function, one result per argument?, argument help)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m boost.experiment analyse",
         description="Analyses of finished runs' records (train nothing).",
     )

@@ -47,7 +47,6 @@ and a 95% Student-t interval (``--reference`` overrides the file's). Writes ``OU
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import logging
@@ -62,6 +61,7 @@ import yaml
 from boost import analysis
 from boost.analysis import read_pool_rows
 from boost.atomic import write_json_atomic, write_text_atomic
+from boost.cli import ArgumentParser
 from boost.config import load_config
 from boost.data.format import write_jsonl
 from boost.generators import GeneratorConfig, generate, parse_sources
@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] in (["analyse"], ["analyze"]):  # analyses of finished runs' records (boost/analysis.py)
         return analysis.main(argv[1:])
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m boost.experiment",
         description="Arms x seeds of the trainer.",
         epilog="python -m boost.experiment analyse --help: analyses of finished runs' records (train nothing)",

@@ -20,6 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from boost.atomic import write_json_atomic
+from boost.cli import ArgumentParser
 from boost.config import from_attributes
 from boost.data.format import write_jsonl
 from boost.envs import SPLITS, EnvError, env_names, make_env
@@ -38,7 +39,7 @@ DEFAULT_SOURCES = "real:32,expert_shifted:256,eps0.1:256,eps0.3:256,eps0.6:256,r
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m boost.generate",
         description="Generate real (expert) and synthetic trajectories with known ground truth.",
     )

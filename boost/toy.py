@@ -36,7 +36,6 @@ in a real run, on a problem small enough to watch. Every arm's inner learning ra
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -48,6 +47,7 @@ from boost.atomic import write_json_atomic, write_text_atomic
 from boost.bilevel.hypergradient import HeadBatch, SolverConfig, head_hypergradient
 from boost.bilevel.reweighting import HeadConfig, ReweightingHead, outer_objective, trajectory_features
 from boost.bilevel.step_response import optimizer_response
+from boost.cli import ArgumentParser
 from boost.plotting import pyplot, save_png
 
 ARMS = ("boost", "boost_frozen", "oracle_matched", "oracle", "loss_filter", "uniform", "real_only")
@@ -298,7 +298,7 @@ def _plot(results: list[dict], path: Path) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out", type=Path, default=Path("runs/toy"), help="folder for report.md, history.json"
     )

@@ -17,7 +17,6 @@ Protocol (all choices on the ``tuning`` split of real trajectories, never on ``t
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from dataclasses import replace
@@ -28,6 +27,7 @@ import torch
 
 from boost.atomic import write_json_atomic, write_text_atomic
 from boost.bilevel.hypergradient import SolverConfig
+from boost.cli import ArgumentParser
 from boost.plotting import pyplot, save_png
 from boost.toy import ARMS, ToyConfig, run_arm
 
@@ -205,7 +205,7 @@ def write_outputs(study: dict, out: Path, header: str) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("docs/toy"))
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=ToyConfig.rounds)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from boost.atomic import write_json_atomic
 from boost.cli import ArgumentParser
+from boost.config import from_attributes
 from boost.data.format import write_jsonl
 from boost.envs import SPLITS, EnvError, Episode, env_names, make_env
 from boost.rollout.generation import RolloutConfig, RolloutError, load_model, rollout, summarize_episodes
@@ -131,16 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             tasks = env.sample_tasks(args.split, args.episodes, seed=args.seed)
         env.close()
-        config = RolloutConfig(
-            max_turns=args.max_turns,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            max_context_tokens=args.max_context_tokens,
-            reuse_cache=not args.no_kv_cache,
-        )
+        config = from_attributes(RolloutConfig, args, reuse_cache=not args.no_kv_cache)
         model, tokenizer = load_model(
             args.model, gguf_file=args.gguf_file, chat_template=args.chat_template, device=args.device
         )
