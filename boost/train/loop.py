@@ -716,7 +716,9 @@ class Trainer:
                     record["refilter"] = self.refilter()
                     batches = _cycle(self.train_packer, collate=self.parallel.collate(self.train_packer))
                 bad = record.get("skipped", [])
-                if bad or self.step % cfg.log_every == 0 or self.step == cfg.steps or "refilter" in record:
+                # refilters and fresh validation rollouts (outer.objective=return) are always logged
+                fresh = "refilter" in record or "return_mean" in record
+                if bad or self.step % cfg.log_every == 0 or self.step == cfg.steps or fresh:
                     metrics.write({"step": self.step, **record})
                     board.write(self.step, record)
                     shown = {**record, "tok/s": tokens_per_second(record)}
