@@ -39,7 +39,7 @@ def test_the_head_block_on_the_counted_tokens_equals_the_whole_batch(assets, tmp
     batch, val = next(_cycle(trainer.data.train)), next(_cycle(trainer.data.validation))
     assert int((batch.segment_ids >= 0).sum()) < batch.num_tokens // 2  # the compaction does something
     _, state = trainer.inner_step(batch)
-    val_loss, hyper = trainer._head_block(batch, state, val)
+    val_loss, hyper = trainer.outer.head_block(batch, state, val)
 
     W = trainer.lm_head.weight.detach().requires_grad_()
     with torch.no_grad():

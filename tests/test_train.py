@@ -109,7 +109,7 @@ def test_the_identity_look_ahead_uses_the_pre_step_head_and_the_adamw_response(a
     before = trainer.lm_head.weight.detach().clone()
     _, state = trainer.inner_step(batch)
     assert torch.equal(state["pre_step"][0], before) and not torch.equal(trainer.lm_head.weight, before)
-    _, hyper = trainer._head_block(batch, state, val)
+    _, hyper = trainer.outer.head_block(batch, state, val)
     W = trainer.lm_head.weight.detach().requires_grad_()
     (g,) = torch.autograd.grad(trainer.losses(trainer.hidden_states(val), val, W).loss, W)
     v = optimizer_response(trainer.opt, [trainer.lm_head.weight], [g], state["clip"])[0]

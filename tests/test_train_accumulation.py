@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import boost.bilevel.outer as outer
 import boost.train.loop as loop
 from benchmarks.kill_resume import make_assets
 from boost.data import PackingConfig, TrajectoryPacker
@@ -52,13 +53,13 @@ def _close(a, b, path="") -> None:
 
 def _recording_hypergradients(monkeypatch) -> list[torch.Tensor]:
     """The hypergradient dL_out/dw_i [S] each outer step hands the head."""
-    seen, original = [], loop.outer_objective
+    seen, original = [], outer.outer_objective
 
     def outer_objective(head, weights, hypergradient, *args, **kwargs):
         seen.append(hypergradient.detach().clone())
         return original(head, weights, hypergradient, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "outer_objective", outer_objective)
+    monkeypatch.setattr(outer, "outer_objective", outer_objective)
     return seen
 
 

@@ -154,13 +154,13 @@ def test_a_nonfinite_validation_loss_or_head_weight_skips_the_update(assets, tmp
     trainer = Trainer(_fast(assets, tmp_path, "weighting.method=boost"), progress=False)
     batch, val = next(_cycle(trainer.data.train)), next(_cycle(trainer.data.validation))
     _, state = trainer.inner_step(batch)
-    head_block = trainer._head_block
+    head_block = trainer.outer.head_block
 
     def nan_validation_loss(*args):
         _, hyper = head_block(*args)
         return torch.tensor(float("nan")), hyper
 
-    monkeypatch.setattr(trainer, "_head_block", nan_validation_loss)
+    monkeypatch.setattr(trainer.outer, "head_block", nan_validation_loss)
     before = _head_and_model(trainer)
     record = trainer.outer_step(batch, state, val)
     assert _unchanged(before, trainer) and record.get("skipped") == ["validation_loss"]

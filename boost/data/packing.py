@@ -488,6 +488,16 @@ def padding_row(row_length: int, pad_token_id: int) -> PackedBatch:
     )
 
 
+def segment_slices(batches: Sequence[PackedBatch]) -> list[slice]:
+    """Where each batch's trajectories sit among the union's S = Σ S_k (in order) of
+    :func:`concat_packed`."""
+    out, start = [], 0
+    for b in batches:
+        out.append(slice(start, start + b.num_segments))
+        start += b.num_segments
+    return out
+
+
 def concat_packed(batches: list[PackedBatch], *, rows: int, token_budget: int) -> PackedBatch:
     """``batches`` back to back as one :class:`PackedBatch` of ``rows`` rows: tokens concatenated,
     segment ids and ``cu_seqlens`` shifted, per-trajectory tensors and lists concatenated. The

@@ -24,16 +24,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from boost.data.packing import PackedBatch, concat_packed
+from boost.data.packing import PackedBatch, concat_packed, segment_slices
 
-
-def segment_slices(batches: Sequence[PackedBatch]) -> list[slice]:
-    """Where each batch's trajectories sit among the union's S = Σ S_k (in order)."""
-    out, start = [], 0
-    for b in batches:
-        out.append(slice(start, start + b.num_segments))
-        start += b.num_segments
-    return out
+__all__ = ["concat_batches", "segment_slices"]
 
 
 def concat_batches(batches: Sequence[PackedBatch]) -> PackedBatch:

@@ -8,22 +8,24 @@ Per inner step (one packed batch of real training and synthetic trajectories):
     loss   = Σ_i stopgrad(w_i) L_i / S   -> AdamW step on the model
 
 Every ``outer_every`` steps, an outer step on a batch of held-out *real* validation tasks, right
-after that inner step (θ_t before it, θ_{t+1} after it):
+after that inner step (θ_t before it, θ_{t+1} after it; :mod:`boost.bilevel.outer`, which holds it):
 
-    g      = ∇_W L_out(trunk(val_batch)) at θ_{t+1}           (fused backward, W only)
-    v      = identity: the AdamW step's own response lr·P ⊙ g (boost.bilevel.step_response, clipping incl.);
-             neumann / cg: ≈ (H + λI)⁻¹ g, H on the inner batch at θ_t, warm-started from the last v
-    dL/dw  = −<∇L_i(θ_t), v> / S: the inner batch's hidden states and the head W_t of the same state
+    g      = ∇ L_out(trunk(val_batch)) at θ_{t+1}             (``outer.objective``: NLL by default)
+    v      = identity: the AdamW step's response to g; neumann / cg: ≈ (H + λI)⁻¹ g at θ_t
+    dL/dw  = −<∇L_i(θ_t), v> / S
     head  <- Adam step on Σ_i w_i(φ) stopgrad(dL/dw_i) + λ_conc/√n_eff + λ_shift·Σ_syn w_i d_i / S
 
 θ_t is kept for the outer step: the pre-step head (a [V, D] copy) for ``block="head"``, every
 trained parameter for ``block="trainable"`` (a copy of them), only on steps an outer step follows.
+``block="head"`` (default) takes the hypergradient over the LM head, reusing the inner step's hidden
+states; ``block="trainable"`` over every trained parameter, by finite differences (docs/design.md,
+"Parameter block"). ``weighting.method=uniform`` trains with weight 1 everywhere (the baseline), and
+``weighting.refilter_every`` lets the head choose the training batches instead
+(:mod:`boost.train.refilter`).
 
-With ``block="head"`` (default) the hypergradient is taken over the LM head (docs/design.md, "Parameter
-block"), reusing the inner step's hidden states, so an outer step costs one trunk forward on the
-validation batch plus fused head passes. ``block="trainable"`` takes it over every trained
-parameter by central finite differences (two forward/backward passes of the inner batch per HVP,
-two forwards for the scores). ``weighting.method=uniform`` trains with weight 1 everywhere (the baseline).
+This module holds the loop around them: the data (:func:`prepare_data`), the inner step and
+:meth:`Trainer.losses` (the trainer's one call of the fused trajectory loss), the learning-rate
+schedule, refiltering, checkpoints and evaluation.
 
 Writes under ``out_dir``: ``metrics.jsonl`` (one line per logged step), ``checkpoints/step-N/``
 (safetensors, no pickle, written to a temporary folder and renamed: a crash never leaves a half
@@ -36,10 +38,8 @@ unless resumed or overwritten, and a step with a non-finite number is skipped, l
 from __future__ import annotations
 
 import logging
-import math
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -50,10 +50,10 @@ from tqdm import tqdm
 
 import boost_kernels as bk
 from boost.atomic import write_json_atomic, write_text_atomic
-from boost.bilevel.hypergradient import HeadBatch, head_hypergradient
-from boost.bilevel.hypergradient_trainable import trainable_hypergradient
-from boost.bilevel.reweighting import outer_objective, trajectory_features, weight_summary
-from boost.bilevel.step_response import ClipRecord, optimizer_response
+from boost.bilevel.hypergradient import HeadBatch
+from boost.bilevel.outer import OuterStep
+from boost.bilevel.reweighting import trajectory_features
+from boost.bilevel.step_response import ClipRecord
 from boost.config import to_dict
 from boost.data import PackedBatch, PackingConfig, TokenizeConfig, TrajectoryPacker, tokenize_trajectories
 from boost.train.accumulation import concat_batches, segment_slices
@@ -178,21 +178,6 @@ def _cycle(packer: TrajectoryPacker, skip: int = 0, collate=None) -> Iterator[Pa
         epoch += 1
 
 
-@contextmanager
-def _parameters_set_to(params: list[torch.Tensor], values: list[torch.Tensor]):
-    """Temporarily load ``values`` into ``params`` (θ_t for the outer step), restoring them after."""
-    current = [p.detach().clone() for p in params]
-    try:
-        with torch.no_grad():
-            for p, x in zip(params, values):
-                p.copy_(x)
-        yield
-    finally:
-        with torch.no_grad():
-            for p, x in zip(params, current):
-                p.copy_(x)
-
-
 class Trainer:
     """One run: the model, the reweighting head, their optimisers and the packed data.
 
@@ -255,6 +240,7 @@ class Trainer:
         self.signal = (
             OuterSignal(self) if cfg.outer.terms != {"nll": 1.0} and self.method in LEARNED else None
         )
+        self.outer = OuterStep(self, nonfinite)  # the outer step (boost/bilevel/outer.py)
         self.step = 0
         self.last_v = None  # the previous outer step's v: warm start of Neumann / CG (checkpointed)
         # weighting.refilter_every (boost/train/refilter.py): the batches come from train_packer, the
@@ -277,8 +263,9 @@ class Trainer:
     def losses(self, hidden: torch.Tensor, batch: PackedBatch, weight: torch.Tensor | None = None,
                counted: HeadBatch | None = None, **kwargs):  # fmt: skip
         """The fused per-trajectory losses of ``batch`` from ``hidden`` [T, D] (the LM head's ``weight``
-        unless given). ``counted``: the batch's counted tokens only (:meth:`_counted`; ``hidden`` is
-        then theirs) with the same trajectories, count and normaliser as ``batch``."""
+        unless given). ``counted``: the batch's counted tokens only
+        (:meth:`boost.bilevel.outer.OuterStep.counted`; ``hidden`` is then theirs) with the same
+        trajectories, count and normaliser as ``batch``."""
         weight = self.lm_head.weight if weight is None else weight
         labels, segment_ids = (batch.labels, batch.segment_ids) if counted is None else (
             counted.labels, counted.segment_ids)  # fmt: skip
@@ -386,141 +373,10 @@ class Trainer:
     def _trained(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def _precondition(self, params, state, flat: bool = False):
-        """``identity``'s v = the inner AdamW step's response to g (lr·P ⊙ g, through clipping)."""
-        if self.cfg.solver.method != "identity":
-            return None
-
-        def response(g):
-            grads = list(torch.split(g, [p.numel() for p in params])) if flat else [g]
-            grads = [d.view_as(p) for d, p in zip(grads, params)]
-            opt, stepped = self.parallel.stepped(self.opt, params)  # FSDP2: W's state gathered
-            v = optimizer_response(opt, stepped, grads, state["clip"])
-            return torch.cat([x.reshape(-1) for x in v]) if flat else v[0]
-
-        return response
-
-    def _update_reference(self, val_hidden: torch.Tensor, segment_ids: torch.Tensor, val: PackedBatch,
-                          val_out) -> None:  # fmt: skip
-        """The task-shift term's reference: the validation trajectories' pooled hidden states
-        (``val_hidden`` [T, D] with ``segment_ids`` [T], compacted to the counted tokens or not)."""
-        if self.cfg.head.task_shift:
-            S = val_out.per_trajectory.shape[0]
-            pooled = trajectory_features(
-                val_hidden.detach(), segment_ids, segment_ids >= 0, val_out.per_trajectory, val_out.num_tokens,
-                torch.zeros(S, dtype=torch.bool, device=segment_ids.device),
-            ).pooled  # fmt: skip
-            pooled, tokens = self.parallel.gather(val, pooled, val_out.num_tokens)  # every rank's
-            self.head.update_reference(pooled[tokens > 0])
-
-    def _counted(self, hidden: torch.Tensor, batch: PackedBatch) -> HeadBatch:
-        """The tokens of ``batch`` that count (segment >= 0, hence a label) as a :class:`HeadBatch`: the
-        head block's loss, HVPs and JVP read nothing else, so dropping the rest is exact, and on the
-        CPU preset's gridnav batches 3.5% of the tokens count (each head pass costs T·V·D)."""
-        keep = batch.segment_ids >= 0
-        return HeadBatch(hidden[keep], batch.labels[keep], batch.segment_ids[keep], batch.num_segments,
-                         deterministic=self.cfg.kernels.deterministic)  # fmt: skip
-
-    def _head_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
-        """(validation loss, hypergradient) over the LM head, from the fused ops on the counted tokens.
-
-        g = ∇_W L_out for ``outer.objective`` (:mod:`boost.train.outer_signal`); the validation NLL
-        is computed whatever the objective (logged as ``val_loss``; the task-shift reference)."""
-        with torch.no_grad():
-            val_hidden = self.hidden_states(val)
-            val_c = self._counted(val_hidden, val)
-        # θ_{t+1}; shares W's storage: no [V, D] copy (FSDP2: the head gathered on every rank)
-        Wg = self.parallel.full(self.lm_head.weight).detach().requires_grad_()
-        bias = self._bias()
-        val_out = self.losses(val_c.hidden, val, weight=Wg, counted=val_c)  # parallel: the global count
-        if self.signal is None:  # outer.objective=nll
-            (g,) = torch.autograd.grad(val_out.loss, Wg)
-        else:
-            g, value, terms = self.signal.gradient(val, val_hidden, Wg, val_out.loss)
-            state["outer_terms"] = {"outer_loss": value if math.isfinite(value) else None, **terms}
-        g = self.parallel.sum(g)
-        self._update_reference(val_c.hidden, val_c.segment_ids, val, val_out)
-        train = self._counted(state["hidden"], batch)
-        if bias is not None:
-            train = replace(train, bias=bias.detach())
-        (w_pre,) = state["pre_step"]  # the head that produced the inner step's logits
-        return self.parallel.sum(val_out.loss.detach().clone()), head_hypergradient(
-            train, w_pre, state["w_local"].detach().float(), g, self.cfg.solver, init=self.last_v,
-            precondition=self._precondition([self.lm_head.weight], state),
-            normalizer=self.parallel.normalizer(batch), reduce=self.parallel.reduce,
-        )  # fmt: skip
-
-    def _trainable_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
-        """(validation loss, hypergradient) over every trained parameter, by finite differences:
-        g at θ_{t+1}, then H and the scores on the inner batch at θ_t (swapped in, then back)."""
-        params = self._trained()
-        val_hidden = self.hidden_states(val)
-        val_out = self.losses(val_hidden, val)
-        grads = torch.autograd.grad(val_out.loss, params, allow_unused=True)
-        g = [self.parallel.sum(torch.zeros_like(p) if d is None else d) for d, p in zip(grads, params)]
-        self._update_reference(val_hidden, val.segment_ids, val, val_out)
-        w = state["w_local"].detach()
-        S = state["view"].size  # the global batch's trajectories
-        micro = state["micro"]  # [batch], or the micro-batches of an accumulated step (batch = their union)
-        # finite differences of the losses run the trunk in float32 whatever the precision: under bf16
-        # autocast their error grows ~2.5x (measured: benchmarks/RESULTS.md, "Precision, attention ...")
-        hidden = partial(self.hidden_states, precision="fp32")
-
-        def inner_loss():
-            parts = zip(micro, segment_slices(micro))
-            return sum((w[sl] * self.losses(hidden(m), m, precompute_grad=False).per_trajectory).sum()
-                       for m, sl in parts) / S  # fmt: skip
-
-        def per_trajectory():
-            return torch.cat([self.losses(hidden(m), m).per_trajectory for m in micro])
-
-        with _parameters_set_to(params, state["pre_step"]):
-            hyper = trainable_hypergradient(
-                inner_loss, per_trajectory, params, g, self.cfg.solver, normalizer=S, step=self.cfg.fd_step,
-                init=self.last_v, precondition=self._precondition(params, state, flat=True),
-                reduce=self.parallel.reduce,
-            )  # fmt: skip
-        return self.parallel.sum(val_out.loss.detach().clone()), hyper
-
     def outer_step(self, batch: PackedBatch, state: dict, val: PackedBatch) -> dict:
-        block = self._head_block if self.cfg.block == "head" else self._trainable_block
-        with self.parallel.no_sync():  # DDP: the blocks reduce their own gradients
-            val_loss, hyper = block(batch, state, val)
-        view = state["view"]
-        # parallel: this rank's dL/dw_i (0 elsewhere), the regularisers once (rank 0); the head's
-        # gradient is then summed over ranks
-        objective = outer_objective(
-            self.head, state["w"], view.scatter(hyper.traj_weights), state["synthetic"], pooled=state["pooled"],
-            regularize=self.parallel.is_main,
-        )  # fmt: skip
-        self.head_opt.zero_grad(set_to_none=True)
-        bad = self.parallel.agree(
-            nonfinite(
-                validation_loss=val_loss, hypergradient=hyper.traj_weights, outer_objective=objective.loss
-            )
-        )
-        if not bad:  # a bad outer step is skipped: the head (and the warm start) are untouched
-            # a batch without synthetic trajectories gives the head no gradient (real weights are fixed)
-            if objective.loss.requires_grad:
-                objective.loss.backward()
-                self.parallel.reduce_gradients(self.head)
-                self.head_opt.step()
-            self.last_v = hyper.v if self.cfg.solver.warm_start else None
-        self.parallel.after_outer_step(self, state, hyper.traj_weights)  # parallel_debug: ranks agree
-        residual = hyper.residual if math.isfinite(hyper.residual) else None  # None: identity, no solve
-        shift = float(objective.shift) if math.isfinite(float(objective.shift)) else None
-        return {
-            **({"skipped": bad} if bad else {}),
-            **state.get("outer_terms", {}),
-            "val_loss": float(val_loss),
-            "n_eff": float(objective.n_eff.detach()),
-            "mass": float(objective.mass.detach()),
-            "synthetic_weight": float(objective.synthetic_weight.detach()),
-            "task_shift_distance": shift,
-            "solver_residual": residual,
-            "solver_warm_started": hyper.warm_started,
-            "weights": weight_summary(state["w"], view.source, self.data.sources),
-        }
+        """The outer step after the inner step on ``batch`` (``state``: what it returned), on the
+        validation batch ``val``: :class:`boost.bilevel.outer.OuterStep`. Returns its record."""
+        return self.outer(batch, state, val)
 
     @torch.no_grad()
     def evaluate(self, packer: TrajectoryPacker | None) -> float | None:
