@@ -195,7 +195,7 @@ def _num(value) -> float:
 
 def add_filtered_out(run: Path) -> str:
     """List a data-level filter's left-out trajectories with weight 0 and redo ``final.json``'s analysis."""
-    from boost.config import load_config
+    from boost.config import from_dict, parse_yaml
     from boost.train.baselines import (
         DATA_FILTERS,
         ground_truth_quality,
@@ -212,8 +212,13 @@ def add_filtered_out(run: Path) -> str:
     final = json.loads(final_path.read_text(encoding="utf-8"))
     if "n_filtered_out" in final:
         return f"{run}: lists its filtered-out trajectories already"
-    cfg = load_config(TrainConfig, run / "config.yaml")
-    method = cfg.weighting.method if cfg.reweight else "uniform"
+    path = run / "config.yaml"
+    raw = parse_yaml(path.read_text(encoding="utf-8")) or {}
+    # runs written before weighting.method was the one weighting setting carry `reweight`
+    if raw.pop("reweight", True) is False:
+        raw.setdefault("weighting", {})["method"] = "uniform"
+    cfg = from_dict(TrainConfig, raw, str(path))
+    method = cfg.weighting.method
     if method not in DATA_FILTERS:
         return f"{run}: weighting.method={method} filters nothing before training; left as it is"
     rows = read_pool_rows(pool_path)

@@ -39,6 +39,9 @@ def test_an_old_filter_run_gets_the_rows_and_analysis_a_new_run_writes(tmp_path,
         del row["key"], row["task_id"]
     (run / "pool_weights.jsonl").write_text("".join(json.dumps(r) + "\n" for r in old))
     (run / "final.json").write_text(json.dumps({k: v for k, v in new_final.items() if k != "n_filtered_out"}))
+    # and the retired `reweight` setting in its config.yaml, as every run of that time had
+    config = run / "config.yaml"
+    config.write_text("reweight: true\n" + config.read_text())
     assert "filtered out listed with weight 0" in script.add_filtered_out(run)
     redone = json.loads((run / "final.json").read_text())
     for key in ANALYSIS:  # approx takes one level of dict: the per-source means are compared alone
