@@ -106,9 +106,8 @@ class OuterSignal:
             self.env_name = env_of(trainer.data.validation.trajectories, trainer.cfg.eval.env)
         self.decision = DecisionLabels(self.env_name, trainer.tokenizer) if "decision" in self.terms else None
         # the real validation tasks the return objective plays, in a fixed order
-        ids = sorted({t.task_id for t in trainer.data.validation.trajectories if t.task_id})
-        self.tasks = ids
-        if "return" in self.terms and not ids:
+        self.tasks = sorted({t.task_id for t in trainer.data.validation.trajectories if t.task_id})
+        if self.cfg.uses_rollouts and not self.tasks:
             raise ValueError(
                 "outer.objective uses 'return' but the validation trajectories carry no task ids"
             )
@@ -145,7 +144,7 @@ class OuterSignal:
         g, value, record = torch.zeros_like(weight, dtype=torch.float32), 0.0, {}
         for name, beta in self.terms.items():
             if name == "nll":
-                (part,) = torch.autograd.grad(nll_loss, weight, retain_graph=True)
+                (part,) = torch.autograd.grad(nll_loss, weight)
                 term = float(nll_loss.detach())
             elif name == "decision":
                 part, term, record["decision_trajectories"] = self._decision(val, val_hidden, weight)
