@@ -224,8 +224,9 @@ def add_filtered_out(run: Path) -> str:
     rows = read_pool_rows(pool_path)
     if any(r["weight"] != 1.0 for r in rows):
         raise RunError(f"{pool_path}: a filter run's rows should all have weight 1; nothing written")
-    pool = [t for t in select_trajectories(cfg.data).train if not t.is_real]
-    kept, _ = select_synthetic(pool, cfg.weighting)
+    train = select_trajectories(cfg.data).train
+    pool = [t for t in train if not t.is_real]
+    kept, _ = select_synthetic(pool, cfg.weighting, real=[t for t in train if t.is_real])
     if all("key" in r for r in rows):  # the same trajectories
         same = sorted(trajectory_key(t) for t in kept) == sorted(r["key"] for r in rows)
     else:  # rows written before keys: the same (source, return, quality) multiset

@@ -115,6 +115,38 @@ def test_weight_filter_keeps_the_top_share_of_a_pool_weights_file_by_trajectory_
     assert read_pool_weights(path, pool) == [0.1, 3.0, 0.5, 2.0]
 
 
+def test_return_gate_leaves_out_what_is_below_the_worst_demonstration_before_ranking(tmp_path):
+    """weight_filter with return_gate=real_min: the gate (lowest real return) first, then the top share
+    of what passed by weight, so a high-weight failure is never kept and the share is of the passers."""
+    real = [_traj("real", r) for r in (0.8, 1.0)]
+    pool = [_traj(f"s{i}", r) for i, r in enumerate((0.0, 0.9, 0.8, 1.0, 0.5))]
+    weights = (9.0, 1.0, 2.0, 3.0, 8.0)  # the two failures carry the highest weights
+    path = tmp_path / "pool_weights.jsonl"
+    path.write_text(
+        "".join(json.dumps({"weight": w, "key": trajectory_key(t)}) + "\n" for t, w in zip(pool, weights))
+    )
+    cfg = WeightingConfig(
+        method="weight_filter", weights_path=str(path), top_fraction=0.5, return_gate="real_min"
+    )
+    kept, note = select_synthetic(pool, cfg, real=real)
+    # passed: s1 (0.9, w 1), s2 (0.8, w 2), s3 (1.0, w 3); top half of 3 = ceil(1.5) = 2 by weight
+    assert [t.source for t in kept] == ["s2", "s3"]
+    assert "kept 2 of 5" in note and "return gate 0.8 (real_min) passed 3 of 5" in note
+    # return_filter with a numeric gate ranks by return among the passers
+    kept, _ = select_synthetic(
+        pool, WeightingConfig(method="return_filter", return_gate=0.85, top_fraction=0.5)
+    )
+    assert [t.source for t in kept] == ["s3"]
+    with pytest.raises(ValueError, match="needs the return of every real"):
+        select_synthetic(pool, cfg, real=[_traj("real", None)])
+    with pytest.raises(ValueError, match="no synthetic trajectory has a return >= 2"):
+        select_synthetic(pool, WeightingConfig(method="return_filter", return_gate=2.0))
+    with pytest.raises(ValueError, match="goes with weighting.method=return_filter or weight_filter"):
+        WeightingConfig(method="boost", return_gate=1.0)
+    with pytest.raises(ValueError, match="a number or 'real_min'"):
+        WeightingConfig(method="return_filter", return_gate="median")
+
+
 def test_weight_filter_refuses_a_file_of_other_data_or_without_keys(tmp_path):
     pool = [_traj("a", None), _traj("b", None)]
     path = tmp_path / "w.jsonl"

@@ -134,9 +134,59 @@ def top_share_threshold(values: list[float], fraction: float) -> float:
     return ordered[max(0, math.ceil(fraction * len(ordered)) - 1)] if ordered else 0.0
 
 
-def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory], str]:
-    """The synthetic trajectories ``cfg.method`` trains on, and a line saying what was left out."""
+def return_gate_value(cfg, real: list[Trajectory] | None) -> float | None:
+    """The return a synthetic trajectory needs to pass ``cfg.return_gate`` (None: no gate).
+
+    ``"real_min"``: the lowest return among ``real`` (the real training trajectories). Raises
+    ValueError when that cannot be read (no real trajectories, or one without a return).
+    """
+    gate = cfg.return_gate
+    if gate is None:
+        return None
+    if gate != "real_min":
+        return float(gate)
+    returns = [t.reward for t in real or []]
+    if not returns or any(r is None for r in returns):
+        missing = sum(r is None for r in returns)
+        raise ValueError(
+            "weighting.return_gate=real_min needs the return of every real training trajectory; "
+            + (
+                f"{missing} of {len(returns)} have none"
+                if returns
+                else "there are no real training trajectories"
+            )
+            + " (give a number instead, e.g. weighting.return_gate=1.0)"
+        )
+    return min(returns)
+
+
+def select_synthetic(
+    synthetic: list[Trajectory], cfg, real: list[Trajectory] | None = None
+) -> tuple[list[Trajectory], str]:
+    """The synthetic trajectories ``cfg.method`` trains on, and a line saying what was left out.
+
+    ``real``: the real training trajectories (read only by ``cfg.return_gate="real_min"``). With a
+    return gate, the trajectories below it are left out first and the ranking (``top_fraction`` by
+    return or by weight) runs over the ones that pass.
+    """
     method = cfg.method
+    gate = return_gate_value(cfg, real) if method in ("return_filter", "weight_filter") else None
+    gate_note = ""
+    if gate is not None:
+        returns = [t.reward for t in synthetic]
+        if any(r is None for r in returns):
+            raise ValueError(
+                f"weighting.return_gate: {sum(r is None for r in returns)} synthetic trajectories have no "
+                "return; filter them out of the data or drop the gate"
+            )
+        passed = [t for t in synthetic if t.reward >= gate]
+        gate_note = f"; return gate {gate:g} ({cfg.return_gate}) passed {len(passed)} of {len(synthetic)}"
+        if not passed:
+            raise ValueError(
+                f"weighting.return_gate={cfg.return_gate}: no synthetic trajectory has a return >= {gate:g}; "
+                "lower the gate or drop it"
+            )
+        full, synthetic = synthetic, passed
     if method == "real_only":
         kept = []
     elif method == "return_filter":
@@ -152,7 +202,9 @@ def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory]
             threshold = top_share_threshold(returns, cfg.top_fraction)
         kept = [t for t in synthetic if t.reward >= threshold]
     elif method == "weight_filter":
-        weights = read_pool_weights(cfg.weights_path, synthetic)
+        weights = read_pool_weights(cfg.weights_path, full if gate is not None else synthetic)
+        if gate is not None:
+            weights = [w for t, w in zip(full, weights) if t.reward >= gate]
         threshold = top_share_threshold(weights, cfg.top_fraction)
         kept = [t for t, w in zip(synthetic, weights) if w >= threshold]
     elif method == "oracle":
@@ -163,6 +215,8 @@ def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory]
     else:  # not one of DATA_FILTERS
         return synthetic, f"weighting {method}: all {len(synthetic)} synthetic trajectories kept"
     note = " (ANALYSIS ONLY: reads ground truth)" if method in ANALYSIS_ONLY else ""
+    if gate is not None:
+        synthetic = full
     by_source = defaultdict(lambda: [0, 0])
     for t in synthetic:
         by_source[t.source][1] += 1
@@ -171,7 +225,8 @@ def select_synthetic(synthetic: list[Trajectory], cfg) -> tuple[list[Trajectory]
     detail = ", ".join(f"{s} {k}/{n}" for s, (k, n) in sorted(by_source.items()))
     return (
         kept,
-        f"weighting {method}{note}: kept {len(kept)} of {len(synthetic)} synthetic trajectories ({detail})",
+        f"weighting {method}{note}: kept {len(kept)} of {len(synthetic)} synthetic trajectories ({detail})"
+        f"{gate_note}",
     )
 
 

@@ -183,6 +183,11 @@ class WeightingConfig:
     oracle_threshold: float = 0.9  # oracle: keep synthetic with ground-truth quality >= this
     # weight_filter: a finished learned-weight run's pool_weights.jsonl; keeps its top_fraction by weight
     weights_path: str | None = None
+    # data filters (return_filter, weight_filter): before ranking, leave out every synthetic trajectory
+    # whose return is below this: a number, or "real_min" = the lowest return among the real training
+    # trajectories ("no worse than the worst demonstration"; reads returns). top_fraction then applies
+    # to the trajectories that pass. None: no gate
+    return_gate: float | str | None = None
     awr_beta: float = 0.0  # > 0: AWR, weights times min(exp(beta * (R - mean R)), awr_max)
     awr_max: float = 20.0  # AWR: upper clip of the exp(beta * advantage) factor
     outer_start: int = 0  # no outer step before this inner step (behaviour-cloning warm-up)
@@ -206,6 +211,17 @@ class WeightingConfig:
                 "weighting.weights_path=<run>/pool_weights.jsonl goes with weighting.method=weight_filter "
                 "and only with it (the weights of a finished boost, per_source or mwn run on the same data)"
             )
+        if self.return_gate is not None:
+            if self.method not in ("return_filter", "weight_filter"):
+                raise ValueError(
+                    f"weighting.return_gate filters before a ranking; it goes with weighting.method="
+                    f"return_filter or weight_filter, not {self.method}"
+                )
+            if isinstance(self.return_gate, str) and self.return_gate != "real_min":
+                raise ValueError(
+                    f"weighting.return_gate must be a number or 'real_min' (the lowest real training "
+                    f"return), got {self.return_gate!r}"
+                )
         if self.awr_beta < 0 or self.awr_max <= 0 or self.outer_start < 0:
             raise ValueError("weighting.awr_beta and outer_start must be >= 0, awr_max > 0")
         if self.refilter_every < 0:

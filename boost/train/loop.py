@@ -127,7 +127,7 @@ def prepare_data(cfg: DataConfig, tokenizer, selection: Selection | None = None,
     if select is not None:
         real = [t for t in train if t.is_real]
         pool = [t for t in train if not t.is_real]
-        synthetic, note = select(pool)
+        synthetic, note = select(pool, real=real)
         filtered_out = left_out(pool, synthetic)
         train = real + synthetic
         summary.append(note)

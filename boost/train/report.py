@@ -120,6 +120,7 @@ _WEIGHTING_USERS = {
     "loss_drop": ("loss_filter",),
     "oracle_threshold": ("oracle",),
     "weights_path": ("weight_filter",),
+    "return_gate": ("return_filter", "weight_filter"),
 }
 # what only a learned weighting (a head and outer steps) reads
 _LEARNED_ONLY = ("solver", "head", "outer", "block", "fd_step", "outer_every")
