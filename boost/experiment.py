@@ -182,9 +182,22 @@ def run_folder(out: Path, arm: str, seed: int) -> Path:
     return out / arm / f"seed{seed}"
 
 
+def run_file(folder: Path, name: str) -> Path:
+    """File ``name`` of the run in ``folder`` (``<out>/<arm>/seed<k>``): ``folder/name`` while the run
+    folder is there, else the committed record's ``<out>/<arm>/seed<k>-<name>`` (the layout of
+    ``benchmarks/experiments/*``, where only each run's records are kept), so ``--report-only`` works
+    on either."""
+    inside = folder / name
+    if inside.exists():
+        return inside
+    record = folder.parent / f"{folder.name}-{name}"
+    return record if record.exists() else inside
+
+
 def read_final(folder: Path) -> dict[str, Any] | None:
-    """The finished run's ``final.json`` in ``folder``, or None while it has none."""
-    path = folder / "final.json"
+    """The finished run's ``final.json`` in ``folder`` (or its record, :func:`run_file`), or None while
+    it has none."""
+    path = run_file(folder, "final.json")
     return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
 
@@ -292,7 +305,7 @@ def aggregate(runs: dict[str, dict[int, dict]], reference: str | None, out: Path
 
 def _source_weights(folder: Path, final: dict) -> dict[str, float]:
     """Relative mean weight per source of one run, from its ``pool_weights.jsonl`` when there is one."""
-    pool = folder / "pool_weights.jsonl"
+    pool = run_file(folder, "pool_weights.jsonl")
     if not pool.exists():
         return final.get("mean_weight_per_source") or {}
     rows = read_pool_rows(pool)
@@ -380,11 +393,11 @@ def write_plots(table, runs, out: Path) -> list[Path]:
     learned = [
         (arm, min(by_seed))
         for arm, by_seed in runs.items()
-        if (run_folder(out, arm, min(by_seed)) / "metrics.jsonl").exists()
+        if run_file(run_folder(out, arm, min(by_seed)), "metrics.jsonl").exists()
     ]
     series = {}
     for arm, seed in learned:
-        lines = (run_folder(out, arm, seed) / "metrics.jsonl").read_text().splitlines()
+        lines = run_file(run_folder(out, arm, seed), "metrics.jsonl").read_text().splitlines()
         outer = [json.loads(x) for x in lines if '"weights"' in x]
         if outer:
             series[arm] = outer
@@ -398,7 +411,10 @@ def write_plots(table, runs, out: Path) -> list[Path]:
             ax.legend(fontsize=7)
         fig.tight_layout()
         written.append(save_png(fig, out / "weights_over_steps.png"))
-    pools = {arm: run_folder(out, arm, min(by_seed)) / "pool_weights.jsonl" for arm, by_seed in runs.items()}
+    pools = {
+        arm: run_file(run_folder(out, arm, min(by_seed)), "pool_weights.jsonl")
+        for arm, by_seed in runs.items()
+    }
     pools = {a: p for a, p in pools.items() if p.exists() and a in series}
     if pools:
         fig, axes = plt.subplots(1, len(pools), figsize=(5 * len(pools), 3.5), squeeze=False)

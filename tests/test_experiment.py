@@ -89,6 +89,25 @@ def test_report_only_trains_nothing_and_lists_what_did_not_run(tmp_path):
         experiment(["--config", str(two_seeds), "--out", str(tmp_path / "empty"), "--report-only"])
 
 
+def test_report_only_reads_the_committed_record_layout(tmp_path):
+    """benchmarks/experiments/* keeps each run as <arm>/seed<k>-final.json and -pool_weights.jsonl, not
+    as run folders: --report-only on such a folder rebuilds the same table."""
+    out, records = tmp_path / "out", tmp_path / "records"
+    path = _spec(tmp_path, lr_grid=[0.001])
+    assert experiment(["--config", str(path), "--out", str(out)]) == 0
+    for arm in ("uniform", "boost"):
+        (records / arm).mkdir(parents=True)
+        for name in ("final.json", "pool_weights.jsonl"):
+            (records / arm / f"seed0-{name}").write_bytes((out / arm / "seed0" / name).read_bytes())
+    assert experiment(["--config", str(path), "--out", str(records), "--report-only"]) == 0
+    ran, recorded = (json.loads((d / "results.json").read_text())["table"] for d in (out, records))
+    assert ran.keys() == recorded.keys() == {"uniform", "boost"}
+    for arm in ran:
+        for key in ("success_rate", "test_loss", "mean_weight_per_source", "seeds"):
+            assert recorded[arm][key] == ran[arm][key]
+    assert not (records / "boost" / "seed0").exists()
+
+
 def test_arms_and_seeds_train_a_part_of_the_grid_and_report_the_whole(tmp_path, capsys):
     out = tmp_path / "out"
     path = _spec(tmp_path, lr_grid=[0.001], seeds=[0, 1])
