@@ -4,6 +4,7 @@
     python -m boost.experiment analyse shift-by-source RUN               # shift distance per source
     python -m boost.experiment analyse key-pool-weights RUN [RUN ...]    # add keys to old pool files
     python -m boost.experiment analyse add-filtered-out RUN [RUN ...]    # list a filter's left-out rows
+    python -m boost.experiment analyse aggregate GRID [GRID ...]        # IQM and P(improvement) over grids
 
 They read what the trainer wrote (``pool_weights.jsonl``, ``config.yaml``, ``final.json``,
 checkpoints) and train nothing. Every ``pool_weights.jsonl`` is read by :func:`read_pool_rows`.
@@ -28,6 +29,12 @@ Ground truth (``quality``) is read for analysis only; no method sees it.
   ``config.yaml`` (no model is built), checks the kept set is exactly the file's rows, rewrites them
   with the left-out trajectories at weight 0 and replaces the weight analysis of ``final.json``
   (:func:`boost.train.baselines.pool_analysis`).
+
+- ``aggregate``: over the finished grids named (each an experiment folder with ``results.json``, one
+  per environment), for every arm that ran in all of them: the interquartile mean of held-out success
+  over all its runs with a 95% stratified-bootstrap interval (seeds redrawn inside each grid), and the
+  probability that a run of the grids' common reference arm beats a run of it (per grid, ties 1/2,
+  averaged over grids) with its interval, as ``rliable`` reports them.
 
 Files are replaced atomically; nothing is written when a check fails, and a run done already is left
 as it is.
@@ -247,11 +254,58 @@ def add_filtered_out(run: Path) -> str:
 
 # the command line
 
+
+def aggregate(grids: list[Path]) -> list[str]:
+    """Interquartile mean and probability of improvement over several grids (one per environment)."""
+    from boost.stats import interquartile_mean, probability_of_improvement, stratified_bootstrap_ci95
+
+    results = []
+    for grid in grids:
+        path = Path(grid) / "results.json"
+        if not path.is_file():
+            raise RunError(f"{path} does not exist (run python -m boost.experiment --report-only on {grid})")
+        results.append(json.loads(path.read_text(encoding="utf-8")))
+    references = {r["spec"].get("reference") for r in results}
+    if len(references) != 1 or None in references:
+        raise RunError(f"the grids name different or no reference arms ({sorted(map(str, references))}); "
+                       "give grids with the same `reference:`")  # fmt: skip
+    (reference,) = references
+    arms = [a for a in results[0]["runs"] if all(a in r["runs"] for r in results)]
+    if reference not in arms:
+        raise RunError(f"the reference arm {reference} has not run in every grid")
+
+    def scores(arm: str) -> list[list[float]]:
+        return [[run["success_rate"] for run in r["runs"][arm].values()] for r in results]
+
+    def pooled_iqm(strata):
+        return interquartile_mean([v for runs in strata for v in runs])
+
+    names = ", ".join(str(g) for g in grids)
+    lines = [f"Held-out success over {len(grids)} grids ({names}); reference {reference}; 95% stratified "
+             "bootstrap intervals (2000 redraws, seed 0)", "",
+             f"| arm | runs per grid | IQM of success | P({reference} > arm) |", "|---|---|---|---|"]  # fmt: skip
+    ref = scores(reference)
+    for arm in arms:
+        s = scores(arm)
+        value = pooled_iqm(s)
+        lo, hi = stratified_bootstrap_ci95([s], pooled_iqm)
+        cell = "–"
+        if arm != reference:
+            p = probability_of_improvement(ref, s)
+            plo, phi = stratified_bootstrap_ci95([ref, s], probability_of_improvement)
+            cell = f"{p:.2f} [{plo:.2f}, {phi:.2f}]"
+        lines.append(
+            f"| {arm} | {'/'.join(str(len(x)) for x in s)} | {value:.3f} [{lo:.3f}, {hi:.3f}] | {cell} |"
+        )
+    return lines
+
+
 COMMANDS = {  # name: (function, one result per argument?, argument help)
     "ranking": (ranking, False, "pool_weights.jsonl files of runs on one pool"),
     "shift-by-source": (shift_by_source, True, "finished BOOST run folders with a checkpoint"),
     "key-pool-weights": (key_pool_weights, True, "run folders holding pool_weights.jsonl and config.yaml"),
     "add-filtered-out": (add_filtered_out, True, "finished run folders (config.yaml, final.json)"),
+    "aggregate": (aggregate, False, "experiment folders with results.json, one per environment"),
 }
 
 

@@ -86,3 +86,54 @@ def t_interval95(values: Sequence[float]) -> tuple[float, float]:
     m, s = mean_std(values)
     half = t_critical95(len(values) - 1) * s / math.sqrt(len(values))
     return m - half, m + half
+
+
+# ---- aggregates over environments, as rliable reports them (Agarwal et al., 2021) ------------------
+
+
+def interquartile_mean(values: Sequence[float]) -> float:
+    """The mean of the middle half of ``values`` (sorted; a value straddling a quartile counts by its
+    fraction inside, so any n works): the interquartile mean (IQM)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("the interquartile mean of no values")
+    lo, hi = n / 4, 3 * n / 4
+    total = math.fsum(v * max(0.0, min(i + 1, hi) - max(i, lo)) for i, v in enumerate(ordered))
+    return total / (hi - lo)
+
+
+def probability_of_improvement(
+    x_by_stratum: Sequence[Sequence[float]], y_by_stratum: Sequence[Sequence[float]]
+) -> float:
+    """P(X > Y): per stratum (environment) the Mann-Whitney probability that a run of X scores above a
+    run of Y (ties count 1/2), averaged over strata."""
+    if len(x_by_stratum) != len(y_by_stratum) or not x_by_stratum:
+        raise ValueError("need the same, non-zero number of strata for X and Y")
+    per = []
+    for xs, ys in zip(x_by_stratum, y_by_stratum):
+        if not xs or not ys:
+            raise ValueError("every stratum needs at least one run of X and of Y")
+        wins = math.fsum(1.0 if x > y else 0.5 if x == y else 0.0 for x in xs for y in ys)
+        per.append(wins / (len(xs) * len(ys)))
+    return math.fsum(per) / len(per)
+
+
+def stratified_bootstrap_ci95(
+    samples: Sequence[Sequence[Sequence[float]]], statistic, reps: int = 2000, seed: int = 0
+) -> tuple[float, float]:
+    """The 95% percentile interval of ``statistic(*samples)`` when each stratum's runs of each sample
+    are redrawn with replacement (strata fixed, as rliable's stratified bootstrap).
+
+    ``samples``: one entry per compared method, each a list of strata, each a list of run scores;
+    ``statistic(*resampled)`` returns a float.
+    """
+    import random
+
+    rng = random.Random(seed)
+    draws = []
+    for _ in range(reps):
+        redrawn = [[[rng.choice(runs) for _ in runs] for runs in strata] for strata in samples]
+        draws.append(statistic(*redrawn))
+    draws.sort()
+    return draws[int(0.025 * (reps - 1))], draws[int(math.ceil(0.975 * (reps - 1)))]

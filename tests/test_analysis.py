@@ -44,3 +44,43 @@ def test_analyse_needs_a_known_command(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["analyse", "nonsense"])
     assert exit_.value.code == 2
+
+
+def test_interquartile_mean_and_probability_of_improvement_by_hand():
+    from scipy.stats import trim_mean
+
+    from boost.stats import interquartile_mean, probability_of_improvement, stratified_bootstrap_ci95
+
+    for values in (
+        [1, 2, 3, 4],
+        [0.1, 0.9, 0.4, 0.3, 0.8, 0.2, 0.6, 0.5],
+        [3, 1, 2, 5, 4, 7, 6, 9, 8, 0, 11, 10],
+    ):
+        assert interquartile_mean(values) == pytest.approx(trim_mean(values, 0.25))  # n divisible by 4
+    assert interquartile_mean([1, 3, 5, 7, 100]) == pytest.approx((0.75 * 3 + 5 + 0.75 * 7) / 2.5)
+    # stratum 1: 3 of 4 pairs won, stratum 2: a tie (1/2) and a win -> (0.75 + 0.75) / 2
+    assert probability_of_improvement([[2, 3], [1.0]], [[1, 2.5], [1.0, 0.0]]) == pytest.approx(0.75)
+    lo, hi = stratified_bootstrap_ci95([[[0.5, 0.6, 0.7]]], lambda s: sum(s[0]) / 3)
+    assert 0.5 <= lo <= 0.6 <= hi <= 0.7
+    assert stratified_bootstrap_ci95([[[0.4, 0.4]]], lambda s: min(s[0])) == (0.4, 0.4)
+
+
+def test_aggregate_over_grids_reads_their_results_and_needs_one_reference(tmp_path, capsys):
+    def grid(name, reference, runs):
+        folder = tmp_path / name
+        folder.mkdir()
+        results = {"spec": {"reference": reference},
+                   "runs": {a: {str(s): {"success_rate": v} for s, v in enumerate(vs)} for a, vs in runs.items()}}  # fmt: skip
+        (folder / "results.json").write_text(json.dumps(results))
+        return str(folder)
+
+    a = grid("a", "ours", {"ours": [0.6, 0.7, 0.8], "base": [0.4, 0.5, 0.6], "only_a": [0.1]})
+    b = grid("b", "ours", {"ours": [0.5, 0.5], "base": [0.5, 0.2]})
+    assert main(["analyse", "aggregate", a, b]) == 0
+    out = capsys.readouterr().out
+    assert "| ours | 3/2 |" in out and "only_a" not in out
+    # a: 8 of 9 pairs won + 1 tie -> 8.5/9; b: (0.5 + 1 + 0.5 + 1) / 4 = 0.75
+    assert "| base | 3/2 | " in out and f"{(8.5 / 9 + 0.75) / 2:.2f} [" in out
+    c = grid("c", "base", {"ours": [0.1], "base": [0.2]})
+    assert main(["analyse", "aggregate", a, c]) == 1
+    assert "different or no reference" in capsys.readouterr().out
