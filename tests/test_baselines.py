@@ -141,10 +141,33 @@ def test_return_gate_leaves_out_what_is_below_the_worst_demonstration_before_ran
         select_synthetic(pool, cfg, real=[_traj("real", None)])
     with pytest.raises(ValueError, match="no synthetic trajectory has a return >= 2"):
         select_synthetic(pool, WeightingConfig(method="return_filter", return_gate=2.0))
-    with pytest.raises(ValueError, match="goes with weighting.method=return_filter or weight_filter"):
+    with pytest.raises(
+        ValueError, match="goes with weighting.method=return_filter, weight_filter or random_filter"
+    ):
         WeightingConfig(method="boost", return_gate=1.0)
     with pytest.raises(ValueError, match="a number or 'real_min'"):
         WeightingConfig(method="return_filter", return_gate="median")
+
+
+def test_random_filter_keeps_a_seeded_subset_of_fixed_size_among_what_passes_the_gate():
+    """random_filter: round(top_fraction * n) of the (gated) pool, the same subset for the same
+    subset_seed and another for another seed; nothing below the gate is ever kept."""
+    real = [_traj("real", 1.0)]
+    pool = [_traj(f"s{i}", 1.0 if i % 2 else 0.0) for i in range(40)]  # 20 pass the gate
+
+    def kept_sources(seed, gate="real_min", fraction=0.5):
+        cfg = WeightingConfig(
+            method="random_filter", subset_seed=seed, top_fraction=fraction, return_gate=gate
+        )
+        kept, note = select_synthetic(pool, cfg, real=real)
+        return [t.source for t in kept], note
+
+    first, note = kept_sources(0)
+    assert len(first) == 10 and all(int(s[1:]) % 2 for s in first)
+    assert "kept 10 of 40" in note and "passed 20 of 40" in note
+    assert kept_sources(0)[0] == first and kept_sources(1)[0] != first
+    assert len(kept_sources(0, gate=None, fraction=0.25)[0]) == 10  # no gate: a quarter of all 40
+    assert len(kept_sources(0, gate=None, fraction=1.0)[0]) == 40
 
 
 def test_weight_filter_refuses_a_file_of_other_data_or_without_keys(tmp_path):

@@ -94,6 +94,7 @@ def test_a_trainer_checkpoint_is_evaluable_by_boost_evaluate(data, tmp_path):
         ["weighting.method=per_source", "head.num_sources=6", "weighting.freeze_mass=true"],
         ["weighting.method=mwn", "solver.method=identity"],
         ["weighting.method=oracle"],
+        ["weighting.method=random_filter", "weighting.top_fraction=0.25", "weighting.subset_seed=3"],
         ["weighting.method=boost", "weighting.outer_start=2"],
     ],
 )
@@ -110,7 +111,12 @@ def test_every_baseline_is_a_config_of_the_same_trainer(data, tmp_path, override
     assert len(pool) == final["n_synthetic_pool"] == 24  # the whole pool, whatever a filter kept
     kept = [r for r in pool if r["weight"] > 0]
     assert final["n_filtered_out"] == len(trainer.data.filtered_out)
-    if trainer.method in ("real_only", "return_filter", "oracle"):  # data-level filters: weights 1 or 0
+    if trainer.method in (
+        "real_only",
+        "return_filter",
+        "random_filter",
+        "oracle",
+    ):  # data-level filters: weights 1 or 0
         assert len(pool) - len(kept) == final["n_filtered_out"] and {r["weight"] for r in kept} <= {1.0}
     else:
         assert final["n_filtered_out"] == 0
@@ -121,6 +127,8 @@ def test_every_baseline_is_a_config_of_the_same_trainer(data, tmp_path, override
         }
         assert all(r["weight"] == pytest.approx(factor[r["key"]]) or r["weight"] == 1.0 for r in kept)
         assert any(r["weight"] != 1.0 for r in kept)
+    if trainer.method == "random_filter":  # a fixed share of the pool: round(0.25 * 24)
+        assert len(kept) == 6
     if trainer.method == "real_only":
         assert not kept and final["mean_weight_per_source"] == {}
     if trainer.method == "oracle":

@@ -17,6 +17,9 @@
   a finished learned-weight run gave them (its ``pool_weights.jsonl``, ``weights_path``); weight 1.
   Judge-free, and unlike ``return_filter`` it needs no returns. The file names each trajectory by
   :func:`trajectory_key`, so it applies to the same trajectories in any order or file.
+- ``random_filter``: a control, not a method: keeps a uniformly random ``top_fraction`` of the synthetic
+  trajectories (``subset_seed``), weight 1. Beside ``weight_filter`` at the same ``top_fraction`` (and
+  ``return_gate``) it says whether a learned ranking beats an unranked subset of the same size.
 - ``oracle``: ANALYSIS ONLY, not a method: keeps the synthetic trajectories whose ground-truth quality
   (from ``meta``, which no method may read) is >= ``oracle_threshold``.
 
@@ -30,6 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -50,11 +54,14 @@ from boost.data.format import Trajectory
 from boost.stats import spearman
 
 METHODS = (
-    "boost", "uniform", "real_only", "return_filter", "loss_filter", "per_source", "mwn", "weight_filter", "oracle",
+    "boost", "uniform", "real_only", "return_filter", "loss_filter", "per_source", "mwn", "weight_filter",
+    "random_filter", "oracle",
 )  # fmt: skip
 LEARNED = ("boost", "per_source", "mwn")  # methods with a head and outer steps
 # methods that choose their synthetic trajectories before training (select_synthetic), weight 1 each
-DATA_FILTERS = ("real_only", "return_filter", "weight_filter", "oracle")
+DATA_FILTERS = ("real_only", "return_filter", "weight_filter", "random_filter", "oracle")
+# data filters that rank (after an optional weighting.return_gate) and keep a top_fraction
+GATED_FILTERS = ("return_filter", "weight_filter", "random_filter")
 ANALYSIS_ONLY = ("oracle",)
 
 
@@ -170,7 +177,7 @@ def select_synthetic(
     return or by weight) runs over the ones that pass.
     """
     method = cfg.method
-    gate = return_gate_value(cfg, real) if method in ("return_filter", "weight_filter") else None
+    gate = return_gate_value(cfg, real) if method in GATED_FILTERS else None
     gate_note = ""
     if gate is not None:
         returns = [t.reward for t in synthetic]
@@ -207,6 +214,11 @@ def select_synthetic(
             weights = [w for t, w in zip(full, weights) if t.reward >= gate]
         threshold = top_share_threshold(weights, cfg.top_fraction)
         kept = [t for t, w in zip(synthetic, weights) if w >= threshold]
+    elif method == "random_filter":
+        # a fixed number, not a threshold: ties cannot change the size of the control
+        count = max(1, round(cfg.top_fraction * len(synthetic)))
+        chosen = set(random.Random(cfg.subset_seed).sample(range(len(synthetic)), count))
+        kept = [t for i, t in enumerate(synthetic) if i in chosen]
     elif method == "oracle":
         quality = [ground_truth_quality(t.meta) for t in synthetic]
         if any(q is None for q in quality):

@@ -175,7 +175,7 @@ class WeightingConfig:
     """Which weighting the trainer uses: BOOST or a baseline (boost/train/baselines.py)."""
 
     # boost, uniform, real_only, return_filter, loss_filter, per_source, mwn, weight_filter,
-    # oracle (analysis only)
+    # random_filter (a control), oracle (analysis only)
     method: str = "boost"
     return_threshold: float | None = None  # return_filter: keep synthetic with return >= this ...
     top_fraction: float = 0.5  # ... or, without a threshold, this top share by return
@@ -183,7 +183,9 @@ class WeightingConfig:
     oracle_threshold: float = 0.9  # oracle: keep synthetic with ground-truth quality >= this
     # weight_filter: a finished learned-weight run's pool_weights.jsonl; keeps its top_fraction by weight
     weights_path: str | None = None
-    # data filters (return_filter, weight_filter): before ranking, leave out every synthetic trajectory
+    # random_filter: the seed of its random top_fraction of the synthetic pool
+    subset_seed: int = 0
+    # data filters (return_filter, weight_filter, random_filter): before ranking, leave out every synthetic trajectory
     # whose return is below this: a number, or "real_min" = the lowest return among the real training
     # trajectories ("no worse than the worst demonstration"; reads returns). top_fraction then applies
     # to the trajectories that pass. None: no gate
@@ -212,10 +214,10 @@ class WeightingConfig:
                 "and only with it (the weights of a finished boost, per_source or mwn run on the same data)"
             )
         if self.return_gate is not None:
-            if self.method not in ("return_filter", "weight_filter"):
+            if self.method not in ("return_filter", "weight_filter", "random_filter"):
                 raise ValueError(
                     f"weighting.return_gate filters before a ranking; it goes with weighting.method="
-                    f"return_filter or weight_filter, not {self.method}"
+                    f"return_filter, weight_filter or random_filter, not {self.method}"
                 )
             if isinstance(self.return_gate, str) and self.return_gate != "real_min":
                 raise ValueError(

@@ -120,7 +120,8 @@ _WEIGHTING_USERS = {
     "loss_drop": ("loss_filter",),
     "oracle_threshold": ("oracle",),
     "weights_path": ("weight_filter",),
-    "return_gate": ("return_filter", "weight_filter"),
+    "return_gate": ("return_filter", "weight_filter", "random_filter"),
+    "subset_seed": ("random_filter",),
 }
 # what only a learned weighting (a head and outer steps) reads
 _LEARNED_ONLY = ("solver", "head", "outer", "block", "fd_step", "outer_every")
@@ -150,7 +151,7 @@ def applied_settings(config: dict[str, Any]) -> dict[str, Any]:
     for key, users in _WEIGHTING_USERS.items():
         if method not in users:
             weighting.pop(key, None)
-    uses_top = method == "weight_filter" or (
+    uses_top = method in ("weight_filter", "random_filter") or (
         method == "return_filter" and weighting.get("return_threshold") is None
     )
     if not (uses_top or (learned and weighting.get("refilter_every"))):
