@@ -16,6 +16,7 @@ from boost.envs.registry import compact_env_name
 from boost.generate import main as generate
 from boost.rollout.evaluate import main as evaluate
 from boost.train import TrainConfig, Trainer
+from boost.train.baselines import DATA_FILTERS
 from boost.train.preset import build_word_tokenizer, corpus
 
 TINY = ["model.name=cpu", "model.hidden_size=32", "model.layers=1", "model.heads=2", "data.token_budget=2048",
@@ -111,12 +112,7 @@ def test_every_baseline_is_a_config_of_the_same_trainer(data, tmp_path, override
     assert len(pool) == final["n_synthetic_pool"] == 24  # the whole pool, whatever a filter kept
     kept = [r for r in pool if r["weight"] > 0]
     assert final["n_filtered_out"] == len(trainer.data.filtered_out)
-    if trainer.method in (
-        "real_only",
-        "return_filter",
-        "random_filter",
-        "oracle",
-    ):  # data-level filters: weights 1 or 0
+    if trainer.method in DATA_FILTERS:  # data-level filters: weights 1 or 0
         assert len(pool) - len(kept) == final["n_filtered_out"] and {r["weight"] for r in kept} <= {1.0}
     else:
         assert final["n_filtered_out"] == 0

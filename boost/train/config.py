@@ -202,7 +202,7 @@ class WeightingConfig:
     refilter_every: int = 0
 
     def __post_init__(self):
-        from boost.train.baselines import LEARNED, METHODS
+        from boost.train.baselines import GATED_FILTERS, LEARNED, METHODS
 
         if self.method not in METHODS:
             raise ValueError(f"weighting.method must be one of {', '.join(METHODS)}, got {self.method!r}")
@@ -214,10 +214,11 @@ class WeightingConfig:
                 "and only with it (the weights of a finished boost, per_source or mwn run on the same data)"
             )
         if self.return_gate is not None:
-            if self.method not in ("return_filter", "weight_filter", "random_filter"):
+            if self.method not in GATED_FILTERS:
+                *others, last = GATED_FILTERS
                 raise ValueError(
                     f"weighting.return_gate filters before a ranking; it goes with weighting.method="
-                    f"return_filter, weight_filter or random_filter, not {self.method}"
+                    f"{', '.join(others)} or {last}, not {self.method}"
                 )
             if isinstance(self.return_gate, str) and self.return_gate != "real_min":
                 raise ValueError(

@@ -17,7 +17,7 @@ import yaml
 
 from boost.atomic import write_text_atomic
 from boost.plotting import integer_ticks, pyplot, save_png
-from boost.train.baselines import LEARNED
+from boost.train.baselines import GATED_FILTERS, LEARNED
 from boost.train.preset import PRESET, budget_warning
 
 
@@ -120,7 +120,7 @@ _WEIGHTING_USERS = {
     "loss_drop": ("loss_filter",),
     "oracle_threshold": ("oracle",),
     "weights_path": ("weight_filter",),
-    "return_gate": ("return_filter", "weight_filter", "random_filter"),
+    "return_gate": GATED_FILTERS,
     "subset_seed": ("random_filter",),
 }
 # what only a learned weighting (a head and outer steps) reads
