@@ -38,6 +38,51 @@ def trajectory_losses(
     return (w * per).sum() / z, per
 
 
+def jvp_term_scale(
+    hidden, weight, labels, segment_ids, num_segments, tangent_weight, tangent_hidden=None, bias=None,
+    tangent_bias=None, normalize="mean", ignore_index=-100, softcap=None,
+):  # fmt: skip
+    """[S] float64: the size of the terms a per-trajectory loss tangent sums, before they cancel.
+
+    The tangent of loss_t = lse(z_t) - z_t[y] is sum_v p_v dz_v - dz_y; when those terms cancel
+    the exact tangent is small while any floating-point evaluation of it carries an error of
+    order eps * (sum_v p_v |dz_v| + |dz_y|). A relative error against the tangent alone then
+    measures the cancellation, not the kernel, so tests compare against max(|tangent|, scale).
+    """
+    h, w = hidden.double(), weight.double()
+    z = h @ w.T
+    dz = h @ tangent_weight.double().T
+    if tangent_hidden is not None:
+        dz = dz + tangent_hidden.double() @ w.T
+    if bias is not None:
+        z = z + bias.double()
+        if tangent_bias is not None:
+            dz = dz + tangent_bias.double()
+    if softcap is not None:
+        th = torch.tanh(z / softcap)
+        z, dz = softcap * th, dz * (1 - th * th)
+    counted = (segment_ids >= 0) & (labels != ignore_index) & (labels >= 0)
+    p = torch.softmax(z, dim=1)
+    dz_y = dz.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
+    tok = torch.where(counted, (p * dz.abs()).sum(1) + dz_y.abs(), torch.zeros_like(dz_y))
+    per = []
+    for i in range(num_segments):
+        mask = counted & (segment_ids == i)
+        n = int(mask.sum())
+        per.append(tok[mask].sum() / n if (normalize == "mean" and n) else tok[mask].sum())
+    return torch.stack(per)
+
+
+def cancellation_rel_err(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> float:
+    """||out - ref|| / max(||ref||, ||scale||): rel_err that does not blow up where the exact
+    value is a near-cancellation of terms of size `scale` (see jvp_term_scale)."""
+    out, ref, scale = out.detach().double(), ref.detach().double(), scale.detach().double()
+    denom = max(float(ref.norm()), float(scale.norm()))
+    if denom == 0:
+        return float(out.norm())
+    return float((out - ref).norm() / denom)
+
+
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.detach().double(), ref.detach().double()
     denom = ref.norm()

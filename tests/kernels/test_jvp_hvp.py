@@ -58,10 +58,15 @@ def test_jvp_matches_torch_func(shape, dtype, backend):
         (_, ref_per), (_, ref_tan) = jvp(lambda w, h: fn(w, h, None), primals[:2], tangents[:2])
     else:
         (_, ref_per), (_, ref_tan) = jvp(fn, primals, tangents)
-    if shape.normalize == "sum" or shape.normalizer is not None:
-        pass  # per-trajectory losses do not depend on the normalizer
+    # Per-trajectory losses and tangents do not depend on the normalizer. The tangent is compared
+    # against the size of the terms it sums: with T=1 they can cancel to 1e-3 of their size, and
+    # an fp32 evaluation is then exact only to eps * that size (seen at seed 2019332473: 1.6e-5).
+    scale = reference.jvp_term_scale(
+        batch.hidden, batch.weight, batch.labels, batch.segment_ids, shape.S, u, dh, batch.bias, beta,
+        normalize=shape.normalize, softcap=shape.softcap,
+    )  # fmt: skip
     assert reference.rel_err(out.per_trajectory, ref_per) <= TOL[dtype], f"seed={seed}"
-    assert reference.rel_err(out.tangent, ref_tan) <= TOL[dtype], f"seed={seed}"
+    assert reference.cancellation_rel_err(out.tangent, ref_tan, scale) <= TOL[dtype], f"seed={seed}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -151,8 +156,13 @@ def test_torch_func_jvp_and_forward_ad_through_the_loss(backend):
             jvp(ours, (batch.weight, batch.hidden, batch.bias), (u, dh, beta))
     else:
         (_, _), (t_total, t_per) = jvp(ours, (batch.weight, batch.hidden, batch.bias), (u, dh, beta))
-        assert reference.rel_err(t_per, r_per) <= 1e-5, f"seed={seed}"
-        assert reference.rel_err(t_total, r_total) <= 1e-5, f"seed={seed}"
+        # Tangents are sums of terms that can cancel: compare against the terms' size.
+        scale = reference.jvp_term_scale(
+            batch.hidden, batch.weight, batch.labels, batch.segment_ids, shape.S, u, dh, batch.bias, beta
+        )
+        total_scale = (batch.traj_weights.double().abs() * scale).sum() / shape.S
+        assert reference.cancellation_rel_err(t_per, r_per, scale) <= 1e-5, f"seed={seed}"
+        assert reference.cancellation_rel_err(t_total, r_total, total_scale) <= 1e-5, f"seed={seed}"
 
     import torch.autograd.forward_ad as fwAD
 
@@ -169,7 +179,10 @@ def test_torch_func_jvp_and_forward_ad_through_the_loss(backend):
         (batch.weight.double(),),
         (u.double(),),
     )
-    assert reference.rel_err(tangent, r_u) <= 1e-5, f"seed={seed}"
+    u_scale = reference.jvp_term_scale(
+        batch.hidden, batch.weight, batch.labels, batch.segment_ids, shape.S, u, bias=batch.bias
+    )
+    assert reference.cancellation_rel_err(tangent, r_u, u_scale) <= 1e-5, f"seed={seed}"
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
