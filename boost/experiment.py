@@ -69,6 +69,7 @@ from boost.stats import mean_std, t_interval95
 from boost.train.baselines import relative_source_means
 from boost.train.config import TrainConfig
 from boost.train.loop import Trainer
+from boost.train.two_stage import TwoStageRun
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +218,10 @@ def run_one(spec: dict[str, Any], overrides: list[str], folder: Path, steps: int
         settings.append(f"optim.lr={lr}")
     cfg = load_config(TrainConfig, spec["train_config"], settings)
     started = time.perf_counter()
-    trainer = Trainer(cfg, progress=False)
-    final = trainer.train()
+    if cfg.weighting.head_steps:  # two-stage in one run (boost/train/two_stage.py); both phases timed
+        _, final = TwoStageRun(cfg, progress=False).train()
+    else:
+        final = Trainer(cfg, progress=False).train()
     final["wall_seconds"] = round(time.perf_counter() - started, 1)
     final["lr"] = cfg.optim.lr
     if tuned:

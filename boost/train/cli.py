@@ -38,6 +38,7 @@ from boost.train.preset import PRESET, SETTINGS, budget_warning, ensure_default_
 from boost.train.report import success_line, write_report
 from boost.train.selection import DataError
 from boost.train.settings_help import settings_help
+from boost.train.two_stage import TwoStageRun
 
 # Errors in what the user gave (exit 2) and failures of the run itself (exit 1): one line each.
 USAGE_ERRORS = (DataError, TrajectoryReadError, RunDirError, DeviceError, ChatTemplateError, RolloutError)
@@ -158,11 +159,17 @@ def _run(parser: ArgumentParser, args: argparse.Namespace) -> int:
         resolve_device(cfg.device)
         if preset:
             ensure_default_data(cfg.data.path, quiet=args.quiet)
-        trainer = Trainer(cfg, progress=not args.quiet)  # reads the data before loading the model
+        if cfg.weighting.head_steps:  # two-stage in one command (boost/train/two_stage.py)
+            run = TwoStageRun(cfg, progress=not args.quiet)
+        else:
+            run = Trainer(cfg, progress=not args.quiet)  # reads the data before loading the model
     except USAGE_ERRORS as exc:
         parser.error(str(exc))
     try:
-        final = trainer.train(resume=args.resume, overwrite=args.overwrite)
+        if isinstance(run, TwoStageRun):
+            trainer, final = run.train(resume=args.resume, overwrite=args.overwrite)
+        else:
+            trainer, final = run, run.train(resume=args.resume, overwrite=args.overwrite)
         if not trainer.parallel.is_main:  # a parallel run: rank 0 writes the report
             trainer.parallel.close()
             return 0

@@ -28,6 +28,12 @@ def check_parallel(cfg) -> None:
             f"weighting.refilter_every is not supported with parallel={cfg.parallel} yet (the pool is "
             "scored on one process); set weighting.refilter_every=0 or parallel=none"
         )
+    if cfg.parallel != "none" and cfg.weighting.head_steps:
+        raise ValueError(
+            f"weighting.head_steps is not supported with parallel={cfg.parallel} yet; run the two phases as two "
+            "commands (weighting.method=boost steps=K, then weighting.method=weight_filter "
+            "weighting.weights_path=<that run>/pool_weights.jsonl), or set parallel=none"
+        )
     if cfg.parallel != "none" and cfg.grad_accum > 1:
         raise ValueError(
             f"grad_accum={cfg.grad_accum} is not supported with parallel={cfg.parallel} yet; raise "
@@ -200,6 +206,12 @@ class WeightingConfig:
     # the real trajectories plus its top_fraction by weight, each with weight 1: batches stay full
     # (boost/train/refilter.py). Until the first refilter every trajectory is trained on.
     refilter_every: int = 0
+    # > 0 (learned methods): two-stage in one command (boost/train/two_stage.py). The head first learns
+    # for this many inner steps in a run of its own (out_dir/head, no test episodes); then a fresh model
+    # from the same initialisation trains for `steps` steps on the real trajectories plus the
+    # top_fraction of the synthetic pool by the head's final weights, each with weight 1 (weight_filter),
+    # behind return_gate when it is set. Costs head_steps learned-head steps + `steps` plain steps
+    head_steps: int = 0
 
     def __post_init__(self):
         from boost.train.baselines import GATED_FILTERS, LEARNED, METHODS
@@ -213,12 +225,20 @@ class WeightingConfig:
                 "weighting.weights_path=<run>/pool_weights.jsonl goes with weighting.method=weight_filter "
                 "and only with it (the weights of a finished boost, per_source or mwn run on the same data)"
             )
+        if self.head_steps < 0:
+            raise ValueError(f"weighting.head_steps must be >= 0 (0: off), got {self.head_steps}")
+        if self.head_steps and (self.method not in LEARNED or self.refilter_every):
+            raise ValueError(
+                f"weighting.head_steps={self.head_steps} first learns a head, then filters by its weights: it "
+                f"goes with weighting.method={' or '.join(LEARNED)} and refilter_every=0 (got method="
+                f"{self.method}, refilter_every={self.refilter_every})"
+            )
         if self.return_gate is not None:
-            if self.method not in GATED_FILTERS:
+            if self.method not in GATED_FILTERS and not self.head_steps:
                 *others, last = GATED_FILTERS
                 raise ValueError(
                     f"weighting.return_gate filters before a ranking; it goes with weighting.method="
-                    f"{', '.join(others)} or {last}, not {self.method}"
+                    f"{', '.join(others)} or {last}, or with weighting.head_steps > 0, not {self.method} alone"
                 )
             if isinstance(self.return_gate, str) and self.return_gate != "real_min":
                 raise ValueError(
