@@ -68,8 +68,7 @@ from boost.generators import GeneratorConfig, generate, parse_sources
 from boost.stats import mean_std, t_interval95
 from boost.train.baselines import relative_source_means
 from boost.train.config import TrainConfig
-from boost.train.loop import Trainer
-from boost.train.two_stage import TwoStageRun
+from boost.train.two_stage import build_run, train_run
 
 log = logging.getLogger(__name__)
 
@@ -218,10 +217,7 @@ def run_one(spec: dict[str, Any], overrides: list[str], folder: Path, steps: int
         settings.append(f"optim.lr={lr}")
     cfg = load_config(TrainConfig, spec["train_config"], settings)
     started = time.perf_counter()
-    if cfg.weighting.head_steps:  # two-stage in one run (boost/train/two_stage.py); both phases timed
-        _, final = TwoStageRun(cfg, progress=False).train()
-    else:
-        final = Trainer(cfg, progress=False).train()
+    _, final = train_run(build_run(cfg, progress=False))  # both phases timed with weighting.head_steps
     final["wall_seconds"] = round(time.perf_counter() - started, 1)
     final["lr"] = cfg.optim.lr
     if tuned:

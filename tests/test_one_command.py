@@ -36,7 +36,7 @@ def test_no_arguments_generate_the_data_and_train_the_preset(tmp_path, monkeypat
         seen["cfg"] = cfg
         raise _Stop
 
-    monkeypatch.setattr(cli, "Trainer", trainer)
+    monkeypatch.setattr(cli, "build_run", trainer)  # where the CLI builds its run
     with pytest.raises(_Stop):
         main([])
     assert seen["cfg"] == load_config(TrainConfig, None, preset_overrides())

@@ -22,7 +22,7 @@ class _Stop(Exception):
 
 @pytest.fixture
 def no_training(monkeypatch, tmp_path):
-    """The CLI up to the trainer, which stops it: ``seen["run"]`` is called in the trainer's place."""
+    """The CLI up to building the run (the trainer), which stops it: ``seen["run"]`` is called in its place."""
     monkeypatch.chdir(tmp_path)
     seen = {"run": lambda: None}
 
@@ -30,7 +30,7 @@ def no_training(monkeypatch, tmp_path):
         seen["result"] = seen["run"]()
         raise _Stop
 
-    monkeypatch.setattr(cli, "Trainer", trainer)
+    monkeypatch.setattr(cli, "build_run", trainer)  # where the CLI builds its run
     monkeypatch.setattr(cli, "ensure_default_data", lambda *a, **k: False)
     return seen
 

@@ -5,6 +5,7 @@ head phase's compute recorded and a cut-off run resumable."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -72,8 +73,6 @@ def test_resume_reuses_a_finished_head_phase(assets, tmp_path, monkeypatch):
     for name in ("final.json", "metrics.jsonl", "checkpoints", "model"):  # cut off in the filtered phase
         target = tmp_path / name
         if target.is_dir():
-            import shutil
-
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()

@@ -33,12 +33,11 @@ from boost.train.checkpoint import RunDirError, check_out_dir
 from boost.train.config import TrainConfig
 from boost.train.evaluation import random_policy_success
 from boost.train.guards import DeviceError, NonFiniteStepError, resolve_device
-from boost.train.loop import Trainer
 from boost.train.preset import PRESET, SETTINGS, budget_warning, ensure_default_data, preset_overrides
 from boost.train.report import success_line, write_report
 from boost.train.selection import DataError
 from boost.train.settings_help import settings_help
-from boost.train.two_stage import TwoStageRun
+from boost.train.two_stage import build_run, train_run
 
 # Errors in what the user gave (exit 2) and failures of the run itself (exit 1): one line each.
 USAGE_ERRORS = (DataError, TrajectoryReadError, RunDirError, DeviceError, ChatTemplateError, RolloutError)
@@ -159,17 +158,12 @@ def _run(parser: ArgumentParser, args: argparse.Namespace) -> int:
         resolve_device(cfg.device)
         if preset:
             ensure_default_data(cfg.data.path, quiet=args.quiet)
-        if cfg.weighting.head_steps:  # two-stage in one command (boost/train/two_stage.py)
-            run = TwoStageRun(cfg, progress=not args.quiet)
-        else:
-            run = Trainer(cfg, progress=not args.quiet)  # reads the data before loading the model
+        # reads the data before loading the model; two phases with weighting.head_steps (two_stage.py)
+        run = build_run(cfg, progress=not args.quiet)
     except USAGE_ERRORS as exc:
         parser.error(str(exc))
     try:
-        if isinstance(run, TwoStageRun):
-            trainer, final = run.train(resume=args.resume, overwrite=args.overwrite)
-        else:
-            trainer, final = run, run.train(resume=args.resume, overwrite=args.overwrite)
+        trainer, final = train_run(run, resume=args.resume, overwrite=args.overwrite)
         if not trainer.parallel.is_main:  # a parallel run: rank 0 writes the report
             trainer.parallel.close()
             return 0

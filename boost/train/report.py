@@ -148,14 +148,13 @@ def applied_settings(config: dict[str, Any]) -> dict[str, Any]:
                 shown[group].pop(key, None)
     elif shown.get("block") == "head":
         shown.pop("fd_step", None)
-    two_stage = learned and weighting.get("head_steps")  # its second phase filters (two_stage.py)
     for key, users in _WEIGHTING_USERS.items():
-        if method not in users and not (two_stage and key == "return_gate"):
+        if method not in users:
             weighting.pop(key, None)
     uses_top = method in ("weight_filter", "random_filter") or (
         method == "return_filter" and weighting.get("return_threshold") is None
     )
-    if not (uses_top or two_stage or (learned and weighting.get("refilter_every"))):
+    if not (uses_top or (learned and weighting.get("refilter_every"))):
         weighting.pop("top_fraction", None)
     if not weighting.get("awr_beta"):
         weighting.pop("awr_max", None)

@@ -112,3 +112,18 @@ class TwoStageRun:
         }
         write_json_atomic(out / "final.json", json_safe(final))
         return second, final
+
+
+def build_run(cfg: TrainConfig, progress: bool = True) -> Trainer | TwoStageRun:
+    """The run ``cfg`` asks for: a :class:`TwoStageRun` with ``weighting.head_steps > 0``, else a
+    :class:`~boost.train.loop.Trainer`. Building reads and checks the data and loads the model."""
+    return TwoStageRun(cfg, progress) if cfg.weighting.head_steps else Trainer(cfg, progress=progress)
+
+
+def train_run(
+    run: Trainer | TwoStageRun, resume: bool = False, overwrite: bool = False
+) -> tuple[Trainer, dict]:
+    """Train a run from :func:`build_run`; returns the trainer of its last phase and its final metrics."""
+    if isinstance(run, TwoStageRun):
+        return run.train(resume=resume, overwrite=overwrite)
+    return run, run.train(resume=resume, overwrite=overwrite)

@@ -18,6 +18,18 @@ def token_losses(hidden, weight, bias, labels, softcap=None):
     return torch.where(labels >= 0, lse - zy, torch.zeros_like(lse))
 
 
+def per_trajectory(tok, counted, segment_ids, num_segments, normalize="mean"):
+    """[S]: each trajectory's sum of ``tok`` [T] over its counted tokens, divided by their number with
+    normalize="mean" (0 for a trajectory with none), with a Python loop over trajectories."""
+    per = []
+    for i in range(num_segments):
+        mask = counted & (segment_ids == i)
+        n = int(mask.sum())
+        total_i = tok[mask].sum() if n else tok.sum() * 0
+        per.append(total_i / n if (normalize == "mean" and n) else total_i)
+    return torch.stack(per)
+
+
 def trajectory_losses(
     hidden, weight, labels, segment_ids, num_segments, traj_weights=None, bias=None,
     normalize="mean", normalizer=None, ignore_index=-100, softcap=None,
@@ -26,13 +38,7 @@ def trajectory_losses(
     counted = (segment_ids >= 0) & (labels != ignore_index)
     safe = torch.where(counted, labels, torch.full_like(labels, -1))
     tok = token_losses(hidden, weight, bias, safe, softcap)
-    per = []
-    for i in range(num_segments):
-        mask = counted & (segment_ids == i)
-        n = int(mask.sum())
-        total_i = tok[mask].sum() if n else tok.sum() * 0
-        per.append(total_i / n if (normalize == "mean" and n) else total_i)
-    per = torch.stack(per)
+    per = per_trajectory(tok, counted, segment_ids, num_segments, normalize)
     w = torch.ones(num_segments, dtype=torch.float64) if traj_weights is None else traj_weights.double()
     z = normalizer if normalizer is not None else num_segments
     return (w * per).sum() / z, per
@@ -65,12 +71,7 @@ def jvp_term_scale(
     p = torch.softmax(z, dim=1)
     dz_y = dz.gather(1, labels.clamp(min=0)[:, None]).squeeze(1)
     tok = torch.where(counted, (p * dz.abs()).sum(1) + dz_y.abs(), torch.zeros_like(dz_y))
-    per = []
-    for i in range(num_segments):
-        mask = counted & (segment_ids == i)
-        n = int(mask.sum())
-        per.append(tok[mask].sum() / n if (normalize == "mean" and n) else tok[mask].sum())
-    return torch.stack(per)
+    return per_trajectory(tok, counted, segment_ids, num_segments, normalize)
 
 
 def cancellation_rel_err(out: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor) -> float:
