@@ -48,7 +48,9 @@ TRAINABLE = ("block=trainable", "solver.method=neumann", "solver.steps=2", "solv
 
 def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
     model, data = assets
-    extra = {"trainable": TRAINABLE, "identity": ("solver.method=identity",)}.get(out.name.split("-")[0], ())
+    extra = {"trainable": TRAINABLE, "identity": ("solver.method=identity",), "accum": ("grad_accum=2",),
+             "accumfsdp": ("grad_accum=2",), "refilter": ("weighting.refilter_every=2",),
+             "refilterfsdp": ("weighting.refilter_every=2",)}.get(out.name.split("-")[0], ())  # fmt: skip
     return [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
             "data.max_length=512", f"steps={steps}", "eval.episodes=0", "checkpoint_every=3",
             f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else []), *extra]  # fmt: skip
@@ -75,9 +77,12 @@ def assets(tmp_path_factory):
 def runs(assets, tmp_path_factory):
     """Output folders: {"plain", "ddp-1", "ddp-2", "fsdp2-1", "fsdp2-2", "ddp-2to1", "ddp-1to2", ...,
     "trainable-1", "trainable-2" (DDP, block=trainable), "identity-1", "identity-2" (FSDP2, solver.method=identity),
-    "diverging"}."""
+    "accum-1", "accum-2" (DDP, grad_accum=2), "accumfsdp-1", "accumfsdp-2" (FSDP2, grad_accum=2),
+    "refilter-1", "refilter-2" (DDP, refilter_every=2), "refilterfsdp-1", "refilterfsdp-2" (FSDP2),
+    "refilter-2to1", "diverging"}."""
     root = tmp_path_factory.mktemp("distributed_runs")
-    more = ("trainable-1", "trainable-2", "identity-1", "identity-2", "diverging")
+    pairs = ("trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp")
+    more = (*(f"{k}-{n}" for k in pairs for n in (1, 2)), "diverging")
     names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), *more)
     out = {name: root / name for name in names}
 
@@ -92,6 +97,10 @@ def runs(assets, tmp_path_factory):
             run("fsdp2-1", "fsdp2"),
             run("trainable-1", "ddp"),
             run("identity-1", "fsdp2"),
+            run("accum-1", "ddp"),
+            run("accumfsdp-1", "fsdp2"),
+            run("refilter-1", "ddp"),
+            run("refilterfsdp-1", "fsdp2"),
         ],
         root,
     )
@@ -104,7 +113,14 @@ def runs(assets, tmp_path_factory):
     _launch(
         2,
         [run(f"{k}-2", k) for k in KINDS]
-        + [run("trainable-2", "ddp"), run("identity-2", "fsdp2")]
+        + [
+            run("trainable-2", "ddp"),
+            run("identity-2", "fsdp2"),
+            run("accum-2", "ddp"),
+            run("accumfsdp-2", "fsdp2"),
+            run("refilter-2", "ddp"),
+            run("refilterfsdp-2", "fsdp2"),
+        ]  # fmt: skip
         + resumes
         + [diverging],
         root,
@@ -112,7 +128,9 @@ def runs(assets, tmp_path_factory):
     for kind in KINDS:
         out[f"{kind}-2to1"] = _resumable_copy(out[f"{kind}-2"], root / f"{kind}-2to1")
     out["ddp-2to1-fsdp2"] = _resumable_copy(out["ddp-2"], root / "ddp-2to1-fsdp2")  # DDP's, under FSDP2
-    _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS] + [run("ddp-2to1-fsdp2", "fsdp2", True)], root)
+    out["refilter-2to1"] = _resumable_copy(out["refilter-2"], root / "refilter-2to1")  # refiltered at step 2
+    _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS] + [run("ddp-2to1-fsdp2", "fsdp2", True),
+                                                            run("refilter-2to1", "ddp", True)], root)  # fmt: skip
     return out
 
 
@@ -135,11 +153,16 @@ def _final_parameters(out: Path) -> dict[str, torch.Tensor]:
     return load_file(str(out / "model" / "model.safetensors"))
 
 
-@pytest.mark.parametrize("kind", [*KINDS, "trainable", "identity"])
+@pytest.mark.parametrize(
+    "kind", [*KINDS, "trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp"]
+)
 def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
     """DDP and FSDP2 with the head block (CG), DDP with block=trainable (Neumann, finite differences:
-    the same perturbations θ ± εv on every rank, each HVP summed over ranks) and FSDP2 with the AdamW
-    look-ahead (solver.method=identity: the sharded optimiser state of the head, gathered).
+    the same perturbations θ ± εv on every rank, each HVP summed over ranks), FSDP2 with the AdamW
+    look-ahead (solver.method=identity: the sharded optimiser state of the head, gathered), grad_accum=2
+    under DDP and FSDP2 (each rank's shares of two global batches, stepped as their union) and
+    refiltering under DDP and FSDP2 (the pool scored on each rank's share of every batch, gathered: the same
+    training set chosen on every rank as on one).
 
     block=trainable's scores are differences of float32 losses, [L_i(θ+εv) − L_i(θ−εv)] / 2ε: the
     trunk's rounding on another packing (~1e-7 of L) is amplified by L / (L(θ+εv) − L(θ−εv)); measured
@@ -165,6 +188,41 @@ def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
     assert p2.keys() == p1.keys()
     for name in p1:
         assert _relative(p2[name], p1[name]) <= TOLERANCE, (kind, name)
+    final2, final1 = (json.loads((runs[f"{kind}-{n}"] / "final.json").read_text()) for n in (2, 1))
+    chosen = [
+        [{k: v for k, v in r.items() if k != "seconds"} for r in f.get("refilters", [])]
+        for f in (final2, final1)
+    ]
+    assert chosen[0] == chosen[1] and bool(chosen[0]) == kind.startswith("refilter")
+    assert (
+        _relative(
+            list(final2["mean_weight_per_source"].values()), list(final1["mean_weight_per_source"].values())
+        )
+        <= scores
+    )
+    lines = [(runs[f"{kind}-{n}"] / "pool_weights.jsonl").read_text().splitlines() for n in (2, 1)]
+    assert [json.loads(r)["key"] for r in lines[0]] == [json.loads(r)["key"] for r in lines[1]]
+
+
+def test_grad_accum_takes_one_step_on_two_global_batches(runs):
+    """Each accumulated step holds two global batches' trajectories (both ranks' shares of each)."""
+    plain, accum = _debug_rows(runs["ddp-1"]), _debug_rows(runs["accum-2"])
+    assert [len(r["index"]) for r in accum[:2]] == [len(plain[0]["index"]) + len(plain[1]["index"]),
+                                                    len(plain[2]["index"]) + len(plain[3]["index"])]  # fmt: skip
+    assert accum[0]["index"] == plain[0]["index"] + plain[1]["index"]
+
+
+def test_refiltering_under_ddp_trains_on_the_chosen_set_and_resumes_on_another_rank_count(runs):
+    rows = _metrics(runs["refilter-2"])
+    assert [r["step"] for r in rows if "refilter" in r] == [2, 4]
+    kept = rows[1]["refilter"]["kept"]
+    assert sum(k for k, _ in kept.values()) < sum(n for _, n in kept.values())  # it dropped some
+    resumed = _metrics(runs["refilter-2to1"])
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(resumed[3:], rows[3:]):  # step 4 trains on the set chosen at step 2, from the checkpoint
+        for key in ("loss", "val_loss", "real_train_loss", "n_eff"):
+            assert _relative([a[key]], [b[key]]) <= TOLERANCE, (a["step"], key)
+    assert resumed[3]["refilter"] == {**rows[3]["refilter"], "seconds": resumed[3]["refilter"]["seconds"]}
 
 
 def test_one_parallel_rank_computes_what_the_single_process_trainer_does(runs, assets):

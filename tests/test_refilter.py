@@ -57,7 +57,7 @@ def test_refilter_steps_and_the_refiltered_packer():
         packer_for(pool, [], step=6)
 
 
-def test_refilter_needs_a_learned_head_and_one_process():
+def test_refilter_needs_a_learned_head():
     with pytest.raises(ValueError, match="weighting.method=uniform has none"):
         WeightingConfig(method="uniform", refilter_every=5)
     with pytest.raises(ValueError, match=">= 0"):

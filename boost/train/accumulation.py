@@ -18,13 +18,23 @@ normaliser and the ``loss_filter`` baseline look at the whole step, not at one m
 Step 1 costs one extra forward per micro-batch (on the CPU preset an accumulated step of 2 took 1.5-1.8x
 the time of one step on the same trajectories, at 0.8x the peak memory: benchmarks/RESULTS.md); with
 ``grad_accum = 1`` it is skipped and a step is exactly what it was.
+
+Under ``parallel`` each micro-batch is this rank's share of a global batch (a
+:class:`~boost.train.distributed.ShardBatch`); their union is the share of the union of the global
+batches, in the same order as one process's union, so the weights, the outer step and the summed
+gradient are the ones one process computes on the same k global batches. DDP synchronises the
+gradient once, after the last micro-batch (``no_sync`` before); FSDP2 reduce-scatters after each
+micro-batch into the sharded ``.grad`` (the unsharded gradient is never kept across micro-batches).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
+
 from boost.data.packing import PackedBatch, concat_packed, segment_slices
+from boost.train.distributed import ShardBatch
 
 __all__ = ["concat_batches", "segment_slices"]
 
@@ -47,4 +57,14 @@ def concat_batches(batches: Sequence[PackedBatch]) -> PackedBatch:
         if not all(multi) or len(lengths) != 1:
             raise ValueError("concat_batches: batches of rows must all have the same row length")
     rows = sum(b.rows for b in batches) if all(multi) else 1
-    return concat_packed(list(batches), rows=rows, token_budget=sum(b.token_budget for b in batches))
+    union = concat_packed(list(batches), rows=rows, token_budget=sum(b.token_budget for b in batches))
+    shards = [isinstance(b, ShardBatch) for b in batches]
+    if not any(shards):
+        return union
+    if not all(shards):
+        raise ValueError("concat_batches: every micro-batch of a parallel run must be a rank's share")
+    orders, offset = [], 0
+    for b in batches:  # each share's plan positions, after the global batches before it
+        orders.append(torch.where(b.global_order >= 0, b.global_order + offset, -1))
+        offset += b.global_size
+    return ShardBatch(**union.__dict__, global_size=offset, global_order=torch.cat(orders))

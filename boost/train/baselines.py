@@ -331,13 +331,14 @@ def pool_batches(trainer, features: bool) -> Iterator[tuple[Any, Any, Any]]:
     """(batch, losses, head features or None) for every batch of the training pool (epoch-0 order),
     under the current model in eval mode (restored after), without gradients. ``features``: also build
     the head's :func:`trajectory_features` as the trainer does (source and returns as its config says).
+    A parallel run yields this rank's share of each batch (every rank the same number of batches).
     """
     cfg = trainer.cfg
     was_training = trainer.model.training
     trainer.model.eval()
     try:
         with torch.no_grad():
-            for batch in trainer.data.train.batches(0):
+            for batch in trainer.parallel.batches(trainer.data.train, 0):
                 batch = batch.to(trainer.device)
                 hidden = trainer.hidden_states(batch)
                 losses = trainer.losses(hidden, batch)
@@ -359,19 +360,27 @@ def pool_weights(trainer) -> dict[int, float]:
     """Trajectory index (into the training packer's list) -> weight under the final model and head.
 
     Learned heads: the unnormalised score times the mass (so weights compare across batches); other
-    methods: the weight the method gives (1 or 0).
+    methods: the weight the method gives (1 or 0). A parallel run scores each rank's share of every
+    batch and gathers the global batch (the same dict, in the same order, on every rank).
     """
     method = trainer.method
     out: dict[int, float] = {}
     if method not in LEARNED and method != "loss_filter":  # weight 1 on every kept trajectory: no forward
         return {t.index: 1.0 for t in trainer.data.train.trajectories if t.source != "real"}
     for batch, losses, f in pool_batches(trainer, features=method in LEARNED):
-        synthetic = ~batch.is_real
+        local = [
+            batch.trajectory_index.to(losses.per_trajectory.device),
+            ~batch.is_real,
+            losses.per_trajectory,
+        ]
         if f is not None:
-            w = trainer.head.scores(f) * trainer.head.mass
-        else:
-            w = fixed_weights(method, losses.per_trajectory, synthetic, trainer.cfg.weighting.loss_drop)
-        for i, value, syn in zip(batch.trajectory_index.tolist(), w.tolist(), synthetic.tolist()):
+            local.append(trainer.head.scores(f) * trainer.head.mass)  # per trajectory: scored where it is
+        index, synthetic, per, *learned = trainer.parallel.gather(batch, *local)
+        if learned:
+            w = learned[0]
+        else:  # loss_filter's threshold is over the global batch
+            w = fixed_weights(method, per, synthetic, trainer.cfg.weighting.loss_drop)
+        for i, value, syn in zip(index.tolist(), w.tolist(), synthetic.tolist()):
             if syn:
                 out[i] = value
     return out
@@ -420,7 +429,8 @@ def weight_analysis(trainer) -> dict[str, Any]:
     trajectories = trainer.data.train_trajectories
     rows = [(w, trajectories[i]) for i, w in weights.items()]
     rows += [(0.0, t) for t in trainer.data.filtered_out]
-    write_text_atomic(Path(trainer.out) / "pool_weights.jsonl", pool_weight_lines(rows))
+    if trainer.parallel.is_main:  # parallel: every rank holds the same rows, rank 0 writes them
+        write_text_atomic(Path(trainer.out) / "pool_weights.jsonl", pool_weight_lines(rows))
     return pool_analysis(rows, filtered_out=len(trainer.data.filtered_out))
 
 

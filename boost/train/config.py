@@ -23,21 +23,11 @@ def check_parallel(cfg) -> None:
         raise ValueError(f"parallel must be one of {', '.join(PARALLEL)}, got {cfg.parallel!r}")
     if cfg.parallel_debug and cfg.parallel == "none":
         raise ValueError("parallel_debug checks the ranks of a parallel run: set parallel=ddp or fsdp2")
-    if cfg.parallel != "none" and cfg.weighting.refilter_every:
-        raise ValueError(
-            f"weighting.refilter_every is not supported with parallel={cfg.parallel} yet (the pool is "
-            "scored on one process); set weighting.refilter_every=0 or parallel=none"
-        )
     if cfg.parallel != "none" and cfg.weighting.head_steps:
         raise ValueError(
             f"weighting.head_steps is not supported with parallel={cfg.parallel} yet; run the two phases as two "
             "commands (weighting.method=boost steps=K, then weighting.method=weight_filter "
             "weighting.weights_path=<that run>/pool_weights.jsonl), or set parallel=none"
-        )
-    if cfg.parallel != "none" and cfg.grad_accum > 1:
-        raise ValueError(
-            f"grad_accum={cfg.grad_accum} is not supported with parallel={cfg.parallel} yet; raise "
-            "data.token_budget (the global batch) instead, or set grad_accum=1"
         )
     if cfg.parallel != "none" and cfg.outer.terms != {"nll": 1.0}:
         raise ValueError(

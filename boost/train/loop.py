@@ -37,6 +37,7 @@ unless resumed or overwritten, and a step with a non-finite number is skipped, l
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Iterator
@@ -325,9 +326,10 @@ class Trainer:
         clip = pre_step = None
         bad = nonfinite(loss=loss_total, head_weights=w)  # a bad step is skipped: no optimiser step
         if bad:
-            self.parallel.skip_backward(loss, self.opt)  # DDP: the forward's reduction must still finish
+            if len(micro) == 1:  # (an accumulated step's forwards ran without gradients: none pending)
+                self.parallel.skip_backward(loss, self.opt)  # DDP: the forward's reduction must still finish
         else:
-            if len(micro) > 1:  # grad_accum > 1 (one process only: config.check_parallel)
+            if len(micro) > 1:  # grad_accum > 1
                 loss_total = self._accumulate(micro, w_local.detach(), view.size)
             else:
                 loss.backward()
@@ -363,12 +365,15 @@ class Trainer:
         """Backpropagate Σ_i w_i L_i / S (the union's loss) one micro-batch at a time; ``.grad`` sums
         them. Returns the loss (detached)."""
         total = torch.zeros((), device=self.device)
-        for m, part in zip(micro, segment_slices(micro)):
-            out = self.losses(self.hidden_states(m), m, precompute_grad=False)
-            loss = (w[part] * out.per_trajectory).sum() / S
-            loss.backward()
+        last = len(micro) - 1
+        for k, (m, part) in enumerate(zip(micro, segment_slices(micro))):
+            # DDP: gradients stay local until the last micro-batch's backward, which sums .grad over ranks
+            with self.parallel.no_sync() if k < last else contextlib.nullcontext():
+                out = self.losses(self.hidden_states(m), m, precompute_grad=False)
+                loss = (w[part] * out.per_trajectory).sum() / S
+                loss.backward()
             total += loss.detach()
-        return total
+        return self.parallel.sum(total)  # over ranks (one process: the loss)
 
     def _trained(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -404,18 +409,19 @@ class Trainer:
         """``out_dir/checkpoints/step-<step>/`` (:mod:`boost.train.checkpoint_io`: safetensors, no pickle)."""
         position = {"train_batches": self.step * self.cfg.grad_accum,
                     "validation_batches": self.step // self.cfg.outer_every}  # fmt: skip
+        # the warm start of Neumann / CG: without it a resumed run would solve cold and differ;
+        # the refiltered training set: the head that chose it has moved on since
+        tensors = {
+            "last_v": self.last_v,
+            **self._refilter_tensors(),
+            **(self.signal.state() if self.signal else {}),
+        }
+        info = {"config": json_safe(to_dict(self.cfg)), "data_position": position,
+                "refilters": json_safe(self.refilters)}  # fmt: skip
         if self.parallel.enabled:  # torch.distributed.checkpoint, every rank its shard
-            info = {"config": json_safe(to_dict(self.cfg)), "data_position": position}
-            return save_distributed_checkpoint(self, {"last_v": self.last_v}, info)
-        return save_checkpoint(
-            self.out, self.step, **self._checkpoint_parts(), keep=self.cfg.keep_checkpoints,
-            # the warm start of Neumann / CG: without it a resumed run would solve cold and differ;
-            # the refiltered training set: the head that chose it has moved on since
-            tensors={"last_v": self.last_v, **self._refilter_tensors(),
-                     **(self.signal.state() if self.signal else {})},
-            info={"config": json_safe(to_dict(self.cfg)), "data_position": position,
-                  "refilters": json_safe(self.refilters)},
-        )  # fmt: skip
+            return save_distributed_checkpoint(self, tensors, info)
+        return save_checkpoint(self.out, self.step, **self._checkpoint_parts(), keep=self.cfg.keep_checkpoints,
+                               tensors=tensors, info=info)  # fmt: skip
 
     def _check_schedule_horizon(self, path: Path, theirs: dict) -> None:
         """A schedule's horizon must stay what it was (``steps`` may change if ``schedule_steps`` fixes it)."""
