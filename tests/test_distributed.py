@@ -43,6 +43,7 @@ def _launch(ranks: int, runs: list[dict], folder: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
+EVAL = ("eval.episodes=4", "eval.batch_size=1")  # after eval.episodes=0: the last one counts
 TRAINABLE = ("block=trainable", "solver.method=neumann", "solver.steps=2", "solver.alpha=1e-3")
 
 
@@ -50,7 +51,7 @@ def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
     model, data = assets
     extra = {"trainable": TRAINABLE, "identity": ("solver.method=identity",), "accum": ("grad_accum=2",),
              "accumfsdp": ("grad_accum=2",), "refilter": ("weighting.refilter_every=2",),
-             "refilterfsdp": ("weighting.refilter_every=2",)}.get(out.name.split("-")[0], ())  # fmt: skip
+             "refilterfsdp": ("weighting.refilter_every=2",), "evalddp": EVAL, "evalfsdp": EVAL}.get(out.name.split("-")[0], ())  # fmt: skip
     return [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
             "data.max_length=512", f"steps={steps}", "eval.episodes=0", "checkpoint_every=3",
             f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else []), *extra]  # fmt: skip
@@ -79,15 +80,21 @@ def runs(assets, tmp_path_factory):
     "trainable-1", "trainable-2" (DDP, block=trainable), "identity-1", "identity-2" (FSDP2, solver.method=identity),
     "accum-1", "accum-2" (DDP, grad_accum=2), "accumfsdp-1", "accumfsdp-2" (FSDP2, grad_accum=2),
     "refilter-1", "refilter-2" (DDP, refilter_every=2), "refilterfsdp-1", "refilterfsdp-2" (FSDP2),
-    "refilter-2to1", "diverging"}."""
+    "refilter-2to1", "diverging", "evalddp-1", "evalddp-2", "evalfsdp-1", "evalfsdp-2" (eval.episodes=4 at
+    the end of the run), "play" (a folder: play-none-1.json, play-ddp-2.json, play-fsdp2-2.json)}."""
     root = tmp_path_factory.mktemp("distributed_runs")
-    pairs = ("trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp")
-    more = (*(f"{k}-{n}" for k in pairs for n in (1, 2)), "diverging")
+    pairs = ("trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp", "evalddp", "evalfsdp")
+    more = (*(f"{k}-{n}" for k in pairs for n in (1, 2)), "diverging", "play")
     names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), *more)
     out = {name: root / name for name in names}
+    out["play"].mkdir()
 
     def run(name, kind, resume=False):
         return {"overrides": _overrides(assets, out[name], kind), "resume": resume}
+
+    def play(kind, ranks):  # the untrained model plays 6 test tasks, each rank its share
+        spec = [*_overrides(assets, out["play"] / "run", kind), "eval.episodes=6", "eval.batch_size=1"]
+        return {"overrides": spec, "play": str(out["play"] / f"play-{kind}-{ranks}.json")}
 
     _launch(
         1,
@@ -101,6 +108,9 @@ def runs(assets, tmp_path_factory):
             run("accumfsdp-1", "fsdp2"),
             run("refilter-1", "ddp"),
             run("refilterfsdp-1", "fsdp2"),
+            run("evalddp-1", "ddp"),
+            run("evalfsdp-1", "fsdp2"),
+            play("none", 1),
         ],
         root,
     )
@@ -120,6 +130,10 @@ def runs(assets, tmp_path_factory):
             run("accumfsdp-2", "fsdp2"),
             run("refilter-2", "ddp"),
             run("refilterfsdp-2", "fsdp2"),
+            run("evalddp-2", "ddp"),
+            run("evalfsdp-2", "fsdp2"),
+            play("ddp", 2),
+            play("fsdp2", 2),
         ]  # fmt: skip
         + resumes
         + [diverging],
@@ -361,3 +375,24 @@ def test_parallel_settings_are_checked_before_anything_runs(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(ParallelError, match="torchrun --standalone --nproc-per-node N"):
         make_parallel("ddp", "cpu")
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp2"])
+def test_ranks_play_their_share_of_the_test_tasks_and_gather_them_in_task_order(runs, kind):
+    """Each rank plays tasks rank, rank + N, ... (FSDP2: on a plain copy of the gathered model); the
+    gathered episodes are those one process plays, reply for reply (eval.batch_size=1)."""
+    one = json.loads((runs["play"] / "play-none-1.json").read_text())
+    two = json.loads((runs["play"] / f"play-{kind}-2.json").read_text())
+    assert len(one) == 6 and len({r["task"] for r in one}) == 6
+    assert two == one
+    assert len({json.dumps(r["messages"][2:]) for r in one}) > 1  # the replies differ between tasks
+
+
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_end_of_run_evaluation_on_two_ranks_is_the_one_of_one_rank(runs, kind):
+    """Test episodes split over the ranks and gathered, the held-out test loss and accuracy sharded."""
+    two, one = (json.loads((runs[f"eval{kind}-{n}"] / "final.json").read_text()) for n in (2, 1))
+    assert two["episodes"] == one["episodes"] == 4
+    for key in ("success_rate", "mean_return", "mean_turns", "invalid_per_turn", "test_agent_token_accuracy"):
+        assert two[key] == one[key], key
+    assert _relative([two["test_loss"]], [one["test_loss"]]) <= TOLERANCE

@@ -39,13 +39,12 @@ def check_parallel(cfg) -> None:
     why = {
         "block=trainable": cfg.block == "trainable",  # finite differences on sharded parameters
         "LoRA": cfg.lora.enabled,
-        "eval.episodes > 0 (rollouts)": cfg.eval.episodes > 0,  # generate() needs the whole model
     }
     unsupported = [name for name, on in why.items() if on]
     if unsupported:
         raise ValueError(
             f"parallel=fsdp2 does not support {', '.join(unsupported)} yet; use parallel=ddp, or "
-            "block=head, no LoRA and eval.episodes=0"
+            "block=head and no LoRA"
         )
 
 

@@ -44,6 +44,12 @@ What each rank holds and what crosses ranks, per inner step (S trajectories in t
   the parameters, optimiser state and activations) stays sharded. ``solver.method=identity`` also
   gathers the head's AdamW moments and clipped gradient (:meth:`TorchRun.stepped`).
 
+* **Accumulation, refiltering, evaluation.** ``grad_accum=k``: each rank's shares of k global
+  batches, stepped as their union (:func:`boost.train.accumulation.concat_batches`). The pool weights
+  of a refilter and of the end of the run, the held-out loss and the test episodes are computed on
+  each rank's share and gathered (:meth:`TorchRun.share`, :meth:`TorchRun.gather_objects`; FSDP2
+  generates with a gathered plain copy, :meth:`TorchRun.generation_model`).
+
 Reductions and agreement with one process: a sum over ranks of per-rank partial sums rounds
 differently from one sum, so results agree to float32 rounding (about 1e-7 relative per reduction),
 not bit for bit; per-trajectory quantities are computed on the trajectory's own tokens and gathered,
@@ -60,6 +66,7 @@ rank 0 appends the global batch's per-trajectory losses, weights and hypergradie
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -213,6 +220,19 @@ class SingleProcess:
 
     def sum_floats(self, *values: float) -> list[float]:
         return list(values)
+
+    def share(self, n: int) -> range:
+        """The items of ``n`` (e.g. test episodes) this process plays: all of them."""
+        return range(n)
+
+    def gather_objects(self, items: list) -> list:
+        """Every process's ``items`` (picklable), concatenated in rank order: one process's own."""
+        return items
+
+    @contextlib.contextmanager
+    def generation_model(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """A model that ``generate`` can run on this process alone: the model itself."""
+        yield model
 
     reduce = None  # the solvers' hook for HVPs: None = nothing to reduce
 
@@ -405,6 +425,39 @@ class TorchRun(SingleProcess):
         return t.tolist()
 
     reduce = sum  # the solvers' hook: a local Hessian-vector product -> the sum over ranks
+
+    def share(self, n: int) -> range:
+        """Rank r plays items r, r + N, r + 2N, ... of ``n``."""
+        return range(self.rank, n, self.world)
+
+    def gather_objects(self, items: list) -> list:
+        every: list[list | None] = [None] * self.world
+        dist.all_gather_object(every, items)
+        return [item for part in every for item in part]
+
+    @contextlib.contextmanager
+    def generation_model(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """DDP: the model itself (every rank holds all of it; generating outside the DDP wrapper runs
+        no collective). FSDP2: a plain copy built from the gathered full state dict, so each rank can
+        generate on its own share of episodes, with a different number of forwards than the others (a
+        sharded forward all-gathers every layer, so all ranks would have to run in lockstep). Costs one
+        whole model per rank for the duration, as TRL's generation under FSDP does; freed after."""
+        if self.kind != "fsdp2":
+            yield model
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        dtype = next(iter(full.values())).dtype
+        plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), torch_dtype=dtype)
+        plain.load_state_dict(full, strict=True)
+        plain.generation_config = copy.deepcopy(model.generation_config)
+        del full
+        try:
+            yield plain.to(self._device).eval()
+        finally:
+            del plain
 
     def agree(self, bad: list[str]) -> list[str]:
         """A step is skipped on every rank when it is non-finite on any (else the collectives hang)."""

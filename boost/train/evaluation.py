@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from boost.envs import make_env, play_episode, random_policy
+from boost.envs import Episode, make_env, play_episode, random_policy
 from boost.rollout.generation import RolloutConfig, rollout, summarize_episodes
 from boost.train.attention_backend import attention_for_generation
 from boost.train.checkpoint_io import is_peft_model
@@ -53,20 +53,39 @@ def held_out_tasks(env_name: str, episodes: int, seed: int):
 
 
 def task_success(
-    model, tokenizer, env_name: str, episodes: int, seed: int = 0, **rollout_options
+    model, tokenizer, env_name: str, episodes: int, seed: int = 0, parallel=None, **rollout_options
 ) -> dict[str, Any]:
-    """Greedy rollouts of ``model`` on ``episodes`` test tasks: the metrics of :func:`summarize_episodes`."""
+    """Greedy rollouts of ``model`` on ``episodes`` test tasks: the metrics of :func:`summarize_episodes`
+    over :func:`play_test_tasks`."""
+    summary = summarize_episodes(
+        play_test_tasks(model, tokenizer, env_name, episodes, seed, parallel, **rollout_options)
+    )
+    return {k: summary[k] for k in _KEPT}
+
+
+def play_test_tasks(
+    model, tokenizer, env_name: str, episodes: int, seed: int = 0, parallel=None, **rollout_options
+) -> list[Episode]:
+    """Greedy rollouts of ``model`` on ``episodes`` test tasks, in task order.
+
+    ``parallel`` (a run's :class:`boost.train.distributed.SingleProcess` or ``TorchRun``): each process
+    plays its share of the tasks (``parallel.share``) and the episodes are gathered in task order, so
+    every process returns all ``episodes``. The tasks are the same as for one process; with
+    ``batch_size > 1`` the episodes that share a generation batch differ, which can flip a greedy
+    token only at a near-tie of two logits (batch_size=1 plays each episode exactly as one process does).
+    """
     was_training = model.training
     model.eval()
+    tasks = held_out_tasks(env_name, episodes, seed)
+    mine = list(parallel.share(len(tasks))) if parallel is not None else list(range(len(tasks)))
     try:
         config = RolloutConfig(seed=seed, **rollout_options)
-        played = rollout(
-            model, tokenizer, env_name, held_out_tasks(env_name, episodes, seed), config, progress=False
-        )
+        played = rollout(model, tokenizer, env_name, [tasks[i] for i in mine], config, progress=False)
     finally:
         model.train(was_training)
-    summary = summarize_episodes(played)
-    return {k: summary[k] for k in _KEPT}
+    if parallel is not None:
+        played = [e for _, e in sorted(parallel.gather_objects(list(zip(mine, played))), key=lambda p: p[0])]
+    return played
 
 
 def random_policy_success(env_name: str, episodes: int, seed: int = 0) -> dict[str, Any]:
@@ -133,18 +152,22 @@ def save_pretrained_atomic(model, tokenizer, folder: Path, state_dict: dict | No
 
 @torch.no_grad()
 def held_out_real(trainer, packer) -> dict[str, float | None]:
-    """Mean per-trajectory loss and agent-token accuracy over every batch of ``packer`` (real tasks)."""
+    """Mean per-trajectory loss and agent-token accuracy over every batch of ``packer`` (real tasks).
+    A parallel run computes each process's share of every batch and sums over processes."""
+    from boost.train.distributed import owned  # (distributed imports this module)
+
     if packer is None:
         return {"loss": None, "agent_token_accuracy": None}
     total, count, correct, counted = 0.0, 0, 0, 0
-    for batch in packer.batches(0):
+    for batch in trainer.parallel.batches(packer, 0):
         batch = batch.to(trainer.device)
         hidden = trainer.hidden_states(batch)
         out = trainer.losses(hidden, batch)
         total += float(out.per_trajectory.sum())
-        count += batch.num_segments
+        count += owned(batch)  # a phantom (an empty share) counts nothing
         c, n = agent_token_accuracy(hidden, trainer.lm_head, batch.labels)
         correct, counted = correct + c, counted + n
+    total, count, correct, counted = trainer.parallel.sum_floats(total, count, correct, counted)
     return {"loss": total / max(count, 1), "agent_token_accuracy": correct / max(counted, 1)}
 
 
@@ -168,10 +191,13 @@ def evaluate_trainer(trainer, rollouts: bool = True) -> dict[str, Any]:
     if rollouts and cfg.episodes:
         env_name = env_of(trainer.data.validation.trajectories, cfg.env)
         out["env"] = env_name
-        with attention_for_generation(trainer.model, trainer.attention):  # flash-attn trains, sdpa generates
+        with (
+            trainer.parallel.generation_model(trainer.model) as model,  # FSDP2: a gathered plain copy
+            attention_for_generation(model, trainer.attention),  # flash-attn trains, sdpa generates
+        ):
             out.update(
                 task_success(
-                    trainer.model, trainer.tokenizer, env_name, cfg.episodes, cfg.seed,
+                    model, trainer.tokenizer, env_name, cfg.episodes, cfg.seed, parallel=trainer.parallel,
                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                 )
             )  # fmt: skip
