@@ -43,6 +43,7 @@ def _launch(ranks: int, runs: list[dict], folder: Path) -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
+LORA = ("lora.enabled=true", "lora.r=4", "lora.train_head=true")  # block=head: the exact fused hypergradient
 EVAL = ("eval.episodes=4", "eval.batch_size=1")  # after eval.episodes=0: the last one counts
 TRAINABLE = ("block=trainable", "solver.method=neumann", "solver.steps=2", "solver.alpha=1e-3")
 
@@ -51,7 +52,7 @@ def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
     model, data = assets
     extra = {"trainable": TRAINABLE, "identity": ("solver.method=identity",), "accum": ("grad_accum=2",),
              "accumfsdp": ("grad_accum=2",), "refilter": ("weighting.refilter_every=2",),
-             "refilterfsdp": ("weighting.refilter_every=2",), "evalddp": EVAL, "evalfsdp": EVAL}.get(out.name.split("-")[0], ())  # fmt: skip
+             "refilterfsdp": ("weighting.refilter_every=2",), "evalddp": EVAL, "evalfsdp": EVAL, "lora": LORA, "loraddp": LORA}.get(out.name.split("-")[0], ())  # fmt: skip
     return [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
             "data.max_length=512", f"steps={steps}", "eval.episodes=0", "checkpoint_every=3",
             f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else []), *extra]  # fmt: skip
@@ -80,10 +81,12 @@ def runs(assets, tmp_path_factory):
     "trainable-1", "trainable-2" (DDP, block=trainable), "identity-1", "identity-2" (FSDP2, solver.method=identity),
     "accum-1", "accum-2" (DDP, grad_accum=2), "accumfsdp-1", "accumfsdp-2" (FSDP2, grad_accum=2),
     "refilter-1", "refilter-2" (DDP, refilter_every=2), "refilterfsdp-1", "refilterfsdp-2" (FSDP2),
-    "refilter-2to1", "diverging", "evalddp-1", "evalddp-2", "evalfsdp-1", "evalfsdp-2" (eval.episodes=4 at
+    "refilter-2to1", "lora-1", "lora-2" (FSDP2, LoRA with a trained head), "lora-2to1", "loraddp-1",
+    "loraddp-2" (DDP, the same), "diverging", "evalddp-1", "evalddp-2", "evalfsdp-1", "evalfsdp-2" (eval.episodes=4 at
     the end of the run), "play" (a folder: play-none-1.json, play-ddp-2.json, play-fsdp2-2.json)}."""
     root = tmp_path_factory.mktemp("distributed_runs")
-    pairs = ("trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp", "evalddp", "evalfsdp")
+    pairs = ("trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp", "evalddp", "evalfsdp",
+             "lora", "loraddp")  # fmt: skip
     more = (*(f"{k}-{n}" for k in pairs for n in (1, 2)), "diverging", "play")
     names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), *more)
     out = {name: root / name for name in names}
@@ -110,6 +113,8 @@ def runs(assets, tmp_path_factory):
             run("refilterfsdp-1", "fsdp2"),
             run("evalddp-1", "ddp"),
             run("evalfsdp-1", "fsdp2"),
+            run("lora-1", "fsdp2"),
+            run("loraddp-1", "ddp"),
             play("none", 1),
         ],
         root,
@@ -132,6 +137,8 @@ def runs(assets, tmp_path_factory):
             run("refilterfsdp-2", "fsdp2"),
             run("evalddp-2", "ddp"),
             run("evalfsdp-2", "fsdp2"),
+            run("lora-2", "fsdp2"),
+            run("loraddp-2", "ddp"),
             play("ddp", 2),
             play("fsdp2", 2),
         ]  # fmt: skip
@@ -143,8 +150,10 @@ def runs(assets, tmp_path_factory):
         out[f"{kind}-2to1"] = _resumable_copy(out[f"{kind}-2"], root / f"{kind}-2to1")
     out["ddp-2to1-fsdp2"] = _resumable_copy(out["ddp-2"], root / "ddp-2to1-fsdp2")  # DDP's, under FSDP2
     out["refilter-2to1"] = _resumable_copy(out["refilter-2"], root / "refilter-2to1")  # refiltered at step 2
+    out["lora-2to1"] = _resumable_copy(out["lora-2"], root / "lora-2to1")
     _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS] + [run("ddp-2to1-fsdp2", "fsdp2", True),
-                                                            run("refilter-2to1", "ddp", True)], root)  # fmt: skip
+                                                            run("refilter-2to1", "ddp", True),
+                                                            run("lora-2to1", "fsdp2", True)], root)  # fmt: skip
     return out
 
 
@@ -168,14 +177,17 @@ def _final_parameters(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize(
-    "kind", [*KINDS, "trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp"]
+    "kind",
+    [*KINDS, "trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp", "lora", "loraddp"],
 )
 def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
     """DDP and FSDP2 with the head block (CG), DDP with block=trainable (Neumann, finite differences:
     the same perturbations θ ± εv on every rank, each HVP summed over ranks), FSDP2 with the AdamW
     look-ahead (solver.method=identity: the sharded optimiser state of the head, gathered), grad_accum=2
     under DDP and FSDP2 (each rank's shares of two global batches, stepped as their union) and
-    refiltering under DDP and FSDP2 (the pool scored on each rank's share of every batch, gathered: the same
+    LoRA with a trained head under FSDP2 and DDP (adapters and the head's trainable copy sharded with
+    the frozen base; out_dir/model is a plain copy with the adapters merged), refiltering under DDP and
+    FSDP2 (the pool scored on each rank's share of every batch, gathered: the same
     training set chosen on every rank as on one).
 
     block=trainable's scores are differences of float32 losses, [L_i(θ+εv) − L_i(θ−εv)] / 2ε: the
@@ -396,3 +408,16 @@ def test_end_of_run_evaluation_on_two_ranks_is_the_one_of_one_rank(runs, kind):
     for key in ("success_rate", "mean_return", "mean_turns", "invalid_per_turn", "test_agent_token_accuracy"):
         assert two[key] == one[key], key
     assert _relative([two["test_loss"]], [one["test_loss"]]) <= TOLERANCE
+
+
+def test_fsdp2_with_lora_trains_only_the_adapters_and_the_head_and_resumes_on_one_rank(runs, assets):
+    final, start = _final_parameters(runs["lora-2"]), load_file(str(assets[0] / "model.safetensors"))
+    assert final.keys() == start.keys()  # out_dir/model: the adapters merged into a plain checkpoint
+    moved = {n for n in final if not torch.equal(final[n], start[n])}
+    assert "lm_head.weight" in moved and any("proj" in n for n in moved)  # the head and merged adapters
+    assert torch.equal(final["model.embed_tokens.weight"], start["model.embed_tokens.weight"])  # frozen
+    resumed, original = _metrics(runs["lora-2to1"]), _metrics(runs["lora-2"])
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
+    for a, b in zip(resumed[3:], original[3:]):
+        for key in ("loss", "val_loss", "real_train_loss", "n_eff"):
+            assert _relative([a[key]], [b[key]]) <= TOLERANCE, (a["step"], key)

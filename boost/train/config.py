@@ -38,7 +38,6 @@ def check_parallel(cfg) -> None:
         return
     why = {
         "block=trainable": cfg.block == "trainable",  # finite differences on sharded parameters
-        "LoRA": cfg.lora.enabled,
     }
     unsupported = [name for name, on in why.items() if on]
     if unsupported:

@@ -89,6 +89,7 @@ from boost.train.checkpoint_io import (
     TENSORS_FILE,
     CheckpointError,
     _set_rng_states,
+    is_peft_model,
     load_optimizer_states,
     read_state,
     write_run_state,
@@ -446,16 +447,12 @@ class TorchRun(SingleProcess):
             yield model
             return
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        from transformers import AutoModelForCausalLM
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-        dtype = next(iter(full.values())).dtype
-        plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), torch_dtype=dtype)
-        plain.load_state_dict(full, strict=True)
-        plain.generation_config = copy.deepcopy(model.generation_config)
+        plain = plain_copy(model, full).to(self._device).eval()
         del full
         try:
-            yield plain.to(self._device).eval()
+            yield plain
         finally:
             del plain
 
@@ -691,18 +688,39 @@ def load_distributed_checkpoint(trainer, path: Path) -> tuple[dict[str, Any], di
     return state, {k: v.to(trainer.device) for k, v in tensors.items() if not k.startswith("rng.")}
 
 
+def plain_copy(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """A plain (unsharded) copy of ``model``'s architecture holding the weights ``full`` (its full
+    state dict, e.g. FSDP2's shards gathered), on the device of ``full``'s tensors. A peft (LoRA)
+    model's copy has its adapters merged (a plain causal LM, as ``out_dir/model`` is saved)."""
+    from transformers import AutoModelForCausalLM
+
+    dtype = model.get_input_embeddings().weight.dtype
+    plain = AutoModelForCausalLM.from_config(copy.deepcopy(model.config), torch_dtype=dtype)
+    peft = is_peft_model(model)
+    if peft:
+        from peft import get_peft_model
+
+        plain = get_peft_model(plain, copy.deepcopy(model.peft_config[model.active_adapter]))
+    plain.load_state_dict(full, strict=True)
+    if peft:
+        plain = plain.merge_and_unload()
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain
+
+
 def save_full_model(trainer, folder: Path) -> None:
-    """``save_pretrained`` of the whole model by rank 0 (FSDP2: the shards gathered first, on every
-    rank); one process: :func:`save_pretrained_atomic` as it is."""
-    full = None
+    """``save_pretrained`` of the whole model by rank 0 (FSDP2: the shards gathered first, on rank 0's
+    CPU; with LoRA a plain copy with the adapters merged); one process: :func:`save_pretrained_atomic`
+    as it is."""
+    full, model = None, trainer.model
     if trainer.parallel.kind == "fsdp2":
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(
-            trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
-        )
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if is_peft_model(model) and trainer.parallel.is_main:  # a sharded peft model cannot be deep-copied
+            model, full = plain_copy(model, full), None
     if trainer.parallel.is_main:
-        save_pretrained_atomic(trainer.model, trainer.tokenizer, Path(folder), state_dict=full)
+        save_pretrained_atomic(model, trainer.tokenizer, Path(folder), state_dict=full)
     trainer.parallel.barrier()
 
 
