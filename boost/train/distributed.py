@@ -3,6 +3,8 @@
 Launch (one node, N processes; NCCL on CUDA, gloo on CPU)::
 
     torchrun --standalone --nproc-per-node N -m boost.train parallel=ddp ...
+    # ranks that die are restarted (all of them) and continue from the newest complete checkpoint
+    torchrun --standalone --nproc-per-node N --max-restarts 3 -m boost.train parallel=fsdp2 ... --resume
 
 Every process is a rank; the trainer talks to this module through one :class:`Parallel` object
 (``trainer.parallel``). ``parallel=none`` (the default) is :class:`SingleProcess`, whose hooks are the
@@ -283,7 +285,7 @@ class TorchRun(SingleProcess):
             torch.cuda.set_device(self.local_rank)
         self._device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
         if not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
+            _init_process_group("nccl" if cuda else "gloo", timedelta(minutes=30))
         self.world, self.rank = dist.get_world_size(), dist.get_rank()
         self.is_main = self.rank == 0
         self.mesh, self._ddp, self._head_param = None, None, None
@@ -543,6 +545,26 @@ class TorchRun(SingleProcess):
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _init_process_group(backend: str, timeout: timedelta) -> None:
+    """``init_process_group`` from torchrun's environment, in a store namespace of its own per restart.
+
+    After ``torchrun --max-restarts`` restarts the ranks, the ranks of the new attempt meet in the same
+    store (the agent's, ``TORCHELASTIC_USE_AGENT_STORE``) as the dead ones, and gloo's full-mesh
+    connect read the dead ranks' addresses from it and failed ("connectFullMesh failed ... Connection
+    refused", measured with torch 2.13 on CPU: every restart failed until --max-restarts ran out). A
+    ``PrefixStore`` named after ``TORCHELASTIC_RESTART_COUNT`` gives each attempt fresh keys."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timeout)  # fmt: skip
+    store = dist.PrefixStore(f"boost/attempt_{attempt}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
 
 
 def _collate_share(packer: TrajectoryPacker, positions: list[int]) -> PackedBatch:
