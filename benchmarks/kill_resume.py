@@ -250,23 +250,33 @@ def main(argv: list[str] | None = None) -> int:
               f"checkpoint step {result['checkpoint_step']} temporaries {len(result['temporaries_left'])} "
               f"rows {result['rows_before_resume']} -> problems: {result['problems'] or 'none'}")  # fmt: skip
     summary = {
+        **kill_counts(results),
+        "temporaries_left_by_the_kill": sum(bool(r["temporaries_left"]) for r in results),
+        "rows_past_the_checkpoint_at_the_kill": sum(
+            r["rows_before_resume"] > (r["checkpoint_step"] or 0) for r in results
+        ),
+        "uninterrupted_run_s": round(seconds, 2),
+        "first_checkpoint_s": round(first_checkpoint, 2),
+    }
+    return write_results(root / "kill_resume.json", summary, results)
+
+
+def kill_counts(results: list[dict]) -> dict[str, int]:
+    """Repeats, kills (all, and while a checkpoint was being written) and repeats with problems."""
+    return {
         "repeats": len(results),
         "killed": sum(r["killed"] for r in results),
         "killed_while_checkpointing": sum(
             r["killed"] and r["mode"].startswith("checkpoint") for r in results
         ),
-        "temporaries_left_by_the_kill": sum(bool(r["temporaries_left"]) for r in results),
-        "rows_past_the_checkpoint_at_the_kill": sum(
-            r["rows_before_resume"] > (r["checkpoint_step"] or 0) for r in results
-        ),
         "with_problems": sum(bool(r["problems"]) for r in results),
-        "uninterrupted_run_s": round(seconds, 2),
-        "first_checkpoint_s": round(first_checkpoint, 2),
     }
+
+
+def write_results(path: Path, summary: dict, results: list[dict]) -> int:
+    """Print ``summary``, write it and every repeat's result to ``path``; the exit code (1: problems)."""
     print(json.dumps(summary))
-    (root / "kill_resume.json").write_text(
-        json.dumps({"summary": summary, "repeats": results}, indent=2) + "\n"
-    )
+    path.write_text(json.dumps({"summary": summary, "repeats": results}, indent=2) + "\n")
     return 1 if summary["with_problems"] else 0
 
 

@@ -24,7 +24,6 @@ Prints one line per repeat and a summary, and writes ``kill_resume_distributed.j
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import shutil
@@ -36,7 +35,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.envs.tiny_chat_lm, benchmarks
 
-from benchmarks.kill_resume import STEPS, TIMINGS, _rows, _temporaries, command, make_assets  # noqa: E402
+from benchmarks.kill_resume import (  # noqa: E402
+    STEPS,
+    TIMINGS,
+    _rows,
+    _temporaries,
+    command,
+    kill_counts,
+    make_assets,
+    write_results,
+)
 
 RESTARTS = 3
 
@@ -195,16 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
         print(f"{i:3d} {mode:<13} killed={result['killed']!s:<5} at {result['after_s']:6.2f}s "
               f"restarts {result['restarts']} -> problems: {result['problems'] or 'none'}")  # fmt: skip
-    summary = {"repeats": len(results), "ranks": args.ranks, "parallel": args.parallel,
-               "killed": sum(r["killed"] for r in results),
-               "killed_while_checkpointing": sum(r["killed"] and r["mode"].startswith("checkpoint") for r in results),
-               "with_problems": sum(bool(r["problems"]) for r in results), "tolerance": args.tolerance,
+    summary = {**kill_counts(results), "ranks": args.ranks, "parallel": args.parallel, "tolerance": args.tolerance,
                "uninterrupted_run_s": round(seconds, 2), "first_checkpoint_s": round(first, 2)}  # fmt: skip
-    print(json.dumps(summary))
-    (root / "kill_resume_distributed.json").write_text(
-        json.dumps({"summary": summary, "repeats": results}, indent=2) + "\n"
-    )
-    return 1 if summary["with_problems"] else 0
+    return write_results(root / "kill_resume_distributed.json", summary, results)
 
 
 if __name__ == "__main__":

@@ -452,11 +452,8 @@ class TorchRun(SingleProcess):
 
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
         plain = plain_copy(model, full).to(self._device).eval()
-        del full
-        try:
-            yield plain
-        finally:
-            del plain
+        del full  # copied into plain: not held a second time while generating
+        yield plain
 
     def agree(self, bad: list[str]) -> list[str]:
         """A step is skipped on every rank when it is non-finite on any (else the collectives hang)."""

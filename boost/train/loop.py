@@ -88,7 +88,7 @@ from boost.train.distributed import (
     save_distributed_checkpoint,
     save_full_model,
 )
-from boost.train.evaluation import append_eval, evaluate_trainer
+from boost.train.evaluation import append_eval, evaluate_trainer, held_out_real
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
 from boost.train.lora import apply_lora, output_head
 from boost.train.outer_signal import OuterSignal
@@ -385,17 +385,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, packer: TrajectoryPacker | None) -> float | None:
-        """Mean per-trajectory loss over every batch of ``packer`` (None without one)."""
-        if packer is None:
-            return None
-        total, count = 0.0, 0
-        for batch in self.parallel.batches(packer, 0):  # parallel: this rank's share of each batch
-            batch = batch.to(self.device)
-            out = self.losses(self.hidden_states(batch), batch)
-            total += float(out.per_trajectory.sum())
-            count += owned(batch)
-        total, count = self.parallel.sum_floats(total, count)
-        return total / max(count, 1)
+        """Mean per-trajectory loss over every batch of ``packer`` (None without one; parallel: each
+        rank's share of every batch, summed): :func:`held_out_real`'s loss."""
+        return held_out_real(self, packer)["loss"]
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoint_parts(self) -> dict:
