@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 
 import boost_kernels as bk
+from boost_kernels.vocab_parallel import ShardedHeadBatch
 
 METHODS = ("identity", "neumann", "cg")
 
@@ -153,8 +154,10 @@ def inverse_hvp(
     return solve(hvp, g, cfg, init, precondition).v
 
 
-def solve(hvp, g, cfg: SolverConfig, init=None, precondition=None) -> Solve:
-    """:func:`inverse_hvp`, also saying whether the warm start was kept."""
+def solve(hvp, g, cfg: SolverConfig, init=None, precondition=None, dot=None) -> Solve:
+    """:func:`inverse_hvp`, also saying whether the warm start was kept. ``dot(a, b)`` -> float: the
+    inner product of two vectors shaped like g (default :func:`_dot`; a sharded g sums over ranks)."""
+    dot = dot or _dot
     if cfg.method == "identity":
         if precondition is not None:
             return Solve(precondition(g), False)
@@ -178,7 +181,7 @@ def solve(hvp, g, cfg: SolverConfig, init=None, precondition=None) -> Solve:
         x = init.to(g.dtype).clone()
         r = damped(x).neg_().add_(g)
         steps -= 1
-        if _dot(r, r) >= _dot(g, g):
+        if dot(r, r) >= dot(g, g):
             x, r = None, None
     warm = x is not None
     if cfg.method == "neumann":
@@ -189,21 +192,22 @@ def solve(hvp, g, cfg: SolverConfig, init=None, precondition=None) -> Solve:
         for _ in range(steps):
             x.add_(damped(x).neg_().add_(g), alpha=cfg.alpha)
         return Solve(x, warm)
-    return Solve(_conjugate_gradient(damped, g, steps, x, r), warm)
+    return Solve(_conjugate_gradient(damped, g, steps, x, r, dot), warm)
 
 
-def _conjugate_gradient(apply, b: torch.Tensor, steps: int, x=None, r=None) -> torch.Tensor:
+def _conjugate_gradient(apply, b: torch.Tensor, steps: int, x=None, r=None, dot=None) -> torch.Tensor:
     """``steps`` CG iterations on A x = b from x (default 0, then r = b); A positive semi-definite."""
+    dot = dot or _dot
     if x is None:
         x, r = torch.zeros_like(b), b.clone()
     p = r.clone()
-    rr = _dot(r, r)
+    rr = dot(r, r)
     tiny = torch.finfo(b.dtype).tiny
     for _ in range(steps):
         if rr <= tiny:  # solved exactly (or g = 0)
             break
         ap = apply(p)
-        pap = _dot(p, ap)
+        pap = dot(p, ap)
         if pap <= 0:
             raise FloatingPointError(
                 f"conjugate gradients met a direction with <p, (H + λI) p> = {pap:.3g} <= 0: the system is not "
@@ -214,18 +218,20 @@ def _conjugate_gradient(apply, b: torch.Tensor, steps: int, x=None, r=None) -> t
         x.add_(p, alpha=step)
         r.sub_(ap, alpha=step)
         del ap
-        rr_next = _dot(r, r)
+        rr_next = dot(r, r)
         p.mul_(rr_next / rr).add_(r)
         rr = rr_next
     return x
 
 
-def solve_residual(hvp, v: torch.Tensor, g: torch.Tensor, cfg: SolverConfig) -> float:
+def solve_residual(hvp, v: torch.Tensor, g: torch.Tensor, cfg: SolverConfig, dot=None) -> float:
     """|(H + λI) v − g| / |g| (one more HVP), or nan for ``identity`` or ``cfg.residual=False``."""
     if not cfg.residual or cfg.method == "identity":
         return float("nan")
     res = hvp(v).add_(v, alpha=cfg.damping).sub_(g)
-    return float(res.norm() / g.norm().clamp_min(torch.finfo(g.dtype).tiny))
+    if dot is None:
+        return float(res.norm() / g.norm().clamp_min(torch.finfo(g.dtype).tiny))
+    return (dot(res, res) / max(dot(g, g), torch.finfo(torch.float64).tiny)) ** 0.5
 
 
 _DOT_CHUNK = 1 << 20
@@ -299,3 +305,59 @@ def head_hypergradient(
         scores = trajectory_scores(train, weight.detach(), v)
         z = float(normalizer) if normalizer is not None else float(train.num_segments)
         return Hypergradient(-scores / z, scores, v, residual, warm)
+
+
+def sharded_head_hypergradient(
+    train: ShardedHeadBatch,
+    traj_weights: torch.Tensor,
+    val_grad: torch.Tensor,
+    cfg: SolverConfig,
+    normalizer: float,
+    init: torch.Tensor | None = None,
+    precondition: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Hypergradient:
+    """:func:`head_hypergradient` with the head's rows split over ranks (vocabulary parallelism,
+    :mod:`boost_kernels.vocab_parallel`), the same numbers without a [V, D] vector on any rank.
+
+    Args:
+        train: the inner batch (this rank's counted tokens, every rank's gathered) against this rank's
+            rows of θ_t, the head before the inner step.
+        traj_weights [S_r]: w_i of this rank's trajectories (held fixed).
+        val_grad [V_r, D]: this rank's rows of g = ∇_W L_out (already over every rank's validation
+            tokens: not summed again).
+        normalizer: Z of the inner loss (the global trajectory count).
+        init, precondition: as in :func:`head_hypergradient`, on this rank's rows (``identity``'s
+            response is elementwise but for the clipping projection, whose inner product the caller
+            sums over ranks).
+    Returns:
+        :class:`Hypergradient` of this rank's trajectories; ``v`` is this rank's [V_r, D] rows. The
+        solver's inner products are summed over ranks (one scalar all-reduce each), its HVPs reduce
+        one [chunk] vector per chunk of tokens, the scores one [T] vector.
+    """
+    if val_grad.shape != train.shard.weight.shape:
+        raise ValueError(
+            f"val_grad must be this rank's rows of g, shaped like the shard {tuple(train.shard.weight.shape)}, "
+            f"got {tuple(val_grad.shape)}"
+        )
+    if traj_weights.shape != (train.num_segments,):
+        raise ValueError(
+            f"traj_weights must have shape ({train.num_segments},), got {tuple(traj_weights.shape)}"
+        )
+    collective = train.shard.collective
+
+    def dot(a: torch.Tensor, b: torch.Tensor) -> float:
+        local = torch.tensor([_dot(a, b)], dtype=torch.float64, device=a.device)
+        return float(collective.sum_(local))
+
+    with torch.no_grad():
+        dtype = torch.float64 if train.shard.weight.dtype == torch.float64 else torch.float32
+        g = val_grad.detach().to(dtype)
+        coef = train.coefficients(traj_weights.detach(), normalizer)
+
+        def hvp(u):
+            return train.hvp(None, normalizer, u.to(train.shard.weight.dtype), coef=coef).to(u.dtype)
+
+        v, warm = solve(hvp, g, cfg, init, precondition, dot=dot)
+        residual = solve_residual(hvp, v, g, cfg, dot=dot)
+        scores = train.tangents(v.to(train.shard.weight.dtype))
+        return Hypergradient(-scores / float(normalizer), scores, v, residual, warm)
