@@ -52,7 +52,7 @@ def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
     model, data = assets
     extra = {"trainable": TRAINABLE, "identity": ("solver.method=identity",), "accum": ("grad_accum=2",),
              "accumfsdp": ("grad_accum=2",), "refilter": ("weighting.refilter_every=2",),
-             "refilterfsdp": ("weighting.refilter_every=2",), "evalddp": EVAL, "evalfsdp": EVAL, "lora": LORA, "loraddp": LORA}.get(out.name.split("-")[0], ())  # fmt: skip
+             "refilterfsdp": ("weighting.refilter_every=2",), "evalddp": EVAL, "evalfsdp": EVAL, "lora": LORA, "loraddp": LORA, "gathered": ("sharded_outer=false",)}.get(out.name.split("-")[0], ())  # fmt: skip
     return [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
             "data.max_length=512", f"steps={steps}", "eval.episodes=0", "checkpoint_every=3",
             f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else []), *extra]  # fmt: skip
@@ -82,11 +82,11 @@ def runs(assets, tmp_path_factory):
     "accum-1", "accum-2" (DDP, grad_accum=2), "accumfsdp-1", "accumfsdp-2" (FSDP2, grad_accum=2),
     "refilter-1", "refilter-2" (DDP, refilter_every=2), "refilterfsdp-1", "refilterfsdp-2" (FSDP2),
     "refilter-2to1", "lora-1", "lora-2" (FSDP2, LoRA with a trained head), "lora-2to1", "loraddp-1",
-    "loraddp-2" (DDP, the same), "diverging", "evalddp-1", "evalddp-2", "evalfsdp-1", "evalfsdp-2" (eval.episodes=4 at
+    "loraddp-2" (DDP, the same), "gathered-1", "gathered-2" (FSDP2 with sharded_outer=false), "diverging", "evalddp-1", "evalddp-2", "evalfsdp-1", "evalfsdp-2" (eval.episodes=4 at
     the end of the run), "play" (a folder: play-none-1.json, play-ddp-2.json, play-fsdp2-2.json)}."""
     root = tmp_path_factory.mktemp("distributed_runs")
     pairs = ("trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp", "evalddp", "evalfsdp",
-             "lora", "loraddp")  # fmt: skip
+             "lora", "loraddp", "gathered")  # fmt: skip
     more = (*(f"{k}-{n}" for k in pairs for n in (1, 2)), "diverging", "play")
     names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), *more)
     out = {name: root / name for name in names}
@@ -115,6 +115,7 @@ def runs(assets, tmp_path_factory):
             run("evalfsdp-1", "fsdp2"),
             run("lora-1", "fsdp2"),
             run("loraddp-1", "ddp"),
+            run("gathered-1", "fsdp2"),
             play("none", 1),
         ],
         root,
@@ -139,6 +140,7 @@ def runs(assets, tmp_path_factory):
             run("evalfsdp-2", "fsdp2"),
             run("lora-2", "fsdp2"),
             run("loraddp-2", "ddp"),
+            run("gathered-2", "fsdp2"),
             play("ddp", 2),
             play("fsdp2", 2),
         ]  # fmt: skip
@@ -149,9 +151,11 @@ def runs(assets, tmp_path_factory):
     for kind in KINDS:
         out[f"{kind}-2to1"] = _resumable_copy(out[f"{kind}-2"], root / f"{kind}-2to1")
     out["ddp-2to1-fsdp2"] = _resumable_copy(out["ddp-2"], root / "ddp-2to1-fsdp2")  # DDP's, under FSDP2
+    out["fsdp2-2to1-ddp"] = _resumable_copy(out["fsdp2-2"], root / "fsdp2-2to1-ddp")  # rows of v, under DDP
     out["refilter-2to1"] = _resumable_copy(out["refilter-2"], root / "refilter-2to1")  # refiltered at step 2
     out["lora-2to1"] = _resumable_copy(out["lora-2"], root / "lora-2to1")
     _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS] + [run("ddp-2to1-fsdp2", "fsdp2", True),
+                                                            run("fsdp2-2to1-ddp", "ddp", True),
                                                             run("refilter-2to1", "ddp", True),
                                                             run("lora-2to1", "fsdp2", True)], root)  # fmt: skip
     return out
@@ -178,7 +182,18 @@ def _final_parameters(out: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize(
     "kind",
-    [*KINDS, "trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp", "lora", "loraddp"],
+    [
+        *KINDS,
+        "trainable",
+        "identity",
+        "accum",
+        "accumfsdp",
+        "refilter",
+        "refilterfsdp",
+        "lora",
+        "loraddp",
+        "gathered",
+    ],
 )
 def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
     """DDP and FSDP2 with the head block (CG), DDP with block=trainable (Neumann, finite differences:
@@ -230,6 +245,20 @@ def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
     assert [json.loads(r)["key"] for r in lines[0]] == [json.loads(r)["key"] for r in lines[1]]
 
 
+def test_sharded_outer_step_equals_the_gathered_one(runs):
+    """FSDP2's outer step on vocabulary rows (sharded_outer, the default) against the gathered head
+    (sharded_outer=false) on the same 2 ranks: the same hypergradients, weights and head."""
+    sharded, gathered = _debug_rows(runs["fsdp2-2"]), _debug_rows(runs["gathered-2"])
+    assert len(sharded) == len(gathered) == 5
+    for a, b in zip(sharded, gathered):
+        assert a["index"] == b["index"]
+        for key in ("loss", "weight", "hypergradient"):
+            assert _relative(a[key], b[key]) <= TOLERANCE, (a["step"], key)
+    for a, b in zip(_metrics(runs["fsdp2-2"]), _metrics(runs["gathered-2"])):
+        for key in ("val_loss", "solver_residual", "n_eff"):
+            assert _relative([a[key]], [b[key]]) <= TOLERANCE, (a["step"], key)
+
+
 def test_grad_accum_takes_one_step_on_two_global_batches(runs):
     """Each accumulated step holds two global batches' trajectories (both ranks' shares of each)."""
     plain, accum = _debug_rows(runs["ddp-1"]), _debug_rows(runs["accum-2"])
@@ -273,7 +302,13 @@ def test_a_run_resumes_on_another_number_of_ranks_with_the_same_losses(runs, kin
     assert resumed[:3] == original[:3]  # the rows up to the checkpoint, kept as they were
     assert [r["step"] for r in _debug_rows(runs[f"{kind}-{direction}"])] == [1, 2, 3, 4, 5]
     for a, b in zip(resumed[3:], original[3:]):
-        for key in ("loss", "val_loss", "real_train_loss", "n_eff"):
+        for key in (
+            "loss",
+            "val_loss",
+            "real_train_loss",
+            "n_eff",
+            "solver_residual",
+        ):  # residual: the warm start
             assert _relative([a[key]], [b[key]]) <= TOLERANCE, (kind, direction, a["step"], key)
     state = json.loads(
         (runs[f"{kind}-{direction}"] / "checkpoints/step-00000005/trainer_state.json").read_text()
@@ -281,11 +316,15 @@ def test_a_run_resumes_on_another_number_of_ranks_with_the_same_losses(runs, kin
     assert state["parallel"] == {"mode": kind, "world_size": int(direction[-1])}
 
 
-def test_a_ddp_checkpoint_resumes_under_fsdp2(runs):
-    resumed, original = _metrics(runs["ddp-2to1-fsdp2"]), _metrics(runs["ddp-2"])
+@pytest.mark.parametrize("resumed_as", ["ddp-2to1-fsdp2", "fsdp2-2to1-ddp"])
+def test_a_checkpoint_resumes_under_the_other_parallel_kind(runs, resumed_as):
+    """DDP's replicated warm start v resumed as FSDP2's rows, and FSDP2's rows of v (saved sharded in
+    dcp/) resumed whole under DDP."""
+    original_run = {"ddp-2to1-fsdp2": "ddp-2", "fsdp2-2to1-ddp": "fsdp2-2"}[resumed_as]
+    resumed, original = _metrics(runs[resumed_as]), _metrics(runs[original_run])
     assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5]
     for a, b in zip(resumed[3:], original[3:]):
-        for key in ("loss", "val_loss", "n_eff"):
+        for key in ("loss", "val_loss", "n_eff", "solver_residual"):
             assert _relative([a[key]], [b[key]]) <= TOLERANCE, (a["step"], key)
 
 

@@ -135,3 +135,46 @@ def test_unsupported_optimisers_and_misuse_raise():
     with pytest.raises(ValueError, match="identity' needs the inner step"):
         head_hypergradient(_batch(torch.Generator()), torch.zeros(V, D), torch.ones(S), torch.ones(V, D),
                            SolverConfig("identity"))  # fmt: skip
+
+
+def test_rows_of_the_block_with_the_projection_summed_over_ranks_give_the_whole_response():
+    """The sharded outer step's ``identity``: each rank's rows of W with their AdamW state, the clipping
+    projection's inner product summed over ranks (``total``), equal the whole block's response."""
+    torch.manual_seed(0)
+    W = torch.nn.Parameter(torch.randn(10, 3, dtype=torch.float64))
+    opt = torch.optim.AdamW([W], lr=1e-2, weight_decay=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        (W.square().sum() * torch.rand(()) + W.sum()).backward()
+        total_norm = float(torch.nn.utils.clip_grad_norm_([W], 0.5))
+        opt.step()
+    clip = ClipRecord(0.5, total_norm)
+    assert clip.coef < 1  # the projection is active
+    g = torch.randn(10, 3, dtype=torch.float64)
+    (whole,) = optimizer_response(opt, [W], [g], clip)
+    blocks = [slice(0, 4), slice(4, 8), slice(8, 10)]  # three "ranks", FSDP2's uneven last block
+
+    def rows_of(sl):
+        rows = torch.nn.Parameter(W.detach()[sl], requires_grad=False)
+        rows.grad = W.grad[sl]
+        stand_in = torch.optim.AdamW.__new__(torch.optim.AdamW)  # as TorchRun.stepped_rows builds it
+        torch.optim.Optimizer.__init__(
+            stand_in, [rows], {k: v for k, v in opt.param_groups[0].items() if k != "params"}
+        )
+        stand_in.state[rows] = {k: v[sl] if v.dim() else v for k, v in opt.state[W].items()}
+        return stand_in, rows
+
+    local = []  # first pass: each rank's share of the inner product
+    for sl in blocks:
+        stand_in, rows = rows_of(sl)
+        optimizer_response(stand_in, [rows], [g[sl]], clip, total=lambda x: local.append(x) or x)
+    parts = []
+    for sl in blocks:
+        stand_in, rows = rows_of(sl)
+        parts += optimizer_response(stand_in, [rows], [g[sl]], clip, total=lambda x: sum(local))
+    torch.testing.assert_close(torch.cat(parts), whole, rtol=1e-12, atol=1e-15)
+    alone = []
+    for sl in blocks:
+        stand_in, rows = rows_of(sl)
+        alone += optimizer_response(stand_in, [rows], [g[sl]], clip)
+    assert not torch.allclose(torch.cat(alone), whole)  # the sum over ranks matters

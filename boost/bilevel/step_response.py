@@ -35,7 +35,7 @@ than returning an approximation nobody asked for.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +111,7 @@ def optimizer_response(
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     clip: ClipRecord | None = None,
+    total: Callable[[float], float] | None = None,
 ) -> list[torch.Tensor]:
     """v = J_Δᵀ g for the step ``optimizer`` just took, one tensor per parameter (g's dtype).
 
@@ -119,6 +120,8 @@ def optimizer_response(
             step used, i.e. after clipping).
         grads: g = ∇L_out after the step, one tensor shaped like each parameter.
         clip: what gradient clipping did before the step, or None.
+        total: when ``params`` are this rank's rows of the block (the sharded outer step), the sum
+            over ranks of a float (the clipping projection's inner product spans the whole block).
     """
     if len(params) != len(grads) or any(p.shape != g.shape for p, g in zip(params, grads)):
         raise ValueError(
@@ -131,5 +134,6 @@ def optimizer_response(
         coef, n = clip.coef, clip.total_norm
         # p.grad holds the clipped gradient coef·G: the block's raw G is p.grad / coef
         raw = [p.grad.to(v.dtype) / coef for p, v in zip(params, out)]
-        along = sum(float((r * v).sum(dtype=torch.float64)) for r, v in zip(raw, out)) / (n * (n + _CLIP_EPS))
+        along = sum(float((r * v).sum(dtype=torch.float64)) for r, v in zip(raw, out))
+        along = (along if total is None else total(along)) / (n * (n + _CLIP_EPS))
         return [coef * (v - along * r) for v, r in zip(out, raw)]

@@ -327,6 +327,10 @@ class TrainConfig:
     # parallel: after every outer step, check that the head is bit-identical on every rank (a hash,
     # all-gathered) and write the global batch's per-trajectory numbers to parallel_debug.jsonl
     parallel_debug: bool = False
+    # parallel=fsdp2, block=head: the outer step keeps the head and its solver's vectors as this rank's
+    # vocabulary rows (boost_kernels/vocab_parallel.py: memory V·D/N per vector); false: gathers the
+    # [V, D] head and holds every vector at full size on every rank (the same numbers, to 1e-6)
+    sharded_outer: bool = True
 
     def __post_init__(self):
         for name in ("steps", "outer_every", "log_every", "max_bad_steps", "keep_checkpoints", "grad_accum"):

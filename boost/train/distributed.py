@@ -255,6 +255,8 @@ class SingleProcess:
         """(optimizer, params) for :func:`boost.bilevel.step_response.optimizer_response`: as they are."""
         return optimizer, params
 
+    shards_head = False  # the outer step keeps the head's vectors as vocabulary rows (FSDP2 only)
+
     def no_sync(self):
         return contextlib.nullcontext()
 
@@ -326,6 +328,7 @@ class TorchRun(SingleProcess):
             fully_shard(layer, mesh=self.mesh)
         fully_shard(trunk, mesh=self.mesh)  # the root: embedding, final norm and LM head
         self._head_param = trainer.lm_head.weight  # the sharded DTensor the optimiser will hold
+        self.shards_head = trainer.cfg.block == "head" and trainer.cfg.sharded_outer
         for module in trunk.modules():
             if isinstance(module, FSDPModule):  # sum, not mean, and no PREMUL_SUM (gloo lacks it)
                 module.set_gradient_divide_factor(1.0)
@@ -500,6 +503,55 @@ class TorchRun(SingleProcess):
         }
         return stand_in, [full]
 
+    def head_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """FSDP2 (``shards_head``): this rank's rows of the LM head's ``tensor`` (weight [V, D] or bias
+        [V]) and the first row's index; the sharded DTensor's local rows, or the same rows of the
+        gathered tensor while FSDP2 holds the root unsharded (a view: no copy either way). The rows are
+        FSDP2's ``Shard(0)`` blocks: ceil(V / N) each in rank order, the last ones shorter or empty."""
+        from torch.distributed.tensor import DTensor, Shard
+
+        V = tensor.shape[0]
+        size = -(-V // self.world)
+        start = min(self.rank * size, V)
+        rows = slice(start, min(start + size, V))
+        if isinstance(tensor, DTensor):
+            if tuple(tensor.placements) != (Shard(0),):
+                raise ParallelError(f"the LM head is sharded as {tensor.placements}, expected (Shard(0),)")
+            local = tensor.to_local()
+            if local.shape[0] != rows.stop - rows.start:
+                raise ParallelError(
+                    f"rank {self.rank}: FSDP2 holds {local.shape[0]} rows of the {V}-row LM head, expected "
+                    f"{rows.stop - rows.start} (rows {rows.start}..{rows.stop}); set sharded_outer=false"
+                )
+            return local, start
+        return tensor[rows], start
+
+    def vocab_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        """This rank's :class:`boost_kernels.vocab_parallel.VocabShard` of the LM head (``head_rows``)."""
+        from boost_kernels.vocab_parallel import ProcessGroup, VocabShard
+
+        rows, start = self.head_rows(weight)
+        local_bias = None if bias is None else self.head_rows(bias)[0]
+        return VocabShard(rows.detach(), start, weight.shape[0], ProcessGroup(), bias=local_bias)
+
+    def stepped_rows(self, optimizer: torch.optim.Optimizer):
+        """:meth:`stepped` for the sharded outer step: a stand-in AdamW over this rank's rows of W with
+        their AdamW state and gradient (FSDP2's local shards: nothing gathered)."""
+        from torch.distributed.tensor import DTensor
+
+        sharded = self._head_param
+        group = next(g for g in optimizer.param_groups if any(p is sharded for p in g["params"]))
+
+        def local(x):
+            return x.to_local() if isinstance(x, DTensor) else x
+
+        rows = torch.nn.Parameter(local(sharded.detach()), requires_grad=False)
+        rows.grad = local(sharded.grad)
+        stand_in = type(optimizer).__new__(type(optimizer))
+        torch.optim.Optimizer.__init__(stand_in, [rows], {k: v for k, v in group.items() if k != "params"})
+        stand_in.state[rows] = {k: local(v) for k, v in optimizer.state[sharded].items()}
+        return stand_in, [rows]
+
     def skip_backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """A skipped step under DDP: its forward expects a backward (else the next forward fails with
         "Expected to have finished reduction"), so run it and throw the (non-finite) gradients away."""
@@ -641,6 +693,17 @@ def _model_and_optimizer_state(trainer):
     return {"model": model_state, "optimizer": optim_state}
 
 
+SHARDED_V = "sharded_last_v"  # trainer_state.json: [V, D] of a warm start saved as rows in dcp/
+
+
+def _head_rows_dtensor(parallel: TorchRun, rows: torch.Tensor, shape: list[int]):
+    """This rank's rows of a [V, D] head-shaped tensor as a ``Shard(0)`` DTensor (FSDP2's layout)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    return DTensor.from_local(rows, parallel.mesh, [Shard(0)], run_check=False, shape=torch.Size(shape),
+                              stride=(shape[1], 1))  # fmt: skip
+
+
 def save_distributed_checkpoint(
     trainer, tensors: dict[str, torch.Tensor | None], info: dict[str, Any]
 ) -> Path:
@@ -666,8 +729,15 @@ def save_distributed_checkpoint(
         dist.broadcast_object_list(box, src=0)
         return None if box[0] is None else Path(box[0])
 
+    state = _model_and_optimizer_state(trainer)
+    if parallel.shards_head and tensors.get("last_v") is not None:  # each rank's rows, resharded on load
+        tensors = dict(tensors)
+        shape = list(trainer.lm_head.weight.shape)
+        state["outer"] = {"last_v": _head_rows_dtensor(parallel, tensors.pop("last_v"), shape)}
+        info = {**info, SHARDED_V: shape}
+
     def write(tmp: Path) -> None:
-        dcp.save(_model_and_optimizer_state(trainer), checkpoint_id=str(tmp / DCP_DIR))
+        dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
         if parallel.is_main:
             run_info = {"parallel": {"mode": parallel.kind, "world_size": parallel.world}, **info}
             write_run_state(tmp, trainer.step, head=trainer.head, optimizers={"head": trainer.head_opt},
@@ -704,7 +774,20 @@ def load_distributed_checkpoint(trainer, path: Path) -> tuple[dict[str, Any], di
     trainer.head_opt.load_state_dict(load_optimizer_states(path, trainer.device)["head"])
     tensors = load_file(str(path / TENSORS_FILE), device="cpu")
     _set_rng_states(tensors)
-    return state, {k: v.to(trainer.device) for k, v in tensors.items() if not k.startswith("rng.")}
+    tensors = {k: v.to(trainer.device) for k, v in tensors.items() if not k.startswith("rng.")}
+    parallel: TorchRun = trainer.parallel
+    if SHARDED_V in state:  # written as every rank's rows (sharded_outer): this run's rows, or all of them
+        shape = state[SHARDED_V]
+        if parallel.shards_head:
+            rows = parallel.head_rows(torch.empty(shape, device="meta"))[0]
+            target = _head_rows_dtensor(parallel, torch.empty(rows.shape, device=trainer.device), shape)
+        else:
+            target = torch.empty(shape, device=trainer.device)
+        dcp.load({"outer": {"last_v": target}}, checkpoint_id=str(path / DCP_DIR))
+        tensors["last_v"] = target.to_local() if parallel.shards_head else target
+    elif parallel.shards_head and tensors.get("last_v") is not None:  # a replicated [V, D] warm start
+        tensors["last_v"] = parallel.head_rows(tensors["last_v"])[0].clone()
+    return state, tensors
 
 
 def plain_copy(model: torch.nn.Module, full: dict[str, torch.Tensor]) -> torch.nn.Module:

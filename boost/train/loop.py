@@ -345,7 +345,10 @@ class Trainer:
                 # look-ahead linearises there), so keep the head / the trained parameters it had
                 # before the step
                 if self.takes_outer_step(self.step + 1):
-                    kept = [self.parallel.full(self.lm_head.weight)] if cfg.block == "head" else params
+                    if self.parallel.shards_head:  # FSDP2, sharded_outer: this rank's rows only
+                        kept = [self.parallel.head_rows(self.lm_head.weight)[0]]
+                    else:
+                        kept = [self.parallel.full(self.lm_head.weight)] if cfg.block == "head" else params
                     pre_step = [p.detach().clone() for p in kept]
                 self.opt.step()
         per = view.per_trajectory
