@@ -9,13 +9,16 @@ What it counts, per rank, in GiB (2^30 bytes):
   gradients and AdamW's two moments, 16 bytes per parameter. LoRA (``lora.r`` adapters on every
   linear layer of the decoder, ``lora.train_head=true``): the frozen base in bf16 (2 bytes per
   parameter) plus 16 bytes per trained parameter (the adapters and the head's trainable copy).
-- ``outer step, gathered`` (what ``parallel=fsdp2`` does today, boost/train/distributed.py): the LM
-  head W gathered at full size, its pre-step copy, g, and the solver's vectors (CG: four), each
-  V x D in fp32 on every rank: 7 V D 4 bytes, independent of N.
-- ``outer step, sharded`` (issue 25's design, not built yet): the same seven vectors kept as 1/N row
-  shards of the vocabulary, with the fused ops reading the local shard and all-reducing per-token
-  softmax statistics ([T] floats, not counted): 7 V D 4 / N bytes.
-
+- ``outer step, gathered`` (``sharded_outer=false``): the LM head W and its pre-step copy gathered
+  at full size, g, CG's x, r, p, the HVP's output and the residual's: 8 V x D fp32 vectors on every
+  rank, independent of N (8.0 measured: benchmarks/sharded_outer_memory.py, 1024 MiB at V=32768,
+  D=1024 on 1, 2 and 4 gloo ranks).
+- ``outer step, sharded`` (``sharded_outer=true``, the FSDP2 default; boost_kernels/vocab_parallel.py):
+  the same vectors but the two heads (which FSDP2 already holds as rows) as 1/N row shards, 6 V D 4 / N
+  bytes (6.0, 3.1, 1.7 vectors measured on 1, 2, 4 ranks), plus every rank's counted tokens of the
+  inner batch gathered on each rank, T_all x D fp32 with T_all = ``COUNTED_TOKENS_PER_RANK`` x N. That
+  term grows with N: at 64 ranks it is larger than the head's share (a ring over the ranks' token
+  blocks instead of one gather would make it T_rank x D; not built).
 Not modelled: activations (they depend on the token budget, sequence length and activation
 checkpointing and are the same with or without the outer step), the temporary all-gather buffers of
 FSDP2's layer-by-layer unsharding (one or two layers at a time), and allocator fragmentation.
@@ -28,8 +31,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 GIB = 2**30
-SOLVER_VECTORS = 4  # CG: r, p, Hp and x (Neumann: three)
-OUTER_VECTORS = 3 + SOLVER_VECTORS  # gathered W, its pre-step copy, g
+GATHERED_VECTORS = 8  # W and its pre-step copy gathered, g, CG's x, r, p, the HVP output, the residual's
+SHARDED_VECTORS = 6  # the same without the two gathered heads, each a 1/N row shard
+COUNTED_TOKENS_PER_RANK = 1024  # counted (agent) tokens of one rank's share of the inner batch
 
 
 @dataclass(frozen=True)
@@ -78,31 +82,37 @@ def per_rank(shape: Shape, ranks: int, lora: bool, r: int = 16) -> dict[str, flo
         state = (2 * total + 16 * trained) / ranks
     else:
         state = 16 * total / ranks
-    gathered = OUTER_VECTORS * head * 4
+    gathered = GATHERED_VECTORS * head * 4
+    rows = SHARDED_VECTORS * head * 4 / ranks
+    tokens = COUNTED_TOKENS_PER_RANK * ranks * shape.hidden * 4
     return {
         "model_state": state / GIB,
         "outer_gathered": gathered / GIB,
-        "outer_sharded": gathered / ranks / GIB,
+        "outer_sharded_rows": rows / GIB,
+        "outer_sharded_tokens": tokens / GIB,
+        "outer_sharded": (rows + tokens) / GIB,
         "total_gathered": (state + gathered) / GIB,
-        "total_sharded": (state + gathered / ranks) / GIB,
+        "total_sharded": (state + rows + tokens) / GIB,
     }
 
 
 def table(shapes=(LLAMA3_8B, LLAMA3_70B), ranks=(8, 64)) -> str:
-    rows = ["| model | ranks | training | model state | outer step, gathered (today) | outer step, sharded | "
-            "peak today | peak sharded |", "|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    rows = ["| model | ranks | training | model state | outer step, gathered | outer step, sharded: rows + tokens | "
+            "peak gathered | peak sharded |", "|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for shape in shapes:
         for n in ranks:
             for lora in (False, True):
                 m = per_rank(shape, n, lora)
                 rows.append(
                     f"| {shape.name} | {n} | {'LoRA r=16 + head' if lora else 'full'} | {m['model_state']:.1f} | "
-                    f"{m['outer_gathered']:.1f} | {m['outer_sharded']:.2f} | {m['total_gathered']:.1f} | "
+                    f"{m['outer_gathered']:.1f} | {m['outer_sharded_rows']:.2f} + {m['outer_sharded_tokens']:.2f} | "
+                    f"{m['total_gathered']:.1f} | "
                     f"{m['total_sharded']:.1f} |"
                 )
     return "\n".join(rows)
 
 
 if __name__ == "__main__":
-    print("Memory MODEL, GiB per rank, activations not included (benchmarks/memory_model.py)\n")
+    print("Memory MODEL, GiB per rank, activations not included (benchmarks/memory_model.py; "
+          f"{COUNTED_TOKENS_PER_RANK} counted tokens per rank)\n")  # fmt: skip
     print(table())

@@ -1,5 +1,5 @@
 """benchmarks/memory_model.py: its parameter counts are transformers' own for the same shapes (built
-on the meta device: no memory), and the sharded outer step's share falls as 1/N."""
+on the meta device: no memory), and the sharded outer step's rows fall as 1/N."""
 
 from __future__ import annotations
 
@@ -35,4 +35,6 @@ def test_lora_counts_match_peft_on_a_small_llama():
 def test_the_sharded_outer_step_falls_as_one_over_n_and_today_s_does_not():
     eight, sixty_four = per_rank(LLAMA3_70B, 8, lora=True), per_rank(LLAMA3_70B, 64, lora=True)
     assert eight["outer_gathered"] == sixty_four["outer_gathered"]
-    assert eight["outer_sharded"] == pytest.approx(8 * sixty_four["outer_sharded"])
+    assert eight["outer_sharded_rows"] == pytest.approx(8 * sixty_four["outer_sharded_rows"])
+    # the gathered tokens grow with N (every rank's counted tokens on each rank)
+    assert sixty_four["outer_sharded_tokens"] == pytest.approx(8 * eight["outer_sharded_tokens"])
