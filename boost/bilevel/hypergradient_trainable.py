@@ -25,26 +25,55 @@ import torch
 from boost.bilevel.hypergradient import Hypergradient, SolverConfig, solve, solve_residual
 
 
+def local(p: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: an FSDP2 DTensor's local shard (a view), else ``p`` itself."""
+    from torch.distributed.tensor import DTensor
+
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
 def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([t.detach().reshape(-1).to(dtype) for t in tensors])
+    return torch.cat([local(t).detach().reshape(-1).to(dtype) for t in tensors])
+
+
+_REFRESH: list = []  # set by :func:`refreshing`: called after every in-place change of the parameters
+
+
+@contextmanager
+def refreshing(hook):
+    """Call ``hook()`` after each in-place change of the parameters inside this context (FSDP2: drop
+    the unsharded copies so that the next forward gathers the changed shards)."""
+    _REFRESH.append(hook)
+    try:
+        yield
+    finally:
+        _REFRESH.pop()
+
+
+def _refresh() -> None:
+    for hook in _REFRESH:
+        hook()
 
 
 @contextmanager
 def _shifted(params: Sequence[torch.Tensor], direction: torch.Tensor, scale: float):
-    """Temporarily set θ ← θ + scale · direction (flat), restoring θ exactly afterwards."""
-    saved = [p.detach().clone() for p in params]
+    """Temporarily set θ ← θ + scale · direction (flat over the local parts), restoring θ exactly."""
+    saved = [local(p).detach().clone() for p in params]
     try:
         with torch.no_grad():
             offset = 0
             for p in params:
-                n = p.numel()
-                p.add_(direction[offset : offset + n].view_as(p).to(p.dtype), alpha=scale)
+                lp = local(p)
+                n = lp.numel()
+                lp.add_(direction[offset : offset + n].view_as(lp).to(lp.dtype), alpha=scale)
                 offset += n
+        _refresh()
         yield
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
-                p.copy_(s)
+                local(p).copy_(s)
+        _refresh()
 
 
 def _check(params: Sequence[torch.Tensor], step: float) -> int:
@@ -52,18 +81,26 @@ def _check(params: Sequence[torch.Tensor], step: float) -> int:
         raise ValueError("params is empty: pass the trainable parameters (e.g. the LoRA weights)")
     if not step > 0:
         raise ValueError(f"step (the norm of the finite-difference perturbation) must be > 0, got {step}")
-    return sum(p.numel() for p in params)
+    return sum(local(p).numel() for p in params)
 
 
-def _epsilon(params: Sequence[torch.Tensor], direction: torch.Tensor, name: str, step: float) -> float | None:
-    """ε with |ε·direction| = step, after checking the inputs; None for a zero direction."""
+def _epsilon(params: Sequence[torch.Tensor], direction: torch.Tensor, name: str, step: float,
+             dot=None) -> float | None:  # fmt: skip
+    """ε with |ε·direction| = step, after checking the inputs; None for a zero direction. ``dot``: the
+    inner product over every rank's part (sharded parameters: the same ε on every rank)."""
     n = _check(params, step)
     if direction.shape != (n,):
         raise ValueError(
             f"{name} must be flat with {n} entries (the trainable parameters), got shape {tuple(direction.shape)}"
         )
-    norm = float(direction.norm())
+    norm = float(direction.norm()) if dot is None else dot(direction, direction) ** 0.5
     return None if norm == 0.0 else step / norm
+
+
+def autograd_gradients(loss: torch.Tensor, params: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """∇ loss for each parameter (zeros where it is unused), by ``torch.autograd.grad``."""
+    grads = torch.autograd.grad(loss, list(params), allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
 
 
 def finite_difference_scores(
@@ -71,6 +108,7 @@ def finite_difference_scores(
     params: Sequence[torch.Tensor],
     v: torch.Tensor,
     step: float = 1e-3,
+    dot=None,
 ) -> torch.Tensor:
     """σ_i ≈ <∇_θ L_i, v> for every trajectory, from two forward passes.
 
@@ -79,10 +117,11 @@ def finite_difference_scores(
         params: the trainable parameters θ (modified in place during the call, then restored).
         v: flat [sum of numels] direction.
         step: |εv|, the size of the perturbation.
+        dot: sharded parameters (FSDP2): the inner product of two flat local parts summed over ranks.
     Returns:
         [S] in v's dtype.
     """
-    eps = _epsilon(params, v, "v", step)
+    eps = _epsilon(params, v, "v", step, dot)
     if eps is None:
         with torch.no_grad():
             return torch.zeros_like(per_trajectory_loss(), dtype=v.dtype)
@@ -99,21 +138,23 @@ def finite_difference_hvp(
     params: Sequence[torch.Tensor],
     u: torch.Tensor,
     step: float = 1e-3,
+    dot=None,
+    gradients=autograd_gradients,
 ) -> torch.Tensor:
     """H u ≈ [∇L(θ + εu) − ∇L(θ − εu)] / (2ε) for the scalar ``loss()``, from two backward passes.
 
-    Returns a flat tensor in u's dtype. Only first-order autograd is used.
+    Returns a flat tensor in u's dtype. Only first-order autograd is used. ``gradients(loss, params)``:
+    one tensor per parameter (default :func:`autograd_gradients`; FSDP2: each rank's local shards of
+    the gradient, reduce-scattered); ``dot`` as in :func:`finite_difference_scores`.
     """
-    eps = _epsilon(params, u, "u", step)
+    eps = _epsilon(params, u, "u", step, dot)
     if eps is None:
         return torch.zeros_like(u)
 
     def grad_at(scale):
         with _shifted(params, u, scale), torch.enable_grad():
-            grads = torch.autograd.grad(loss(), list(params), allow_unused=True)
-        return torch.cat(
-            [(torch.zeros_like(p) if g is None else g).reshape(-1).to(u.dtype) for g, p in zip(grads, params)]
-        )
+            grads = gradients(loss(), params)
+        return torch.cat([g.reshape(-1).to(u.dtype) for g in grads])
 
     return (grad_at(eps) - grad_at(-eps)) / (2 * eps)
 
@@ -129,6 +170,8 @@ def trainable_hypergradient(
     init: torch.Tensor | None = None,
     precondition=None,
     reduce=None,
+    dot=None,
+    gradients=autograd_gradients,
 ) -> Hypergradient:
     """dL_out/dw_i for θ_S = ``params`` by the implicit function theorem, with finite differences.
 
@@ -144,20 +187,23 @@ def trainable_hypergradient(
         reduce: data parallelism: the losses are this rank's share (normalised by the global count),
             ``val_grad`` is summed over ranks already, and ``reduce(Hu)`` sums each local flat product
             over ranks. v, hence every perturbation θ ± εv, is then the same on every rank.
+        dot, gradients: sharded parameters (FSDP2): every flat vector is this rank's local parts,
+            ``dot`` sums an inner product over ranks and ``gradients(loss, params)`` returns the local
+            shards of the gradient already summed over ranks (``reduce`` is then None).
     Returns:
         :class:`boost.bilevel.hypergradient.Hypergradient` with v flat (parameters concatenated).
     """
     _check(params, step)
-    if len(val_grad) != len(params) or any(g.shape != p.shape for g, p in zip(val_grad, params)):
+    if len(val_grad) != len(params) or any(g.shape != local(p).shape for g, p in zip(val_grad, params)):
         raise ValueError("val_grad must hold one tensor shaped like each parameter, in the same order")
     dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     g = _flat(val_grad, dtype)
 
     def hvp(u):
-        out = finite_difference_hvp(inner_loss, params, u, step)
+        out = finite_difference_hvp(inner_loss, params, u, step, dot, gradients)
         return out if reduce is None else reduce(out)
 
-    v, warm = solve(hvp, g, cfg, init, precondition)
-    residual = solve_residual(hvp, v, g, cfg)
-    scores = finite_difference_scores(per_trajectory_loss, params, v, step)
+    v, warm = solve(hvp, g, cfg, init, precondition, dot=dot)
+    residual = solve_residual(hvp, v, g, cfg, dot=dot)
+    scores = finite_difference_scores(per_trajectory_loss, params, v, step, dot)
     return Hypergradient(-scores / float(normalizer), scores, v, residual, warm)

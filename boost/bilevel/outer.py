@@ -39,7 +39,7 @@ from functools import partial
 import torch
 
 from boost.bilevel.hypergradient import HeadBatch, head_hypergradient, sharded_head_hypergradient
-from boost.bilevel.hypergradient_trainable import trainable_hypergradient
+from boost.bilevel.hypergradient_trainable import autograd_gradients, refreshing, trainable_hypergradient
 from boost.bilevel.reweighting import outer_objective, trajectory_features, weight_summary
 from boost.bilevel.step_response import optimizer_response
 from boost.data.packing import PackedBatch, segment_slices
@@ -47,18 +47,23 @@ from boost_kernels.vocab_parallel import ShardedHeadBatch
 
 
 @contextmanager
-def _parameters_set_to(params: list[torch.Tensor], values: list[torch.Tensor]):
-    """Temporarily load ``values`` into ``params`` (θ_t for the outer step), restoring them after."""
+def _parameters_set_to(params: list[torch.Tensor], values: list[torch.Tensor], refresh=None):
+    """Temporarily load ``values`` into ``params`` (θ_t for the outer step), restoring them after;
+    ``refresh()`` after each change (FSDP2: the next forward must gather the changed shards)."""
     current = [p.detach().clone() for p in params]
     try:
         with torch.no_grad():
             for p, x in zip(params, values):
                 p.copy_(x)
+        if refresh:
+            refresh()
         yield
     finally:
         with torch.no_grad():
             for p, x in zip(params, current):
                 p.copy_(x)
+        if refresh:
+            refresh()
 
 
 def _sum_float(parallel, x: float) -> float:
@@ -185,10 +190,16 @@ class OuterStep:
         g at θ_{t+1}, then H and the scores on the inner batch at θ_t (swapped in, then back)."""
         t = self.trainer
         params = t._trained()
+        # FSDP2: every flat vector holds this rank's shards of the parameters; gradients come from
+        # FSDP2's reduce-scatter (already summed), inner products are summed over ranks, and the
+        # unsharded copies are dropped whenever the shards change in place
+        sharded = t.parallel.kind == "fsdp2"
+        gradients = t.parallel.param_gradients if sharded else autograd_gradients
         val_hidden = t.hidden_states(val)
         val_out = t.losses(val_hidden, val)
-        grads = torch.autograd.grad(val_out.loss, params, allow_unused=True)
-        g = [t.parallel.sum(torch.zeros_like(p) if d is None else d) for d, p in zip(grads, params)]
+        g = gradients(val_out.loss, params)
+        if not sharded:
+            g = [t.parallel.sum(d) for d in g]
         self.update_reference(val_hidden, val.segment_ids, val, val_out)
         w = state["w_local"].detach()
         S = state["view"].size  # the global batch's trajectories
@@ -205,11 +216,13 @@ class OuterStep:
         def per_trajectory():
             return torch.cat([t.losses(hidden(m), m).per_trajectory for m in micro])
 
-        with _parameters_set_to(params, state["pre_step"]):
+        refresh = partial(t.parallel.reshard, t) if sharded else (lambda: None)
+        with refreshing(refresh), _parameters_set_to(params, state["pre_step"], refresh):
             hyper = trainable_hypergradient(
                 inner_loss, per_trajectory, params, g, t.cfg.solver, normalizer=S, step=t.cfg.fd_step,
                 init=t.last_v, precondition=self.precondition(params, state, flat=True),
-                reduce=t.parallel.reduce,
+                reduce=None if sharded else t.parallel.reduce, dot=t.parallel.dot if sharded else None,
+                gradients=gradients,
             )  # fmt: skip
         return t.parallel.sum(val_out.loss.detach().clone()), hyper
 
@@ -221,10 +234,15 @@ class OuterStep:
             return None
 
         def response(g):
-            grads = list(torch.split(g, [p.numel() for p in params])) if flat else [g]
-            grads = [d.view_as(p) for d, p in zip(grads, params)]
-            opt, stepped = t.parallel.stepped(t.opt, params)  # FSDP2: W's state gathered
-            v = optimizer_response(opt, stepped, grads, state["clip"])
+            total = None
+            if flat and t.parallel.kind == "fsdp2":  # block=trainable: this rank's shards and their state
+                opt, stepped = t.parallel.stepped_rows(t.opt, params)
+                total = partial(_sum_float, t.parallel)
+            else:
+                opt, stepped = t.parallel.stepped(t.opt, params)  # FSDP2, block=head: W's state gathered
+            grads = list(torch.split(g, [p.numel() for p in stepped])) if flat else [g]
+            grads = [d.view_as(p) for d, p in zip(grads, stepped)]
+            v = optimizer_response(opt, stepped, grads, state["clip"], total=total)
             return torch.cat([x.reshape(-1) for x in v]) if flat else v[0]
 
         return response

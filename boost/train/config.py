@@ -34,17 +34,6 @@ def check_parallel(cfg) -> None:
             f"outer.objective={cfg.outer.objective} runs on one process for now (its validation gradient is "
             f"not reduced over ranks); use parallel=none, or outer.objective=nll"
         )
-    if cfg.parallel != "fsdp2":
-        return
-    why = {
-        "block=trainable": cfg.block == "trainable",  # finite differences on sharded parameters
-    }
-    unsupported = [name for name, on in why.items() if on]
-    if unsupported:
-        raise ValueError(
-            f"parallel=fsdp2 does not support {', '.join(unsupported)} yet; use parallel=ddp, or "
-            "block=head and no LoRA"
-        )
 
 
 @dataclass(frozen=True)

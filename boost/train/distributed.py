@@ -534,23 +534,56 @@ class TorchRun(SingleProcess):
         local_bias = None if bias is None else self.head_rows(bias)[0]
         return VocabShard(rows.detach(), start, weight.shape[0], ProcessGroup(), bias=local_bias)
 
-    def stepped_rows(self, optimizer: torch.optim.Optimizer):
-        """:meth:`stepped` for the sharded outer step: a stand-in AdamW over this rank's rows of W with
-        their AdamW state and gradient (FSDP2's local shards: nothing gathered)."""
-        from torch.distributed.tensor import DTensor
-
-        sharded = self._head_param
-        group = next(g for g in optimizer.param_groups if any(p is sharded for p in g["params"]))
-
-        def local(x):
-            return x.to_local() if isinstance(x, DTensor) else x
-
-        rows = torch.nn.Parameter(local(sharded.detach()), requires_grad=False)
-        rows.grad = local(sharded.grad)
+    def stepped_rows(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor] | None = None):
+        """:meth:`stepped` on this rank's shards: a stand-in AdamW over the local parts of ``params``
+        (default: the LM head's rows, for the sharded outer step) with their AdamW state and gradient
+        (FSDP2's local shards: nothing gathered). Returns (stand-in, its parameters)."""
+        sharded = [self._head_param] if params is None else params
+        group = next(g for g in optimizer.param_groups if any(p is sharded[0] for p in g["params"]))
+        parts = []
+        for p in sharded:
+            part = torch.nn.Parameter(local_part(p.detach()), requires_grad=False)
+            part.grad = local_part(p.grad)
+            parts.append(part)
         stand_in = type(optimizer).__new__(type(optimizer))
-        torch.optim.Optimizer.__init__(stand_in, [rows], {k: v for k, v in group.items() if k != "params"})
-        stand_in.state[rows] = {k: local(v) for k, v in optimizer.state[sharded].items()}
-        return stand_in, [rows]
+        torch.optim.Optimizer.__init__(stand_in, parts, {k: v for k, v in group.items() if k != "params"})
+        for part, p in zip(parts, sharded):
+            stand_in.state[part] = {k: local_part(v) for k, v in optimizer.state[p].items()}
+        return stand_in, parts
+
+    # -- FSDP2, block=trainable: finite differences on the sharded parameters
+    def param_gradients(self, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """FSDP2: ∇ ``loss`` for each sharded parameter as this rank's local shard, summed over ranks
+        (FSDP2's reduce-scatter: ``torch.autograd.grad`` does not reach sharded parameters, whose
+        gradients FSDP2 writes into ``.grad``). The parameters' ``.grad`` (the inner step's, which
+        the look-ahead reads) is kept aside and put back."""
+        kept = [p.grad for p in params]
+        for p in params:
+            p.grad = None
+        try:
+            loss.backward()
+            return [torch.zeros_like(local_part(p)) if p.grad is None else local_part(p.grad).clone()
+                    for p in params]  # fmt: skip
+        finally:
+            for p, g in zip(params, kept):
+                p.grad = g
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """<a, b> of two flat vectors of local shards, summed over ranks (float64)."""
+        from boost.bilevel.hypergradient import _dot
+
+        t = torch.tensor([_dot(a, b)], dtype=torch.float64, device=a.device)
+        dist.all_reduce(t)
+        return float(t)
+
+    def reshard(self, trainer) -> None:
+        """FSDP2: drop every unsharded parameter (the root keeps its own after a forward) so that the
+        next forward gathers the shards again: after the parameters' shards were changed in place."""
+        from torch.distributed.fsdp import FSDPModule
+
+        for module in trainer.trunk.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
     def skip_backward(self, loss: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """A skipped step under DDP: its forward expects a backward (else the next forward fails with
@@ -594,6 +627,13 @@ class TorchRun(SingleProcess):
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+
+
+def local_part(x):
+    """An FSDP2 DTensor's local shard (a view); anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return x.to_local() if isinstance(x, DTensor) else x
 
 
 def _init_process_group(backend: str, timeout: timedelta) -> None:
