@@ -47,19 +47,19 @@ def _rank_main(rank: int, world: int, port: int, args: dict, queue) -> None:
     import torch.distributed as dist
 
     from boost.bilevel.hypergradient import SolverConfig
-    from boost_kernels.vocab_parallel import ProcessGroup
+    from boost_kernels.vocab_parallel import ProcessGroup, shard_rows
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     V, D, T, S, mode = args["vocab"], args["hidden"], args["tokens"], args["trajectories"], args["mode"]
     size = -(-V // world)
-    rows = slice(min(rank * size, V), min((rank + 1) * size, V))
+    rows = shard_rows(V, world, rank)
     gen = torch.Generator().manual_seed(0)
     # each rank makes only its rows of the heads (one row block at a time: no [V, D] here)
     pre, post = [], []
     for r in range(world):
-        block = slice(min(r * size, V), min((r + 1) * size, V))
+        block = shard_rows(V, world, r)
         a = 0.02 * torch.randn(block.stop - block.start, D, generator=gen)
         b = a + 1e-3 * torch.randn(block.stop - block.start, D, generator=gen)
         if r == rank:

@@ -81,6 +81,14 @@ class ProcessGroup(Collective):
         return torch.cat([p[:n] for p, n in zip(parts, counts)]), counts
 
 
+def shard_rows(vocab_size: int, world: int, rank: int) -> slice:
+    """The rows of a [V, ...] tensor that rank ``rank`` of ``world`` holds in FSDP2's ``Shard(0)``
+    layout (``torch.chunk``): blocks of ceil(V / world) rows in rank order, the last shorter or empty."""
+    size = -(-vocab_size // world)
+    start = min(rank * size, vocab_size)
+    return slice(start, min(start + size, vocab_size))
+
+
 @dataclass(frozen=True)
 class VocabShard:
     """This rank's rows of the LM head: ``weight`` [V_r, D] = W[start : start + V_r] of a [V, D] head
@@ -162,9 +170,7 @@ def weight_gradient(shard, hidden, labels, coef, lse) -> torch.Tensor:
             continue
         h = hidden[sl].to(acc)
         z, sp = chunked._logits(h, w, b, shard.softcap)
-        g = torch.exp(z - lse[sl, None])
-        rows, cols = chunked._onehot_rows(local[sl])
-        g[rows, cols] -= 1.0
+        g = chunked._minus_onehot(torch.exp(z - lse[sl, None]), local[sl])
         if sp is not None:
             g = g * sp
         out.addmm_((g * c[:, None]).T, h)
@@ -191,9 +197,7 @@ def weight_hvp(shard, hidden, labels, coef, lse, u: torch.Tensor) -> torch.Tenso
         pdz = shard.collective.sum_((p * dz).sum(1))
         s = p * (dz - pdz[:, None])
         if sp is not None:  # the softcap's curvature, as in chunked.token_loss_hvp
-            g = p.clone()
-            rows, cols = chunked._onehot_rows(local[sl])
-            g[rows, cols] -= 1.0
+            g = chunked._minus_onehot(p.clone(), local[sl])
             s = s * sp - (2.0 / (cap * cap)) * g * z * dz
         out.addmm_((s * c[:, None]).T, h)
     return out
@@ -287,9 +291,9 @@ class ShardedHeadBatch:
         grad = weight_gradient(shard, self.hidden, self.labels, coef, lse) if need_grad else None
         return ShardedLoss(total, per, grad, self.prep.num_tokens)
 
-    def hvp(self, traj_weights: torch.Tensor, normalizer: float, u: torch.Tensor, coef=None) -> torch.Tensor:
-        """H u on this shard's rows for H = ∇²_W Σ_i w_i L_i / Z (``coef``: from :meth:`coefficients`)."""
-        coef = self.coefficients(traj_weights, normalizer) if coef is None else coef
+    def hvp(self, coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """H u on this shard's rows for H = ∇²_W Σ_i w_i L_i / Z, with ``coef`` =
+        :meth:`coefficients` of (w, Z) (computed once for the HVPs of a solve)."""
         return weight_hvp(self.shard, self.hidden, self.labels, coef, self.lse(), u)
 
     def tangents(self, v: torch.Tensor) -> torch.Tensor:

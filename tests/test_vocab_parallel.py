@@ -23,14 +23,7 @@ from boost.bilevel.hypergradient import (
     head_hypergradient,
     sharded_head_hypergradient,
 )
-from boost_kernels.vocab_parallel import Collective, ProcessGroup, ShardedHeadBatch, VocabShard
-
-
-def rows_of(rank: int, world: int, V: int) -> slice:
-    """FSDP2's Shard(0) layout (torch.chunk): blocks of ceil(V / world) rows, the last ones shorter or empty."""
-    size = -(-V // world)
-    start = min(rank * size, V)
-    return slice(start, min(start + size, V))
+from boost_kernels.vocab_parallel import Collective, ProcessGroup, ShardedHeadBatch, VocabShard, shard_rows
 
 
 def problem(T=60, D=8, V=37, S=6, dtype=torch.float64, seed=0):
@@ -58,7 +51,7 @@ def check(rank: int, world: int, dtype: torch.dtype, softcap, V: int) -> list[st
     tol = 1e-10 if dtype == torch.float64 else 1e-6
     S, Z = 6, 9.0
     hidden, weight, labels, segments, w, g = problem(V=V, dtype=dtype)
-    rows = rows_of(rank, world, V)
+    rows = shard_rows(V, world, rank)
     keep, local_segments, mine = share(rank, world, labels, segments, S)
     collective = ProcessGroup() if world > 1 else Collective()
     shard = VocabShard(weight[rows], rows.start, V, collective, softcap=softcap)
@@ -91,7 +84,7 @@ def check(rank: int, world: int, dtype: torch.dtype, softcap, V: int) -> list[st
     u = g.clone()
     ref_hvp = bk.trajectory_hvp(hidden, weight, labels, segments, S, tangent_weight=u, traj_weights=w,
                                 normalizer=Z, softcap=softcap).weight  # fmt: skip
-    expect("HVP rows", batch.hvp(w[mine], Z, u[rows]), ref_hvp[rows])
+    expect("HVP rows", batch.hvp(batch.coefficients(w[mine], Z), u[rows]), ref_hvp[rows])
     ref_jvp = bk.trajectory_jvp(
         hidden, weight, labels, segments, S, tangent_weight=u, softcap=softcap
     ).tangent
@@ -152,6 +145,16 @@ def test_sharded_head_equals_gathered_head_on_gloo_ranks(world):
 def test_one_rank_is_the_fused_ops():
     assert check(0, 1, torch.float64, None, 37) == []
     assert check(0, 1, torch.float32, 4.0, 37) == []
+
+
+def test_shard_rows_are_torch_chunk_s_blocks():
+    for V, world in ((37, 4), (5, 4), (8, 2), (3, 1)):
+        chunks = torch.arange(V).chunk(world)
+        rows = [shard_rows(V, world, r) for r in range(world)]
+        assert [torch.arange(V)[sl].tolist() for sl in rows[: len(chunks)]] == [c.tolist() for c in chunks]
+        assert all(
+            sl.stop == sl.start for sl in rows[len(chunks) :]
+        )  # ranks past torch.chunk's blocks: empty
 
 
 def test_bad_shard_and_labels_are_refused():

@@ -355,7 +355,7 @@ def sharded_head_hypergradient(
         coef = train.coefficients(traj_weights.detach(), normalizer)
 
         def hvp(u):
-            return train.hvp(None, normalizer, u.to(train.shard.weight.dtype), coef=coef).to(u.dtype)
+            return train.hvp(coef, u.to(train.shard.weight.dtype)).to(u.dtype)
 
         v, warm = solve(hvp, g, cfg, init, precondition, dot=dot)
         residual = solve_residual(hvp, v, g, cfg, dot=dot)

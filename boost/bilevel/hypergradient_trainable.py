@@ -25,55 +25,40 @@ import torch
 from boost.bilevel.hypergradient import Hypergradient, SolverConfig, solve, solve_residual
 
 
-def local(p: torch.Tensor) -> torch.Tensor:
-    """This rank's part of a parameter: an FSDP2 DTensor's local shard (a view), else ``p`` itself."""
+def local_part(x: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a tensor: an FSDP2 DTensor's local shard (a view), else ``x`` itself."""
     from torch.distributed.tensor import DTensor
 
-    return p.to_local() if isinstance(p, DTensor) else p
+    return x.to_local() if isinstance(x, DTensor) else x
 
 
 def _flat(tensors: Sequence[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat([local(t).detach().reshape(-1).to(dtype) for t in tensors])
-
-
-_REFRESH: list = []  # set by :func:`refreshing`: called after every in-place change of the parameters
+    return torch.cat([local_part(t).detach().reshape(-1).to(dtype) for t in tensors])
 
 
 @contextmanager
-def refreshing(hook):
-    """Call ``hook()`` after each in-place change of the parameters inside this context (FSDP2: drop
-    the unsharded copies so that the next forward gathers the changed shards)."""
-    _REFRESH.append(hook)
-    try:
-        yield
-    finally:
-        _REFRESH.pop()
-
-
-def _refresh() -> None:
-    for hook in _REFRESH:
-        hook()
-
-
-@contextmanager
-def _shifted(params: Sequence[torch.Tensor], direction: torch.Tensor, scale: float):
-    """Temporarily set θ ← θ + scale · direction (flat over the local parts), restoring θ exactly."""
-    saved = [local(p).detach().clone() for p in params]
+def _shifted(params: Sequence[torch.Tensor], direction: torch.Tensor, scale: float, refresh=None):
+    """Temporarily set θ ← θ + scale · direction (flat over the local parts), restoring θ exactly;
+    ``refresh()`` after each change (FSDP2: drop the unsharded copies so that the next forward
+    gathers the changed shards)."""
+    saved = [local_part(p).detach().clone() for p in params]
     try:
         with torch.no_grad():
             offset = 0
             for p in params:
-                lp = local(p)
+                lp = local_part(p)
                 n = lp.numel()
                 lp.add_(direction[offset : offset + n].view_as(lp).to(lp.dtype), alpha=scale)
                 offset += n
-        _refresh()
+        if refresh:
+            refresh()
         yield
     finally:
         with torch.no_grad():
             for p, s in zip(params, saved):
-                local(p).copy_(s)
-        _refresh()
+                local_part(p).copy_(s)
+        if refresh:
+            refresh()
 
 
 def _check(params: Sequence[torch.Tensor], step: float) -> int:
@@ -81,7 +66,7 @@ def _check(params: Sequence[torch.Tensor], step: float) -> int:
         raise ValueError("params is empty: pass the trainable parameters (e.g. the LoRA weights)")
     if not step > 0:
         raise ValueError(f"step (the norm of the finite-difference perturbation) must be > 0, got {step}")
-    return sum(local(p).numel() for p in params)
+    return sum(local_part(p).numel() for p in params)
 
 
 def _epsilon(params: Sequence[torch.Tensor], direction: torch.Tensor, name: str, step: float,
@@ -109,6 +94,7 @@ def finite_difference_scores(
     v: torch.Tensor,
     step: float = 1e-3,
     dot=None,
+    refresh=None,
 ) -> torch.Tensor:
     """σ_i ≈ <∇_θ L_i, v> for every trajectory, from two forward passes.
 
@@ -118,6 +104,7 @@ def finite_difference_scores(
         v: flat [sum of numels] direction.
         step: |εv|, the size of the perturbation.
         dot: sharded parameters (FSDP2): the inner product of two flat local parts summed over ranks.
+        refresh: called after each in-place change of the parameters (FSDP2: drop the unsharded copies).
     Returns:
         [S] in v's dtype.
     """
@@ -126,9 +113,9 @@ def finite_difference_scores(
         with torch.no_grad():
             return torch.zeros_like(per_trajectory_loss(), dtype=v.dtype)
     with torch.no_grad():
-        with _shifted(params, v, eps):
+        with _shifted(params, v, eps, refresh):
             plus = per_trajectory_loss().to(v.dtype)
-        with _shifted(params, v, -eps):
+        with _shifted(params, v, -eps, refresh):
             minus = per_trajectory_loss().to(v.dtype)
     return (plus - minus) / (2 * eps)
 
@@ -140,19 +127,20 @@ def finite_difference_hvp(
     step: float = 1e-3,
     dot=None,
     gradients=autograd_gradients,
+    refresh=None,
 ) -> torch.Tensor:
     """H u ≈ [∇L(θ + εu) − ∇L(θ − εu)] / (2ε) for the scalar ``loss()``, from two backward passes.
 
     Returns a flat tensor in u's dtype. Only first-order autograd is used. ``gradients(loss, params)``:
     one tensor per parameter (default :func:`autograd_gradients`; FSDP2: each rank's local shards of
-    the gradient, reduce-scattered); ``dot`` as in :func:`finite_difference_scores`.
+    the gradient, reduce-scattered); ``dot``, ``refresh`` as in :func:`finite_difference_scores`.
     """
     eps = _epsilon(params, u, "u", step, dot)
     if eps is None:
         return torch.zeros_like(u)
 
     def grad_at(scale):
-        with _shifted(params, u, scale), torch.enable_grad():
+        with _shifted(params, u, scale, refresh), torch.enable_grad():
             grads = gradients(loss(), params)
         return torch.cat([g.reshape(-1).to(u.dtype) for g in grads])
 
@@ -172,6 +160,7 @@ def trainable_hypergradient(
     reduce=None,
     dot=None,
     gradients=autograd_gradients,
+    refresh=None,
 ) -> Hypergradient:
     """dL_out/dw_i for θ_S = ``params`` by the implicit function theorem, with finite differences.
 
@@ -189,21 +178,22 @@ def trainable_hypergradient(
             over ranks. v, hence every perturbation θ ± εv, is then the same on every rank.
         dot, gradients: sharded parameters (FSDP2): every flat vector is this rank's local parts,
             ``dot`` sums an inner product over ranks and ``gradients(loss, params)`` returns the local
-            shards of the gradient already summed over ranks (``reduce`` is then None).
+            shards of the gradient already summed over ranks (``reduce`` is then None); ``refresh()``
+            after each in-place change of the parameters (FSDP2: drop the unsharded copies).
     Returns:
         :class:`boost.bilevel.hypergradient.Hypergradient` with v flat (parameters concatenated).
     """
     _check(params, step)
-    if len(val_grad) != len(params) or any(g.shape != local(p).shape for g, p in zip(val_grad, params)):
+    if len(val_grad) != len(params) or any(g.shape != local_part(p).shape for g, p in zip(val_grad, params)):
         raise ValueError("val_grad must hold one tensor shaped like each parameter, in the same order")
     dtype = torch.float64 if params[0].dtype == torch.float64 else torch.float32
     g = _flat(val_grad, dtype)
 
     def hvp(u):
-        out = finite_difference_hvp(inner_loss, params, u, step, dot, gradients)
+        out = finite_difference_hvp(inner_loss, params, u, step, dot, gradients, refresh)
         return out if reduce is None else reduce(out)
 
     v, warm = solve(hvp, g, cfg, init, precondition, dot=dot)
     residual = solve_residual(hvp, v, g, cfg, dot=dot)
-    scores = finite_difference_scores(per_trajectory_loss, params, v, step, dot)
+    scores = finite_difference_scores(per_trajectory_loss, params, v, step, dot, refresh)
     return Hypergradient(-scores / float(normalizer), scores, v, residual, warm)

@@ -39,7 +39,7 @@ from functools import partial
 import torch
 
 from boost.bilevel.hypergradient import HeadBatch, head_hypergradient, sharded_head_hypergradient
-from boost.bilevel.hypergradient_trainable import autograd_gradients, refreshing, trainable_hypergradient
+from boost.bilevel.hypergradient_trainable import autograd_gradients, trainable_hypergradient
 from boost.bilevel.reweighting import outer_objective, trajectory_features, weight_summary
 from boost.bilevel.step_response import optimizer_response
 from boost.data.packing import PackedBatch, segment_slices
@@ -172,17 +172,9 @@ class OuterStep:
         (w_pre,) = state["pre_step"]  # this rank's rows of the head that produced the inner step's logits
         train_b = ShardedHeadBatch(shard.with_weight(w_pre), train.hidden, train.labels, train.segment_ids,
                                    batch.num_segments)  # fmt: skip
-        precondition = None
-        if t.cfg.solver.method == "identity":
-
-            def precondition(g):
-                opt, rows = t.parallel.stepped_rows(t.opt)
-                total = partial(_sum_float, t.parallel)
-                return optimizer_response(opt, rows, [g.view_as(rows[0])], state["clip"], total=total)[0]
-
         return val_out.loss.detach(), sharded_head_hypergradient(
             train_b, state["w_local"].detach().float(), val_out.weight_grad, t.cfg.solver,
-            t.parallel.normalizer(batch), init=t.last_v, precondition=precondition,
+            t.parallel.normalizer(batch), init=t.last_v, precondition=self.precondition(None, state),
         )  # fmt: skip
 
     def trainable_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
@@ -216,13 +208,13 @@ class OuterStep:
         def per_trajectory():
             return torch.cat([t.losses(hidden(m), m).per_trajectory for m in micro])
 
-        refresh = partial(t.parallel.reshard, t) if sharded else (lambda: None)
-        with refreshing(refresh), _parameters_set_to(params, state["pre_step"], refresh):
+        refresh = partial(t.parallel.reshard, t) if sharded else None
+        with _parameters_set_to(params, state["pre_step"], refresh):
             hyper = trainable_hypergradient(
                 inner_loss, per_trajectory, params, g, t.cfg.solver, normalizer=S, step=t.cfg.fd_step,
                 init=t.last_v, precondition=self.precondition(params, state, flat=True),
                 reduce=None if sharded else t.parallel.reduce, dot=t.parallel.dot if sharded else None,
-                gradients=gradients,
+                gradients=gradients, refresh=refresh,
             )  # fmt: skip
         return t.parallel.sum(val_out.loss.detach().clone()), hyper
 
@@ -235,11 +227,13 @@ class OuterStep:
 
         def response(g):
             total = None
-            if flat and t.parallel.kind == "fsdp2":  # block=trainable: this rank's shards and their state
-                opt, stepped = t.parallel.stepped_rows(t.opt, params)
+            if t.parallel.kind == "fsdp2" and (flat or t.parallel.shards_head):
+                # this rank's shards of the trained parameters (block=trainable) or of W's rows (the
+                # sharded head block) with their AdamW state; the clipping projection summed over ranks
+                opt, stepped = t.parallel.stepped_rows(t.opt, params if flat else None)
                 total = partial(_sum_float, t.parallel)
             else:
-                opt, stepped = t.parallel.stepped(t.opt, params)  # FSDP2, block=head: W's state gathered
+                opt, stepped = t.parallel.stepped(t.opt, params)  # FSDP2, gathered head: W's state gathered
             grads = list(torch.split(g, [p.numel() for p in stepped])) if flat else [g]
             grads = [d.view_as(p) for d, p in zip(grads, stepped)]
             v = optimizer_response(opt, stepped, grads, state["clip"], total=total)

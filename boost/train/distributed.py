@@ -83,6 +83,8 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, load_model
 
+from boost.bilevel.hypergradient import _dot
+from boost.bilevel.hypergradient_trainable import local_part
 from boost.bilevel.reweighting import TrajectoryFeatures
 from boost.data import PackedBatch, TrajectoryPacker
 from boost.data.packing import _concat_rows, assign_rows
@@ -99,6 +101,7 @@ from boost.train.checkpoint_io import (
 )
 from boost.train.config import PARALLEL
 from boost.train.evaluation import save_pretrained_atomic
+from boost_kernels.vocab_parallel import shard_rows
 
 log = logging.getLogger(__name__)
 
@@ -491,17 +494,7 @@ class TorchRun(SingleProcess):
             return optimizer, params
         if len(params) != 1 or self._head_param is None:
             raise ParallelError("parallel=fsdp2 computes the optimiser's response for the LM head only")
-        sharded = self._head_param
-        group = next(g for g in optimizer.param_groups if any(p is sharded for p in g["params"]))
-        state = optimizer.state[sharded]
-        full = torch.nn.Parameter(self.full(sharded.detach()), requires_grad=False)
-        full.grad = self.full(sharded.grad)
-        stand_in = type(optimizer).__new__(type(optimizer))
-        torch.optim.Optimizer.__init__(stand_in, [full], {k: v for k, v in group.items() if k != "params"})
-        stand_in.state[full] = {
-            k: self.full(v) if isinstance(v, torch.Tensor) else v for k, v in state.items()
-        }
-        return stand_in, [full]
+        return _stand_in(optimizer, [self._head_param], self.full)
 
     def head_rows(self, tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         """FSDP2 (``shards_head``): this rank's rows of the LM head's ``tensor`` (weight [V, D] or bias
@@ -511,9 +504,7 @@ class TorchRun(SingleProcess):
         from torch.distributed.tensor import DTensor, Shard
 
         V = tensor.shape[0]
-        size = -(-V // self.world)
-        start = min(self.rank * size, V)
-        rows = slice(start, min(start + size, V))
+        rows = shard_rows(V, self.world, self.rank)
         if isinstance(tensor, DTensor):
             if tuple(tensor.placements) != (Shard(0),):
                 raise ParallelError(f"the LM head is sharded as {tensor.placements}, expected (Shard(0),)")
@@ -523,8 +514,8 @@ class TorchRun(SingleProcess):
                     f"rank {self.rank}: FSDP2 holds {local.shape[0]} rows of the {V}-row LM head, expected "
                     f"{rows.stop - rows.start} (rows {rows.start}..{rows.stop}); set sharded_outer=false"
                 )
-            return local, start
-        return tensor[rows], start
+            return local, rows.start
+        return tensor[rows], rows.start
 
     def vocab_shard(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         """This rank's :class:`boost_kernels.vocab_parallel.VocabShard` of the LM head (``head_rows``)."""
@@ -538,18 +529,7 @@ class TorchRun(SingleProcess):
         """:meth:`stepped` on this rank's shards: a stand-in AdamW over the local parts of ``params``
         (default: the LM head's rows, for the sharded outer step) with their AdamW state and gradient
         (FSDP2's local shards: nothing gathered). Returns (stand-in, its parameters)."""
-        sharded = [self._head_param] if params is None else params
-        group = next(g for g in optimizer.param_groups if any(p is sharded[0] for p in g["params"]))
-        parts = []
-        for p in sharded:
-            part = torch.nn.Parameter(local_part(p.detach()), requires_grad=False)
-            part.grad = local_part(p.grad)
-            parts.append(part)
-        stand_in = type(optimizer).__new__(type(optimizer))
-        torch.optim.Optimizer.__init__(stand_in, parts, {k: v for k, v in group.items() if k != "params"})
-        for part, p in zip(parts, sharded):
-            stand_in.state[part] = {k: local_part(v) for k, v in optimizer.state[p].items()}
-        return stand_in, parts
+        return _stand_in(optimizer, [self._head_param] if params is None else params, local_part)
 
     # -- FSDP2, block=trainable: finite differences on the sharded parameters
     def param_gradients(self, loss: torch.Tensor, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -570,11 +550,7 @@ class TorchRun(SingleProcess):
 
     def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
         """<a, b> of two flat vectors of local shards, summed over ranks (float64)."""
-        from boost.bilevel.hypergradient import _dot
-
-        t = torch.tensor([_dot(a, b)], dtype=torch.float64, device=a.device)
-        dist.all_reduce(t)
-        return float(t)
+        return self.sum_floats(_dot(a, b))[0]
 
     def reshard(self, trainer) -> None:
         """FSDP2: drop every unsharded parameter (the root keeps its own after a forward) so that the
@@ -629,11 +605,24 @@ class TorchRun(SingleProcess):
             dist.destroy_process_group()
 
 
-def local_part(x):
-    """An FSDP2 DTensor's local shard (a view); anything else as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return x.to_local() if isinstance(x, DTensor) else x
+def _stand_in(optimizer: torch.optim.Optimizer, params: list[torch.Tensor], view: Callable):
+    """(stand-in optimiser, its parameters) for :func:`boost.bilevel.step_response.optimizer_response`:
+    the same class and hyper-parameters as ``optimizer`` over ``view(p)`` of each of its ``params``
+    (FSDP2 DTensors: gathered by ``full``, or their local shards), with ``view`` of their gradients
+    and state tensors."""
+    group = next(g for g in optimizer.param_groups if any(p is params[0] for p in g["params"]))
+    parts = []
+    for p in params:
+        part = torch.nn.Parameter(view(p.detach()), requires_grad=False)
+        part.grad = view(p.grad)
+        parts.append(part)
+    stand_in = type(optimizer).__new__(type(optimizer))
+    torch.optim.Optimizer.__init__(stand_in, parts, {k: v for k, v in group.items() if k != "params"})
+    for part, p in zip(parts, params):
+        stand_in.state[part] = {
+            k: view(v) if isinstance(v, torch.Tensor) else v for k, v in optimizer.state[p].items()
+        }
+    return stand_in, parts
 
 
 def _init_process_group(backend: str, timeout: timedelta) -> None:
