@@ -46,6 +46,10 @@ def _launch(ranks: int, runs: list[dict], folder: Path) -> None:
 LORA = ("lora.enabled=true", "lora.r=4", "lora.train_head=true")  # block=head: the exact fused hypergradient
 EVAL = ("eval.episodes=4", "eval.batch_size=1")  # after eval.episodes=0: the last one counts
 TRAINABLE = ("block=trainable", "solver.method=neumann", "solver.steps=2", "solver.alpha=1e-3")
+# every objective term at once; fresh rollouts at outer steps 1, 3, 5 (reused at 2 and 4: from the
+# step-3 checkpoint on resume); 3 tasks x 2 episodes: the 2 ranks play 3 episodes each
+OBJECTIVE = ("outer.objective=nll+decision+0.5*return", "outer.rollout_tasks=3", "outer.episodes_per_task=2",
+             "outer.rollout_every=2", "eval.max_new_tokens=4", "eval.batch_size=2")  # fmt: skip
 
 
 def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
@@ -53,7 +57,8 @@ def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
     extra = {"trainable": TRAINABLE, "identity": ("solver.method=identity",), "accum": ("grad_accum=2",),
              "accumfsdp": ("grad_accum=2",), "refilter": ("weighting.refilter_every=2",),
              "refilterfsdp": ("weighting.refilter_every=2",), "evalddp": EVAL, "evalfsdp": EVAL, "lora": LORA, "loraddp": LORA, "gathered": ("sharded_outer=false",),
-             "trainablefsdp": TRAINABLE}.get(out.name.split("-")[0], ())  # fmt: skip
+             "trainablefsdp": TRAINABLE, "objddp": OBJECTIVE, "objfsdp": OBJECTIVE,
+             "objgathered": (*OBJECTIVE, "sharded_outer=false")}.get(out.name.split("-")[0], ())  # fmt: skip
     return [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
             "data.max_length=512", f"steps={steps}", "eval.episodes=0", "checkpoint_every=3",
             f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else []), *extra]  # fmt: skip
@@ -87,14 +92,15 @@ def runs(assets, tmp_path_factory):
     the end of the run), "play" (a folder: play-none-1.json, play-ddp-2.json, play-fsdp2-2.json)}."""
     root = tmp_path_factory.mktemp("distributed_runs")
     pairs = ("trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp", "evalddp", "evalfsdp",
-             "lora", "loraddp", "gathered", "trainablefsdp")  # fmt: skip
+             "lora", "loraddp", "gathered", "trainablefsdp", "objddp", "objfsdp", "objgathered")  # fmt: skip
     more = (*(f"{k}-{n}" for k in pairs for n in (1, 2)), "diverging", "play")
     names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), *more)
     out = {name: root / name for name in names}
     out["play"].mkdir()
 
     def run(name, kind, resume=False):
-        return {"overrides": _overrides(assets, out[name], kind), "resume": resume}
+        scored = name.startswith("obj")  # the return objective: gridnav scored by reply length
+        return {"overrides": _overrides(assets, out[name], kind), "resume": resume, "text_reward": scored}
 
     def play(kind, ranks):  # the untrained model plays 6 test tasks, each rank its share
         spec = [*_overrides(assets, out["play"] / "run", kind), "eval.episodes=6", "eval.batch_size=1"]
@@ -118,6 +124,9 @@ def runs(assets, tmp_path_factory):
             run("loraddp-1", "ddp"),
             run("gathered-1", "fsdp2"),
             run("trainablefsdp-1", "fsdp2"),
+            run("objddp-1", "ddp"),
+            run("objfsdp-1", "fsdp2"),
+            run("objgathered-1", "fsdp2"),
             play("none", 1),
         ],
         root,
@@ -144,6 +153,9 @@ def runs(assets, tmp_path_factory):
             run("loraddp-2", "ddp"),
             run("gathered-2", "fsdp2"),
             run("trainablefsdp-2", "fsdp2"),
+            run("objddp-2", "ddp"),
+            run("objfsdp-2", "fsdp2"),
+            run("objgathered-2", "fsdp2"),
             play("ddp", 2),
             play("fsdp2", 2),
         ]  # fmt: skip
@@ -157,10 +169,12 @@ def runs(assets, tmp_path_factory):
     out["fsdp2-2to1-ddp"] = _resumable_copy(out["fsdp2-2"], root / "fsdp2-2to1-ddp")  # rows of v, under DDP
     out["refilter-2to1"] = _resumable_copy(out["refilter-2"], root / "refilter-2to1")  # refiltered at step 2
     out["lora-2to1"] = _resumable_copy(out["lora-2"], root / "lora-2to1")
+    out["objfsdp-2to1"] = _resumable_copy(out["objfsdp-2"], root / "objfsdp-2to1")  # rows of the estimate
     _launch(1, [run(f"{k}-2to1", k, True) for k in KINDS] + [run("ddp-2to1-fsdp2", "fsdp2", True),
                                                             run("fsdp2-2to1-ddp", "ddp", True),
                                                             run("refilter-2to1", "ddp", True),
-                                                            run("lora-2to1", "fsdp2", True)], root)  # fmt: skip
+                                                            run("lora-2to1", "fsdp2", True),
+                                                            run("objfsdp-2to1", "fsdp2", True)], root)  # fmt: skip
     return out
 
 
@@ -196,6 +210,9 @@ def _final_parameters(out: Path) -> dict[str, torch.Tensor]:
         "lora",
         "loraddp",
         "gathered",
+        "objddp",
+        "objfsdp",
+        "objgathered",
     ],
 )
 def test_two_ranks_agree_with_one_on_the_same_global_batches(runs, kind):
@@ -276,6 +293,49 @@ def test_sharded_outer_step_equals_the_gathered_one(runs):
     for a, b in zip(_metrics(runs["fsdp2-2"]), _metrics(runs["gathered-2"])):
         for key in ("val_loss", "solver_residual", "n_eff"):
             assert _relative([a[key]], [b[key]]) <= TOLERANCE, (a["step"], key)
+
+
+RETURN_KEYS = ("return_mean", "return_std", "return_success", "return_nonzero_advantage", "return_episodes")
+
+
+@pytest.mark.parametrize("kind", ["objddp", "objfsdp", "objgathered"])
+def test_the_outer_objectives_rollouts_split_over_ranks_are_those_of_one_process(runs, kind):
+    """outer.objective=nll+decision+0.5*return: each rank plays its share of the validation rollouts
+    (each episode from its own seed), the episodes are gathered, every rank takes its share of every
+    rollout batch for the score function, and the terms are summed over ranks. The rollouts (the same
+    returns), the terms and the estimate's norm and halves' cosine equal one process's; the head's
+    numbers are compared by test_two_ranks_agree_with_one_on_the_same_global_batches. FSDP2's
+    sharded head computes the same terms from vocabulary rows (objfsdp against objgathered)."""
+    two, one = _metrics(runs[f"{kind}-2"]), _metrics(runs[f"{kind}-1"])
+    fresh = [m["step"] for m in two if not m.get("return_reused")]
+    assert fresh == [m["step"] for m in one if not m.get("return_reused")] == [1, 3, 5]
+    for a, b in zip(two, one):
+        assert {k: a.get(k) for k in RETURN_KEYS} == {k: b.get(k) for k in RETURN_KEYS}, a["step"]
+        for key in ("outer_nll", "outer_decision", "outer_return", "outer_loss", "decision_trajectories"):
+            assert _relative([a[key]], [b[key]]) <= TOLERANCE, (kind, a["step"], key)
+        if not a.get("return_reused"):
+            assert _relative([a["return_grad_norm"]], [b["return_grad_norm"]]) <= TOLERANCE, (kind, a["step"])
+            # a cosine near 0 (here 5e-4 at step 5): compared absolutely
+            assert abs(a["return_halves_cosine"] - b["return_halves_cosine"]) <= TOLERANCE, (kind, a["step"])
+    # not a vacuous estimate: some rollouts of a task scored differently (steps 3 and 5 here)
+    assert any(m.get("return_nonzero_advantage", 0) > 0 and m["return_grad_norm"] > 0 for m in two)
+    if kind == "objfsdp":
+        for a, b in zip(_debug_rows(runs["objfsdp-2"]), _debug_rows(runs["objgathered-2"])):
+            for key in ("weight", "hypergradient"):
+                assert _relative(a[key], b[key]) <= TOLERANCE, (a["step"], key)
+
+
+def test_the_sharded_return_estimate_resumes_on_one_rank(runs):
+    """FSDP2's return estimate is saved as rows of the head (like the warm start); on one rank it is
+    loaded whole: step 4 reuses it and step 5 plays the next rollouts, as the 2-rank run did."""
+    resumed, original = _metrics(runs["objfsdp-2to1"]), _metrics(runs["objfsdp-2"])
+    assert [m["step"] for m in resumed] == [1, 2, 3, 4, 5] and resumed[3].get("return_reused")
+    state = json.loads((runs["objfsdp-2"] / "checkpoints/step-00000003/trainer_state.json").read_text())
+    assert state["sharded_head_rows"]["names"] == ["last_v", "return_grad"]
+    for a, b in zip(resumed[3:], original[3:]):
+        for key in ("loss", "val_loss", "outer_loss", "solver_residual", "n_eff"):
+            assert _relative([a[key]], [b[key]]) <= TOLERANCE, (a["step"], key)
+        assert {k: a.get(k) for k in RETURN_KEYS} == {k: b.get(k) for k in RETURN_KEYS}, a["step"]
 
 
 def test_grad_accum_takes_one_step_on_two_global_batches(runs):

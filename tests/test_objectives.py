@@ -10,13 +10,16 @@ import random
 import pytest
 import torch
 
+import boost_kernels as bk
 from boost.bilevel.objectives import (
     OuterConfig,
     action_segments,
     decision_loss,
+    decision_weights,
     leave_one_out_advantages,
     parse_objective,
     return_gradient_loss,
+    trajectories_with_actions,
 )
 from boost.data import PackingConfig, TokenizeConfig, TrajectoryPacker, tokenize_trajectories
 from boost.envs import expert_policy, make_env, play_episode
@@ -108,6 +111,21 @@ def test_the_decision_loss_is_one_minus_the_probability_of_each_action():
     (g,) = torch.autograd.grad(loss, W)
     (g_ref,) = torch.autograd.grad(expected, W)
     assert torch.allclose(g, g_ref, rtol=1e-10, atol=1e-12)
+
+    # as weights on per-action NLLs (how a sharded head or a run over ranks computes it): the same
+    # loss and gradient, here with the batch's trajectories split over two "ranks"
+    n_all = trajectories_with_actions(owner, 2)
+    per_action = bk.trajectory_cross_entropy(hidden[keep], W.detach(), labels[keep], action_ids[keep], A,
+                                             normalize="sum", backend="torch").per_trajectory  # fmt: skip
+    terms, weights = decision_weights(per_action, owner, 2, n_all)
+    assert n_all == 2 and torch.allclose(terms.sum(), expected, rtol=1e-12)
+    W2 = W.detach().requires_grad_()
+    out = bk.trajectory_cross_entropy(hidden[keep], W2, labels[keep], action_ids[keep], A, traj_weights=weights,
+                                      normalize="sum", normalizer=1.0, backend="torch")  # fmt: skip
+    (g_w,) = torch.autograd.grad(out.loss, W2)
+    assert torch.allclose(g_w, g_ref, rtol=1e-10, atol=1e-12)
+    terms_1, _ = decision_weights(per_action[:2], owner[:2], 2, normalizer=1)  # rank 0 alone: its own count
+    assert torch.allclose(terms_1.sum(), (2 - p[0] - p[1]) / 2, rtol=1e-12)
 
 
 def test_leave_one_out_baselines_use_the_other_episodes_of_the_task():

@@ -181,6 +181,27 @@ def decision_loss(
     return (per[has] / count[has]).sum() / n, n
 
 
+def decision_weights(action_losses: torch.Tensor, owner: torch.Tensor, num_trajectories: int,
+                     normalizer: float) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """The decision loss as weights on per-action NLLs, for heads that cannot run autograd through it
+    (a vocabulary-sharded head; a loss spread over ranks).
+
+    action_losses [A]: L_a = −log p(action a) (no grad); owner [A]: each action's trajectory;
+    normalizer n: the trajectories with an action over the *whole* validation batch (every rank's).
+    With c_a = 1 / (n · actions of a's trajectory), the loss is Σ_a c_a (1 − exp(−L_a)) and its gradient
+    is Σ_a c_a exp(−L_a) ∇L_a. Returns (the loss's terms here [A], the gradient's weights [A]);
+    with n = :func:`decision_loss`'s count both give exactly its loss and gradient.
+    """
+    count = torch.bincount(owner, minlength=num_trajectories).to(action_losses.dtype)
+    c = 1.0 / (float(normalizer) * count[owner])
+    return c * (1.0 - torch.exp(-action_losses)), c * torch.exp(-action_losses)
+
+
+def trajectories_with_actions(owner: torch.Tensor, num_trajectories: int) -> int:
+    """How many of ``num_trajectories`` own at least one action (``owner`` [A])."""
+    return int((torch.bincount(owner, minlength=num_trajectories) > 0).sum())
+
+
 # ---- the return's score function -----------------------------------------------------------------
 
 

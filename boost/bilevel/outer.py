@@ -137,12 +137,11 @@ class OuterStep:
         Wg = t.parallel.full(t.lm_head.weight).detach().requires_grad_()
         bias = t._bias()
         val_out = t.losses(val_c.hidden, val, weight=Wg, counted=val_c)  # parallel: the global count
+        (g,) = torch.autograd.grad(val_out.loss, Wg)  # this rank's part of the NLL's gradient
         if t.signal is None:  # outer.objective=nll
-            (g,) = torch.autograd.grad(val_out.loss, Wg)
-        else:
-            g, value, terms = t.signal.gradient(val, val_hidden, Wg, val_out.loss)
-            state["outer_terms"] = {"outer_loss": value if math.isfinite(value) else None, **terms}
-        g = t.parallel.sum(g)
+            g = t.parallel.sum(g)
+        else:  # summed over ranks inside (the return term's rollouts are shared, not split)
+            g = self.signal_gradient(val, val_hidden, g, float(val_out.loss.detach()), state, weight=Wg)
         self.update_reference(val_c.hidden, val_c.segment_ids, val, val_out)
         train = self.counted(state["hidden"], batch)
         if bias is not None:
@@ -167,15 +166,30 @@ class OuterStep:
             val_b = ShardedHeadBatch(shard, val_c.hidden, val_c.labels, val_c.segment_ids, val.num_segments)
             val_out = val_b.loss(t.parallel.normalizer(val))  # the loss over every rank's tokens
             del val_b  # its gathered tokens: not held through the solve
+        g = val_out.weight_grad  # this rank's rows of the NLL's gradient
+        if t.signal is not None:  # the objective's gradient in the same rows
+            # (the NLL's value is already global: counted once, by rank 0)
+            nll = float(val_out.loss) if t.parallel.is_main else 0.0
+            g = self.signal_gradient(val, val_hidden, g, nll, state, shard=shard)
         self.update_reference(val_c.hidden, val_c.segment_ids, val, val_out)
         train = self.counted(state["hidden"], batch)
         (w_pre,) = state["pre_step"]  # this rank's rows of the head that produced the inner step's logits
         train_b = ShardedHeadBatch(shard.with_weight(w_pre), train.hidden, train.labels, train.segment_ids,
                                    batch.num_segments)  # fmt: skip
         return val_out.loss.detach(), sharded_head_hypergradient(
-            train_b, state["w_local"].detach().float(), val_out.weight_grad, t.cfg.solver,
+            train_b, state["w_local"].detach().float(), g, t.cfg.solver,
             t.parallel.normalizer(batch), init=t.last_v, precondition=self.precondition(None, state),
         )  # fmt: skip
+
+    def signal_gradient(
+        self, val, val_hidden, nll_grad, nll_value: float, state: dict, **head
+    ) -> torch.Tensor:
+        """g for ``outer.objective`` (:class:`boost.train.outer_signal.OuterSignal`) over the head given
+        as ``weight=`` (gathered) or ``shard=`` (vocabulary rows), summed over ranks; its value and
+        terms go into the step's record."""
+        g, value, terms = self.trainer.signal.gradient(val, val_hidden, nll_grad, nll_value, **head)
+        state["outer_terms"] = {"outer_loss": value if math.isfinite(value) else None, **terms}
+        return g
 
     def trainable_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
         """(validation loss, hypergradient) over every trained parameter, by finite differences:

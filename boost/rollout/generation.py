@@ -21,6 +21,7 @@ import importlib.util
 import math
 import os
 from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -310,15 +311,30 @@ def rollout(
     config: RolloutConfig | None = None,
     games_dir: str | os.PathLike | None = None,
     progress: bool = True,
+    seeds: Sequence[int] | None = None,
 ) -> list[Episode]:
-    """Play every task with the model; episodes come back in task order."""
+    """Play every task with the model; episodes come back in task order.
+
+    ``seeds`` (sampling only; one per task): episode k samples from its own ``torch.Generator`` seeded
+    with ``seeds[k]``, so its tokens do not depend on the episodes that share its generation batch (or
+    on how a parallel run splits the tasks over ranks). Without it every episode draws from one stream
+    seeded with ``config.seed``.
+    """
     config = config or RolloutConfig()
+    if seeds is not None:
+        if len(seeds) != len(tasks):
+            raise RolloutError(f"seeds has {len(seeds)} entries for {len(tasks)} tasks: give one per task")
+        if not config.reuse_cache:
+            raise RolloutError(
+                "seeds needs reuse_cache=True (model.generate samples from one stream per batch)"
+            )
     check_chat_template(tokenizer, getattr(model, "name_or_path", "model"))
     context = _context_limit(model, config)
     envs = [make_env(env_name, games_dir=games_dir) for _ in range(min(config.batch_size, len(tasks)))]
     limit = min(config.max_turns or envs[0].max_turns, envs[0].max_turns) if envs else 0
     pending = deque(enumerate(tasks))
     slots: list[tuple[int, Episode] | None] = [None] * len(envs)
+    streams: dict[int, torch.Generator] = {}  # slot -> its episode's generator (``seeds``)
     results: list[Episode | None] = [None] * len(tasks)
     bar = EpisodeProgress(len(tasks), limit, f"rollout {env_name}", enabled=progress)
 
@@ -332,6 +348,8 @@ def rollout(
         if pending:
             index, task = pending.popleft()
             slots[slot] = (index, Episode.start(envs[slot], task, envs[slot].reset(task)))
+            if seeds is not None:
+                streams[slot] = torch.Generator(device=decoder.device).manual_seed(int(seeds[index]))
 
     decoder = (
         PrefixCachedDecoder(model, len(envs), _pad_id(tokenizer), eos_ids(model, tokenizer)) if envs else None
@@ -341,7 +359,11 @@ def rollout(
         if not config.reuse_cache:
             return generate_replies(model, tokenizer, prompts, config)
         tokens = decoder.generate(
-            dict(zip(batch, prompts)), config.max_new_tokens, config.temperature, config.top_p
+            dict(zip(batch, prompts)),
+            config.max_new_tokens,
+            config.temperature,
+            config.top_p,
+            generators=streams if seeds is not None else None,
         )
         return [tokenizer.decode(tokens[slot], skip_special_tokens=True).strip() for slot in batch]
 

@@ -116,7 +116,10 @@ class PrefixCachedDecoder:
         return [[None] * (width - len(rest.get(row, []))) + rest.get(row, []) for row in range(self.n_rows)]
 
     @staticmethod
-    def _pick(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    def _pick(logits: torch.Tensor, temperature: float, top_p: float,
+              generators: dict[int, torch.Generator] | None = None, rows=()) -> torch.Tensor:  # fmt: skip
+        """[rows] token ids: greedy, or sampled (from the global RNG, or for each of ``rows`` from its own
+        generator in ``generators``; the other rows then take the argmax, which nobody reads)."""
         if temperature == 0.0:
             return logits.argmax(dim=-1)
         probs = torch.softmax(logits / temperature, dim=-1)
@@ -125,18 +128,33 @@ class PrefixCachedDecoder:
             outside = sorted_probs.cumsum(dim=-1) - sorted_probs > top_p  # keep the smallest set >= top_p
             sorted_probs = sorted_probs.masked_fill(outside, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-        return torch.multinomial(probs, 1).squeeze(-1)
+        if generators is None:
+            return torch.multinomial(probs, 1).squeeze(-1)
+        picked = logits.argmax(dim=-1)
+        for row in sorted(rows):  # one draw per sampled row from its own stream: batch-independent
+            picked[row] = torch.multinomial(probs[row], 1, generator=generators[row]).squeeze(-1)
+        return picked
 
     @torch.inference_mode()
     def generate(
-        self, prompts: dict[int, list[int]], max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0
+        self,
+        prompts: dict[int, list[int]],
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        generators: dict[int, torch.Generator] | None = None,
     ) -> dict[int, list[int]]:
-        """Reply tokens (EOS excluded) for each ``row: prompt ids``; other rows are left as they are."""
+        """Reply tokens (EOS excluded) for each ``row: prompt ids``; other rows are left as they are.
+
+        ``generators`` (sampling only): one ``torch.Generator`` per row of ``prompts``; each row then
+        samples from its own stream, so its tokens do not depend on which other rows run beside it."""
+        if generators is not None and temperature > 0.0 and set(prompts) - set(generators):
+            raise ValueError(f"generators has no generator for rows {sorted(set(prompts) - set(generators))}")
         logits = self._forward(self._prepare(prompts))
         replies: dict[int, list[int]] = {row: [] for row in prompts}
         running = set(prompts)
         for step in range(max_new_tokens):
-            picked = self._pick(logits, temperature, top_p).tolist()
+            picked = self._pick(logits, temperature, top_p, generators, running).tolist()
             for row in list(running):
                 if picked[row] in self.eos_ids:
                     running.discard(row)

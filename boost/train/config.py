@@ -29,11 +29,6 @@ def check_parallel(cfg) -> None:
             "commands (weighting.method=boost steps=K, then weighting.method=weight_filter "
             "weighting.weights_path=<that run>/pool_weights.jsonl), or set parallel=none"
         )
-    if cfg.parallel != "none" and cfg.outer.terms != {"nll": 1.0}:
-        raise ValueError(
-            f"outer.objective={cfg.outer.objective} runs on one process for now (its validation gradient is "
-            f"not reduced over ranks); use parallel=none, or outer.objective=nll"
-        )
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,11 @@ What each rank holds and what crosses ranks, per inner step (S trajectories in t
   which are global functions of all weights) into the head, and the head's gradient is all-reduced,
   so every rank takes the same head step. For ``block=trainable`` (DDP only) g and every
   finite-difference HVP are all-reduced; v, hence every perturbation θ ± εv, is identical on every
-  rank because it is computed from all-reduced quantities only.
+  rank because it is computed from all-reduced quantities only. ``outer.objective`` other than the
+  NLL (:mod:`boost.train.outer_signal`): the ``decision`` term is summed like the NLL (normalised by
+  the global count of trajectories with an action); the ``return`` term's rollouts are split like the
+  test episodes (each from its own seed) and gathered, and its score function is summed over the
+  ranks' shares of every rollout batch.
 * **FSDP2 and the fused ops.** ``fully_shard`` wraps every decoder layer and, as the root, a module
   whose forward is the trunk (it holds the whole model, so the embedding, final norm and LM head
   form the root's group). FSDP2 does not reshard the root after its forward, so the fused loss of the
@@ -722,7 +726,10 @@ def _model_and_optimizer_state(trainer):
     return {"model": model_state, "optimizer": optim_state}
 
 
-SHARDED_V = "sharded_last_v"  # trainer_state.json: [V, D] of a warm start saved as rows in dcp/
+# trainer_state.json: {"shape": [V, D], "names": [...]} of head-shaped tensors saved as rows in dcp/
+SHARDED_ROWS = "sharded_head_rows"
+SHARDED_V = "sharded_last_v"  # the same for the warm start alone (checkpoints written before the above)
+ROW_TENSORS = ("last_v", "return_grad")  # head-shaped tensors a vocabulary-sharded head keeps as rows
 
 
 def _head_rows_dtensor(parallel: TorchRun, rows: torch.Tensor, shape: list[int]):
@@ -759,11 +766,12 @@ def save_distributed_checkpoint(
         return None if box[0] is None else Path(box[0])
 
     state = _model_and_optimizer_state(trainer)
-    if parallel.shards_head and tensors.get("last_v") is not None:  # each rank's rows, resharded on load
+    rows = [k for k in ROW_TENSORS if parallel.shards_head and tensors.get(k) is not None]
+    if rows:  # each rank's rows, resharded on load
         tensors = dict(tensors)
         shape = list(trainer.lm_head.weight.shape)
-        state["outer"] = {"last_v": _head_rows_dtensor(parallel, tensors.pop("last_v"), shape)}
-        info = {**info, SHARDED_V: shape}
+        state["outer"] = {k: _head_rows_dtensor(parallel, tensors.pop(k), shape) for k in rows}
+        info = {**info, SHARDED_ROWS: {"shape": shape, "names": rows}}
 
     def write(tmp: Path) -> None:
         dcp.save(state, checkpoint_id=str(tmp / DCP_DIR))
@@ -805,17 +813,30 @@ def load_distributed_checkpoint(trainer, path: Path) -> tuple[dict[str, Any], di
     _set_rng_states(tensors)
     tensors = {k: v.to(trainer.device) for k, v in tensors.items() if not k.startswith("rng.")}
     parallel: TorchRun = trainer.parallel
-    if SHARDED_V in state:  # written as every rank's rows (sharded_outer): this run's rows, or all of them
-        shape = state[SHARDED_V]
-        if parallel.shards_head:
-            rows = parallel.head_rows(torch.empty(shape, device="meta"))[0]
-            target = _head_rows_dtensor(parallel, torch.empty(rows.shape, device=trainer.device), shape)
-        else:
-            target = torch.empty(shape, device=trainer.device)
-        dcp.load({"outer": {"last_v": target}}, checkpoint_id=str(path / DCP_DIR))
-        tensors["last_v"] = target.to_local() if parallel.shards_head else target
-    elif parallel.shards_head and tensors.get("last_v") is not None:  # a replicated [V, D] warm start
-        tensors["last_v"] = parallel.head_rows(tensors["last_v"])[0].clone()
+    sharded = state.get(SHARDED_ROWS) or (
+        {"shape": state[SHARDED_V], "names": ["last_v"]} if SHARDED_V in state else None
+    )
+    if sharded:  # written as every rank's rows (sharded_outer): this run's rows, or all of them
+        shape = sharded["shape"]
+        targets = {}
+        for name in sharded["names"]:
+            if parallel.shards_head:
+                rows = parallel.head_rows(torch.empty(shape, device="meta"))[0]
+                targets[name] = _head_rows_dtensor(
+                    parallel, torch.empty(rows.shape, device=trainer.device), shape
+                )
+            else:
+                targets[name] = torch.empty(shape, device=trainer.device)
+        dcp.load({"outer": targets}, checkpoint_id=str(path / DCP_DIR))
+        for name, target in targets.items():
+            tensors[name] = target.to_local() if parallel.shards_head else target
+    for name in ROW_TENSORS:  # a replicated [V, D] tensor (DDP, or sharded_outer=false): this run's rows
+        if (
+            parallel.shards_head
+            and not (sharded and name in sharded["names"])
+            and tensors.get(name) is not None
+        ):
+            tensors[name] = parallel.head_rows(tensors[name])[0].clone()
     return state, tensors
 
 

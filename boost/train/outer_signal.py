@@ -13,6 +13,11 @@ validation data and g is the fused op's gradient of Σ_j (R_j − b_j) L_j / n. 
 until the next rollout (kept in checkpoints, so a resumed run continues with it). Its noise is
 logged: the two halves of the tasks give two independent estimates, and ``return_halves_cosine`` is
 their cosine (near 1: the estimate is stable; near 0 or below: mostly noise).
+
+Under ``parallel=ddp|fsdp2`` every term is the one process's: the validation batch's terms are summed
+over the ranks' shares, the rollouts are split over ranks and gathered (each episode samples from its
+own seed, so the split changes no token), and FSDP2's sharded outer step gets g as the head's rows
+(:class:`HeadGradients`).
 """
 
 from __future__ import annotations
@@ -24,18 +29,20 @@ from dataclasses import dataclass
 
 import torch
 
+import boost_kernels as bk
 from boost.bilevel.objectives import (
     action_segments,
-    decision_loss,
     decision_mask,
+    decision_weights,
     leave_one_out_advantages,
-    return_gradient_loss,
+    trajectories_with_actions,
 )
 from boost.data import TokenizeConfig, TrajectoryPacker, tokenize_trajectories
 from boost.envs import make_env
 from boost.rollout.generation import RolloutConfig, rollout
 from boost.train.attention_backend import attention_for_generation
 from boost.train.evaluation import env_of
+from boost_kernels.vocab_parallel import ShardedHeadBatch
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +95,67 @@ class DecisionLabels:
         self.env.close()
 
 
+class HeadGradients:
+    """∇ over the LM head of weighted per-segment losses, for the objective terms.
+
+    The gathered head (one process, DDP, FSDP2 with ``sharded_outer=false``): ``weight`` [V, D]
+    requiring grad, fed this rank's tokens; :meth:`total` sums a gradient over ranks. The
+    vocabulary-sharded head (FSDP2, ``sharded_outer``): ``shard`` (this rank's rows), fed this rank's
+    tokens but gathering every rank's (:class:`boost_kernels.vocab_parallel.ShardedHeadBatch`), so each
+    gradient is already this rank's rows of the global one and :meth:`total` is the identity.
+    """
+
+    def __init__(self, trainer, weight: torch.Tensor | None = None, shard=None):
+        self.trainer, self.weight, self.shard = trainer, weight, shard
+        self.parallel = trainer.parallel
+
+    def _batch(self, hidden, labels, segment_ids, num_segments, normalize):
+        return ShardedHeadBatch(self.shard, hidden, labels, segment_ids, num_segments, normalize=normalize)
+
+    def per_segment(
+        self, hidden, labels, segment_ids, num_segments: int, normalize: str = "sum"
+    ) -> torch.Tensor:
+        """[S] this rank's per-segment losses (no grad)."""
+        if self.shard is not None:
+            batch = self._batch(hidden, labels, segment_ids, num_segments, normalize)
+            return batch.loss(1.0, need_grad=False).per_trajectory
+        with torch.no_grad():
+            return bk.trajectory_cross_entropy(
+                hidden, self.weight.detach(), labels, segment_ids, num_segments, bias=self.trainer._bias(),
+                normalize=normalize, **self.trainer.cfg.kernels.loss_options(),
+            ).per_trajectory  # fmt: skip
+
+    def weighted(self, hidden, labels, segment_ids, weights: torch.Tensor, normalizer: float,
+                 normalize: str = "sum") -> torch.Tensor:  # fmt: skip
+        """∇ Σ_s weights_s L_s / normalizer: [V, D] (this rank's part) or [V_r, D] (global rows)."""
+        if self.shard is not None:
+            batch = self._batch(hidden, labels, segment_ids, weights.shape[0], normalize)
+            return batch.loss(normalizer, traj_weights=weights).weight_grad
+        out = bk.trajectory_cross_entropy(
+            hidden, self.weight, labels, segment_ids, weights.shape[0], traj_weights=weights.to(hidden.dtype),
+            bias=self.trainer._bias(), normalize=normalize, normalizer=float(normalizer),
+            **self.trainer.cfg.kernels.loss_options(),
+        )  # fmt: skip
+        (part,) = torch.autograd.grad(out.loss, self.weight)
+        return part.float()
+
+    def zeros(self) -> torch.Tensor:
+        return torch.zeros_like(
+            self.shard.weight if self.shard is not None else self.weight, dtype=torch.float32
+        )
+
+    def total(self, x: torch.Tensor) -> torch.Tensor:
+        """A gradient summed over ranks (the sharded head's already is)."""
+        return x if self.shard is not None else self.parallel.sum(x)
+
+    def dot(self, a: torch.Tensor, b: torch.Tensor) -> float:
+        """<a, b> of two :meth:`total` gradients (the sharded head's rows: summed over ranks)."""
+        return self.parallel.dot(a, b) if self.shard is not None else float((a.double() * b.double()).sum())
+
+
 @dataclass
 class ReturnEstimate:
-    grad: torch.Tensor  # [V, D] float32: the score-function estimate of −∇J
+    grad: torch.Tensor  # [V, D] (the sharded head: this rank's [V_r, D] rows) float32: the estimate of −∇J
     record: dict  # what to log about it
 
 
@@ -117,12 +182,16 @@ class OuterSignal:
 
     # ---- checkpoints ---------------------------------------------------------------------------
     def state(self) -> dict[str, torch.Tensor]:
+        """Tensors for the checkpoint; ``return_grad`` is head-shaped (a sharded head's: its rows)."""
         out = {
             "outer_signal_steps": torch.tensor(self.outer_steps),
             "outer_rollouts": torch.tensor(self.rollouts),
         }
         if self.estimate is not None:
             out["return_grad"] = self.estimate.grad
+            out["return_mean"] = torch.tensor(
+                self.estimate.record.get("return_mean", math.nan), dtype=torch.float64
+            )
         return out
 
     def load(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -130,60 +199,81 @@ class OuterSignal:
             self.outer_steps = int(tensors["outer_signal_steps"])
             self.rollouts = int(tensors["outer_rollouts"])
         if "return_grad" in tensors:
+            mean = float(tensors["return_mean"]) if "return_mean" in tensors else math.nan
             self.estimate = ReturnEstimate(
-                tensors["return_grad"].to(self.trainer.device), {"return_reused": True}
+                tensors["return_grad"].to(self.trainer.device), {"return_mean": mean}
             )
 
     # ---- the gradient --------------------------------------------------------------------------
-    def gradient(self, val, val_hidden: torch.Tensor, weight: torch.Tensor, nll_loss: torch.Tensor):
-        """(g [V, D], objective value, record) on the validation batch ``val``.
+    def gradient(self, val, val_hidden: torch.Tensor, nll_grad: torch.Tensor, nll_value: float,
+                 weight: torch.Tensor | None = None, shard=None):  # fmt: skip
+        """(g, objective value, record) on the validation batch ``val`` (this rank's share), all global:
+        g summed over ranks ([V, D], or the sharded head's [V_r, D] rows), the value too.
 
-        val_hidden [T, D]: its hidden states (no grad); weight: the head at θ_{t+1}, requiring grad;
-        nll_loss: the validation NLL from ``weight`` (the ``nll`` term, differentiable in ``weight``).
+        val_hidden [T, D]: its hidden states (no grad); the head at θ_{t+1}: ``weight`` [V, D] requiring
+        grad (gathered) or ``shard`` (its rows, :class:`boost_kernels.vocab_parallel.VocabShard`);
+        nll_grad: ∇ of the validation NLL in the same layout and nll_value its value, both this rank's
+        part (:meth:`HeadGradients.total` / a sum over ranks make them global).
         """
-        g, value, record = torch.zeros_like(weight, dtype=torch.float32), 0.0, {}
+        parallel = self.trainer.parallel
+        head = HeadGradients(self.trainer, weight=weight, shard=shard)
+        local, values, record = head.zeros(), {}, {}
         for name, beta in self.terms.items():
             if name == "nll":
-                (part,) = torch.autograd.grad(nll_loss, weight)
-                term = float(nll_loss.detach())
+                part, values[name] = nll_grad, nll_value
             elif name == "decision":
-                part, term, record["decision_trajectories"] = self._decision(val, val_hidden, weight)
+                part, values[name], record["decision_trajectories"] = self._decision(val, val_hidden, head)
             else:
-                part, term, extra = self._return(weight)
-                record.update(extra)
-            g += beta * part.float()
-            value += beta * term
-            record[f"outer_{name}"] = term
+                continue
+            local += beta * part.float()
+        g = head.total(local)
+        values = dict(zip(values, parallel.sum_floats(*values.values()))) if values else {}
+        if "return" in self.terms:
+            part, values["return"], extra = self._return(head)
+            g += self.terms["return"] * part
+            record.update(extra)
+        value = sum(self.terms[name] * values[name] for name in self.terms)
+        record.update({f"outer_{name}": values[name] for name in self.terms})
         self.outer_steps += 1
         return g, value, record
 
-    def _decision(self, val, val_hidden, weight):
+    def _decision(self, val, val_hidden, head: HeadGradients):
+        """(this rank's part of ∇ decision loss, its value here, trajectories counted over all ranks)."""
         labels = self.decision(val.labels, val.segment_ids)
         keep = labels != -100
         action_ids, num_actions, owner = action_segments(labels, val.segment_ids)
-        loss, n = decision_loss(
-            val_hidden[keep], weight, labels[keep], action_ids[keep], num_actions, owner, val.num_segments,
-            bias=self.trainer._bias(), **self.trainer.cfg.kernels.loss_options(),
-        )  # fmt: skip
-        if n == 0:
+        (counted,) = self.trainer.parallel.sum_floats(trajectories_with_actions(owner, val.num_segments))
+        n = int(counted)
+        if n == 0:  # every rank sees the same count, so every rank raises
             raise ValueError(
                 f"outer.objective=decision: no validation reply of this batch parsed to an action in "
                 f"{self.env_name} ({self.decision.unparsed} of {self.decision.replies} replies so far did not); "
                 "check the environment's action format, or use outer.objective=nll"
             )
-        (part,) = torch.autograd.grad(loss, weight)
-        return part, float(loss.detach()), n
+        if num_actions == 0 and head.shard is None:  # none on this rank (a phantom share): adds nothing
+            return head.zeros(), 0.0, n
+        # (the sharded head gathers every rank's tokens, so every rank runs it: with no action here, one
+        # empty segment of weight 0)
+        hidden, labels, action_ids = val_hidden[keep], labels[keep], action_ids[keep]
+        per_action = head.per_segment(hidden, labels, action_ids, max(num_actions, 1))[:num_actions]
+        terms, weights = decision_weights(per_action, owner, val.num_segments, n)
+        weights = torch.cat([weights, weights.new_zeros(max(1 - num_actions, 0))])
+        part = head.weighted(hidden, labels, action_ids, weights, 1.0)
+        return part, float(terms.sum()), n
 
-    def _return(self, weight):
+    def _return(self, head: HeadGradients):
         if self.estimate is None or self.outer_steps % self.cfg.rollout_every == 0:
-            self.estimate = self._estimate_return(weight)
+            self.estimate = self._estimate_return(head)
             return self.estimate.grad, -self.estimate.record["return_mean"], self.estimate.record
         # reused: the value is the last rollout's (unknown right after a resume)
         return self.estimate.grad, -self.estimate.record.get("return_mean", math.nan), {"return_reused": True}
 
     def _play(self):
-        """Sampled episodes of the current model on the next ``rollout_tasks`` validation tasks."""
-        trainer, cfg = self.trainer, self.cfg
+        """Sampled episodes of the current model on the next ``rollout_tasks`` validation tasks, the
+        same on every rank: each rank plays its share (``parallel.share``) and the episodes are
+        gathered in task order. Episode k samples from its own seed, so a share plays exactly the
+        episodes one process would."""
+        trainer, cfg, parallel = self.trainer, self.cfg, self.trainer.parallel
         n = len(self.tasks)
         start = (self.rollouts * cfg.rollout_tasks) % n
         chosen = [self.tasks[(start + k) % n] for k in range(min(cfg.rollout_tasks, n))]
@@ -192,22 +282,26 @@ class OuterSignal:
             tasks = [env.task(task_id) for task_id in chosen for _ in range(cfg.episodes_per_task)]
         finally:
             env.close()
+        base = (trainer.cfg.seed * 100_003 + self.rollouts) * 1_000_003
+        mine = list(parallel.share(len(tasks)))
         config = RolloutConfig(
             max_new_tokens=trainer.cfg.eval.max_new_tokens, temperature=1.0, batch_size=trainer.cfg.eval.batch_size,
-            seed=trainer.cfg.seed * 100_003 + self.rollouts,
         )  # fmt: skip
-        model = trainer.model
-        was_training = model.training
-        model.eval()
+        was_training = trainer.model.training
+        trainer.model.eval()
         try:
-            with attention_for_generation(model, trainer.attention):
-                episodes = rollout(model, trainer.tokenizer, self.env_name, tasks, config, progress=False)
+            with (
+                parallel.generation_model(trainer.model) as model,  # FSDP2: a gathered plain copy
+                attention_for_generation(model, trainer.attention),
+            ):
+                played = rollout(model, trainer.tokenizer, self.env_name, [tasks[k] for k in mine], config,
+                                 progress=False, seeds=[base + k for k in mine])  # fmt: skip
         finally:
-            model.train(was_training)
+            trainer.model.train(was_training)
         self.rollouts += 1
-        return episodes
+        return [e for _, e in sorted(parallel.gather_objects(list(zip(mine, played))), key=lambda p: p[0])]
 
-    def _estimate_return(self, weight) -> ReturnEstimate:
+    def _estimate_return(self, head: HeadGradients) -> ReturnEstimate:
         trainer = self.trainer
         started = time.perf_counter()
         episodes = self._play()
@@ -228,11 +322,12 @@ class OuterSignal:
         grads = []
         for part in (0, 1):
             chosen = [i for i, t in enumerate(tokenized) if half[groups[i]] == part]
-            grads.append(self._score_function(weight, [tokenized[i] for i in chosen],
+            grads.append(self._score_function(head, [tokenized[i] for i in chosen],
                                               [advantages[i] for i in chosen], len(tokenized)))  # fmt: skip
-        grad = grads[0] + grads[1]
         a, b = grads
-        cosine = float((a * b).sum() / (a.norm() * b.norm()).clamp_min(1e-30)) if len(tasks) > 1 else None
+        grad = a + b
+        aa, bb, ab = head.dot(a, a), head.dot(b, b), head.dot(a, b)
+        cosine = ab / max(math.sqrt(aa * bb), 1e-30) if len(tasks) > 1 else None
         mean = math.fsum(returns) / max(len(returns), 1)
         record = {
             "return_mean": mean,
@@ -242,7 +337,7 @@ class OuterSignal:
             "return_dropped": len(episodes) - len(tokenized),
             "return_nonzero_advantage": sum(abs(x) > 1e-12 for x in advantages) / max(len(advantages), 1),
             "return_halves_cosine": cosine,
-            "return_grad_norm": float(grad.norm()),
+            "return_grad_norm": math.sqrt(max(aa + bb + 2 * ab, 0.0)),
             "return_rollout_seconds": played,
             "return_seconds": time.perf_counter() - started,
         }
@@ -250,27 +345,26 @@ class OuterSignal:
             log.warning("return objective: %s", report.summary())
         return ReturnEstimate(grad.detach(), record)
 
-    def _score_function(self, weight, tokenized, advantages, n) -> torch.Tensor:
-        """Σ over these rollouts of (R_j − b_j) ∇L_j / n: [V, D] (zeros without any)."""
+    def _score_function(self, head: HeadGradients, tokenized, advantages, n) -> torch.Tensor:
+        """Σ over these rollouts of (R_j − b_j) ∇L_j / n, summed over ranks (zeros without any).
+
+        The rollouts (the same list on every rank) are packed like validation data and each rank takes
+        its share of every batch (one process: all of it)."""
         trainer = self.trainer
-        total = torch.zeros_like(weight, dtype=torch.float32)
+        total = head.zeros()
         if not tokenized:
             return total
         packer = TrajectoryPacker(tokenized, trainer.data.validation.config, name="rollout")
         by_index = {t.index: a for t, a in zip(tokenized, advantages)}
-        for batch in packer.batches(0):
+        for batch in trainer.parallel.batches(packer, 0):
             batch = batch.to(trainer.device)
             with torch.no_grad():
                 hidden = trainer.hidden_states(batch)
             keep = batch.segment_ids >= 0
+            # a phantom share (no counted token) adds 0 whatever its advantage
             adv = torch.tensor([by_index[int(i)] for i in batch.trajectory_index], device=trainer.device)
-            loss = return_gradient_loss(
-                hidden[keep], weight, batch.labels[keep], batch.segment_ids[keep], adv, float(n),
-                bias=trainer._bias(), **trainer.cfg.kernels.loss_options(),
-            )  # fmt: skip
-            (part,) = torch.autograd.grad(loss, weight)
-            total += part.float()
-        return total
+            total += head.weighted(hidden[keep], batch.labels[keep], batch.segment_ids[keep], adv, float(n))
+        return head.total(total)
 
     def close(self) -> None:
         if self.decision is not None:

@@ -117,6 +117,33 @@ def test_sampling_is_seeded_and_leaves_the_callers_rng_alone(tiny_model):
     assert runs[0] == runs[1] != runs[2]
 
 
+def test_per_episode_seeds_make_an_episode_independent_of_its_batch_and_of_the_other_tasks(tiny_model):
+    """What lets a parallel run split sampled rollouts over ranks: episode k's tokens depend only on
+    seeds[k], not on the batch size or on which other tasks are played beside it."""
+    model, tokenizer = tiny_model
+    tasks = make_env("guess").sample_tasks("test", 5, seed=2)
+    seeds = [101, 102, 103, 104, 105]
+
+    def play(chosen, batch_size):
+        config = RolloutConfig(max_turns=3, max_new_tokens=6, temperature=1.0, batch_size=batch_size, seed=9)
+        episodes = rollout(model, tokenizer, "guess", [tasks[k] for k in chosen], config, progress=False,
+                           seeds=[seeds[k] for k in chosen])  # fmt: skip
+        return [e.messages for e in episodes]
+
+    everything = play(range(5), 4)
+    assert play(range(5), 1) == everything
+    assert play([1, 3], 2) == [everything[1], everything[3]]  # rank 1 of 2 (strided share)
+    assert play([0, 2, 4], 3) == [everything[0], everything[2], everything[4]]
+    other = RolloutConfig(max_turns=3, max_new_tokens=6, temperature=1.0, batch_size=4)
+    shifted = rollout(model, tokenizer, "guess", tasks, other, progress=False, seeds=[s + 1 for s in seeds])
+    assert [e.messages for e in shifted] != everything  # the seeds do drive the samples
+    with pytest.raises(RolloutError, match="one per task"):
+        rollout(model, tokenizer, "guess", tasks, other, progress=False, seeds=seeds[:2])
+    with pytest.raises(RolloutError, match="reuse_cache=True"):
+        rollout(model, tokenizer, "guess", tasks, RolloutConfig(temperature=1.0, reuse_cache=False),
+                progress=False, seeds=seeds)  # fmt: skip
+
+
 class BinarySearchLM(torch.nn.Module):
     """A stand-in causal LM that plays the guessing game perfectly from its chat prompt."""
 
