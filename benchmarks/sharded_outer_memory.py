@@ -12,7 +12,11 @@ products, residual and scores) in one of two ways:
 - ``gathered`` (``sharded_outer=false``): both heads all-gathered to [V, D], g from the local
   validation tokens all-reduced, the fused ops on the full head, each HVP all-reduced (what the
   trainer did before the sharded step);
-- ``sharded``: :func:`boost.bilevel.hypergradient.sharded_head_hypergradient` on the rows.
+- ``sharded``: :func:`boost.bilevel.hypergradient.sharded_head_hypergradient` on the rows, every rank's
+  counted tokens gathered (``sharded_tokens=gathered``, the default);
+- ``streamed``: the same with ``sharded_tokens=streamed`` (each pass broadcasts one rank's tokens at a
+  time): memory T_r · D instead of T_all · D, which matters once the tokens outweigh the rows
+  (``--tokens`` large against ``--vocab``).
 
 Peak memory is the process's resident-set high-water mark (``VmHWM``, reset through
 ``/proc/self/clear_refs`` just before the step) minus its resident set at that moment, with glibc's
@@ -121,9 +125,9 @@ def _outer_step(mode, V, D, S, size, rows, pre, post, train, val, mine, w_local,
         W_pre = gather(pre)
         return head_hypergradient(HeadBatch(th, ty, ts, int(mine.sum())), W_pre, w_local, g, cfg,
                                   normalizer=float(S), reduce=group.sum_)  # fmt: skip
-    shard = VocabShard(post, rows.start, V, group)
-    val = ShardedHeadBatch(shard, vh, vy, vs, int(mine.sum())).loss(float(S))
-    train = ShardedHeadBatch(shard.with_weight(pre), th, ty, ts, int(mine.sum()))
+    shard, stream = VocabShard(post, rows.start, V, group), mode == "streamed"
+    val = ShardedHeadBatch(shard, vh, vy, vs, int(mine.sum()), stream=stream).loss(float(S))
+    train = ShardedHeadBatch(shard.with_weight(pre), th, ty, ts, int(mine.sum()), stream=stream)
     return sharded_head_hypergradient(train, w_local, val.weight_grad, cfg, float(S))
 
 
@@ -155,29 +159,34 @@ def main(argv=None) -> None:
     parser.add_argument("--trajectories", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="CG products")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--modes", nargs="+", default=["gathered", "sharded", "streamed"],
+                        choices=["gathered", "sharded", "streamed"], help="the first is the reference")  # fmt: skip
     parser.add_argument("--out", default="benchmarks/results/sharded_outer_memory.json")
     args = parser.parse_args(argv)
-    vector = args.vocab * args.hidden * 4
+    vector, tokens = args.vocab * args.hidden * 4, args.tokens * args.hidden * 4
     rows = []
     for world in args.ranks:
-        for mode in ("gathered", "sharded"):
+        for mode in args.modes:
             rows.append(measure(world, mode, args))
             print(f"ranks {world} {mode}: {max(rows[-1]['peak_bytes_per_rank']) / MIB:.0f} MiB", flush=True)
     print(f"\nV={args.vocab} D={args.hidden} (one [V, D] fp32 vector: {vector / MIB:.0f} MiB), "
-          f"{args.tokens} counted tokens per batch, CG {args.steps} products\n")  # fmt: skip
-    print("| ranks | gathered: peak MiB/rank | sharded: peak MiB/rank | sharded/gathered | in [V, D] vectors "
-          "(sharded) | max relative difference of the hypergradients |")  # fmt: skip
-    print("|---|---|---|---|---|---|")
+          f"{args.tokens} counted tokens per batch ([T, D] fp32: {tokens / MIB:.0f} MiB), CG {args.steps} "
+          "products; peak MiB per rank (in [V, D] vectors), and the hypergradients' max relative "
+          f"difference from {args.modes[0]}\n")  # fmt: skip
+    print("| ranks | " + " | ".join(args.modes) + " |")
+    print("|---|" + "---|" * len(args.modes))
     for world in args.ranks:
-        g, s = (
-            next(r for r in rows if r["ranks"] == world and r["mode"] == m) for m in ("gathered", "sharded")
-        )
-        gp, sp = max(g["peak_bytes_per_rank"]), max(s["peak_bytes_per_rank"])
-        ref = max(abs(x) for x in g["hypergradient"])
-        diff = max(abs(a - b) for a, b in zip(s["hypergradient"], g["hypergradient"])) / ref
-        print(
-            f"| {world} | {gp / MIB:.0f} | {sp / MIB:.0f} | {sp / gp:.2f} | {sp / vector:.2f} | {diff:.1e} |"
-        )
+        ref, cells = None, []
+        for mode in args.modes:
+            r = next(r for r in rows if r["ranks"] == world and r["mode"] == mode)
+            peak = max(r["peak_bytes_per_rank"])
+            if ref is None:
+                ref, scale = r["hypergradient"], max(abs(x) for x in r["hypergradient"])
+                cells.append(f"{peak / MIB:.0f} ({peak / vector:.2f})")
+                continue
+            diff = max(abs(a - b) for a, b in zip(r["hypergradient"], ref)) / scale
+            cells.append(f"{peak / MIB:.0f} ({peak / vector:.2f}), {diff:.1e}")
+        print(f"| {world} | " + " | ".join(cells) + " |")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"config": vars(args), "vector_bytes": vector, "runs": rows}, indent=1) + "\n")

@@ -53,6 +53,11 @@ class Collective:
         """Every rank's ``x`` [n_r, ...] concatenated in rank order, and the counts n_r."""
         return x, [x.shape[0]]
 
+    def broadcast_rows(self, x: torch.Tensor, rows: int, src: int) -> torch.Tensor:
+        """Rank ``src``'s ``x`` [rows, ...] on every rank (``x``: this rank's own block, which gives
+        the shape and dtype of the others' as well)."""
+        return x
+
 
 class ProcessGroup(Collective):
     """:class:`Collective` over a ``torch.distributed`` process group (default: the world)."""
@@ -79,6 +84,12 @@ class ProcessGroup(Collective):
         parts = [torch.empty_like(padded) for _ in range(self.world)]
         dist.all_gather(parts, padded, group=self.group)
         return torch.cat([p[:n] for p, n in zip(parts, counts)]), counts
+
+    def broadcast_rows(self, x, rows, src):
+        buf = x if src == self.rank else x.new_empty(rows, *x.shape[1:])
+        root = src if self.group is None else dist.get_global_rank(self.group, src)
+        dist.broadcast(buf, src=root, group=self.group)
+        return buf
 
 
 def shard_rows(vocab_size: int, world: int, rank: int) -> slice:
@@ -158,12 +169,13 @@ def token_statistics(shard: VocabShard, hidden: torch.Tensor, labels: torch.Tens
     return top + torch.log(s), shard.collective.sum_(zy)
 
 
-def weight_gradient(shard, hidden, labels, coef, lse) -> torch.Tensor:
-    """Σ_t coef_t ∇_{W_r} loss_t: [V_r, D] float32 (float64 for float64 hidden)."""
+def weight_gradient(shard, hidden, labels, coef, lse, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_t coef_t ∇_{W_r} loss_t: [V_r, D] float32 (float64 for float64 hidden), added into ``out``
+    when given."""
     acc = chunked.compute_dtype(hidden.dtype)
     w, b = shard.weight.to(acc), chunked._up(shard.bias, acc)
     local = shard.local_labels(labels)
-    out = torch.zeros_like(w)
+    out = torch.zeros_like(w) if out is None else out
     for sl in _chunks(hidden.shape[0], shard.chunk_rows):
         c = coef[sl].to(acc)
         if not bool((c != 0).any()):
@@ -177,13 +189,16 @@ def weight_gradient(shard, hidden, labels, coef, lse) -> torch.Tensor:
     return out
 
 
-def weight_hvp(shard, hidden, labels, coef, lse, u: torch.Tensor) -> torch.Tensor:
-    """(Σ_t coef_t ∇²_W loss_t) u restricted to this shard's rows: [V_r, D], from u's shard [V_r, D].
-    One reduction of [chunk] over ranks per chunk of tokens (<p_t, dz_t> spans the vocabulary)."""
+def weight_hvp(
+    shard, hidden, labels, coef, lse, u: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(Σ_t coef_t ∇²_W loss_t) u restricted to this shard's rows: [V_r, D], from u's shard [V_r, D]
+    (added into ``out`` when given). One reduction of [chunk] over ranks per chunk of tokens
+    (<p_t, dz_t> spans the vocabulary)."""
     acc = chunked.compute_dtype(hidden.dtype)
     w, b, u = shard.weight.to(acc), chunked._up(shard.bias, acc), u.to(acc)
     local, cap = shard.local_labels(labels), shard.softcap
-    out = torch.zeros_like(w)
+    out = torch.zeros_like(w) if out is None else out
     for sl in _chunks(hidden.shape[0], shard.chunk_rows):
         c = coef[sl].to(acc)
         if not bool((c != 0).any()):  # the same decision on every rank: coef is every rank's
@@ -230,20 +245,27 @@ class ShardedLoss(NamedTuple):
 
 class ShardedHeadBatch:
     """A packed batch as the vocabulary-parallel head sees it: this rank's counted tokens (its
-    ``hidden`` [T_r, D], global ``labels`` [T_r], ``segment_ids`` [T_r] in [-1, S_r)) and, gathered
-    once, every rank's, against one :class:`VocabShard`. ``normalize`` / ``ignore_index`` as in
-    :func:`boost_kernels.trajectory_cross_entropy`. The log-sum-exp of the gathered tokens is
-    computed on first use and kept (the HVPs of a solve all linearise at the same head)."""
+    ``hidden`` [T_r, D], global ``labels`` [T_r], ``segment_ids`` [T_r] in [-1, S_r)) against one
+    :class:`VocabShard`; every rank's tokens take part in every sum. ``normalize`` / ``ignore_index``
+    as in :func:`boost_kernels.trajectory_cross_entropy`.
+
+    ``stream=False``: every rank's hidden states are all-gathered once ([T_all, D] held for the
+    batch's life; one gather however many passes). ``stream=True``: only this rank's are held, and each
+    pass (a loss, an HVP, a JVP) broadcasts one rank's block at a time ([T_r, D] in flight; T_all · D
+    floats sent per pass). Labels, coefficients and log-sum-exps ([T_all] each) are gathered in
+    both. The log-sum-exp is computed on first use and kept (the HVPs of a solve all linearise at
+    the same head). Both give the same numbers up to the order of the sums over tokens.
+    """
 
     def __init__(self, shard: VocabShard, hidden, labels, segment_ids, num_segments: int,
-                 normalize: str = "mean", ignore_index: int = -100):  # fmt: skip
+                 normalize: str = "mean", ignore_index: int = -100, stream: bool = False):  # fmt: skip
         if normalize not in ("mean", "sum"):
             raise ValueError(f"normalize must be 'mean' or 'sum', got {normalize!r}")
         if hidden.shape[1] != shard.weight.shape[1]:
             raise ValueError(
                 f"hidden [T, D] has D={hidden.shape[1]}, the head's shard {tuple(shard.weight.shape)}"
             )
-        self.shard = shard
+        self.shard, self.stream = shard, stream
         labels, segment_ids = labels.long(), segment_ids.long()
         counted = (segment_ids >= 0) & (labels != ignore_index)
         if bool(((labels >= shard.vocab_size) & counted).any()) or bool(((labels < 0) & counted).any()):
@@ -254,11 +276,26 @@ class ShardedHeadBatch:
             torch.bincount(segment_ids[counted], minlength=num_segments), chunked,
         )  # fmt: skip
         self.scale = _token_scale(self.prep, normalize, chunked.compute_dtype(hidden.dtype))
-        self.hidden, counts = shard.collective.gather_rows(hidden.to(self.scale.dtype))
-        self.labels = shard.collective.gather_rows(self.prep.labels)[0]
+        self.labels, counts = shard.collective.gather_rows(self.prep.labels)
+        own = hidden.to(self.scale.dtype)
+        # stream: this rank's block only; otherwise every rank's, gathered once
+        self.hidden = own if stream else shard.collective.gather_rows(own)[0]
         rank = shard.collective.rank
-        self.mine = slice(sum(counts[:rank]), sum(counts[: rank + 1]))  # this rank's rows of the gathered
+        self.offsets = [sum(counts[:r]) for r in range(len(counts) + 1)]
+        self.mine = slice(self.offsets[rank], self.offsets[rank + 1])  # this rank's rows of the gathered
         self._lse = None
+
+    def blocks(self):
+        """(slice of the gathered token order, hidden [n, D], labels [n]): every rank's tokens, in one
+        block (gathered) or one rank's block at a time (streamed: every rank must iterate them all)."""
+        if not self.stream:
+            yield slice(0, self.labels.shape[0]), self.hidden, self.labels
+            return
+        collective = self.shard.collective
+        for src in range(len(self.offsets) - 1):
+            sl = slice(self.offsets[src], self.offsets[src + 1])
+            if sl.stop > sl.start:  # (every rank skips the same empty blocks)
+                yield sl, collective.broadcast_rows(self.hidden, sl.stop - sl.start, src), self.labels[sl]
 
     @property
     def num_segments(self) -> int:
@@ -267,10 +304,17 @@ class ShardedHeadBatch:
     def lse(self, shard: VocabShard | None = None) -> torch.Tensor:
         """[T_all]: log-sum-exp at ``shard`` (default: the batch's, computed once and kept)."""
         if shard is not None and shard is not self.shard:
-            return token_statistics(shard, self.hidden, self.labels)[0]
+            return self._statistics(shard)[0]
         if self._lse is None:
-            self._lse = token_statistics(self.shard, self.hidden, self.labels)[0]
+            self._lse = self._statistics(self.shard)[0]
         return self._lse
+
+    def _statistics(self, shard: VocabShard):
+        lse = self.labels.new_zeros(self.labels.shape[0], dtype=self.scale.dtype)
+        zy = torch.zeros_like(lse)
+        for sl, h, labels in self.blocks():
+            lse[sl], zy[sl] = token_statistics(shard, h, labels)
+        return lse, zy
 
     def coefficients(self, traj_weights: torch.Tensor | None, normalizer: float) -> torch.Tensor:
         """[T_all]: every rank's a_t = w_{s(t)} scale_t / Z (this rank's from its ``traj_weights``)."""
@@ -283,20 +327,31 @@ class ShardedHeadBatch:
         """The weighted loss Σ_i w_i L_i / Z over every rank's trajectories at ``shard`` (default the
         batch's), this rank's L_i, and this shard's gradient rows."""
         shard = shard or self.shard
-        lse, zy = token_statistics(shard, self.hidden, self.labels)
-        token_loss = torch.where(self.labels >= 0, lse - zy, 0.0)
         coef = self.coefficients(traj_weights, normalizer)
+        token_loss = torch.zeros_like(coef, dtype=self.scale.dtype)
+        grad = torch.zeros_like(shard.weight, dtype=self.scale.dtype) if need_grad else None
+        for sl, h, labels in self.blocks():
+            lse, zy = token_statistics(shard, h, labels)
+            token_loss[sl] = torch.where(labels >= 0, lse - zy, 0.0)
+            if need_grad:
+                weight_gradient(shard, h, labels, coef[sl], lse, out=grad)
         total = (coef * token_loss).sum()
         per = _per_trajectory(self.prep, token_loss[self.mine], self.scale)
-        grad = weight_gradient(shard, self.hidden, self.labels, coef, lse) if need_grad else None
         return ShardedLoss(total, per, grad, self.prep.num_tokens)
 
     def hvp(self, coef: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """H u on this shard's rows for H = ∇²_W Σ_i w_i L_i / Z, with ``coef`` =
         :meth:`coefficients` of (w, Z) (computed once for the HVPs of a solve)."""
-        return weight_hvp(self.shard, self.hidden, self.labels, coef, self.lse(), u)
+        lse = self.lse()
+        out = torch.zeros_like(self.shard.weight, dtype=self.scale.dtype)
+        for sl, h, labels in self.blocks():
+            weight_hvp(self.shard, h, labels, coef[sl], lse[sl], u, out=out)
+        return out
 
     def tangents(self, v: torch.Tensor) -> torch.Tensor:
         """[S_r]: dL_i = <∇_W L_i, v> for this rank's trajectories, from v's shard."""
-        d = token_tangents(self.shard, self.hidden, self.labels, self.lse(), v)
+        lse = self.lse()
+        d = torch.zeros_like(lse)
+        for sl, h, labels in self.blocks():
+            d[sl] = token_tangents(self.shard, h, labels, lse[sl], v)
         return _per_trajectory(self.prep, d[self.mine], self.scale)

@@ -58,7 +58,7 @@ def _overrides(assets, out: Path, parallel: str, steps: int = 5) -> list[str]:
              "accumfsdp": ("grad_accum=2",), "refilter": ("weighting.refilter_every=2",),
              "refilterfsdp": ("weighting.refilter_every=2",), "evalddp": EVAL, "evalfsdp": EVAL, "lora": LORA, "loraddp": LORA, "gathered": ("sharded_outer=false",),
              "trainablefsdp": TRAINABLE, "objddp": OBJECTIVE, "objfsdp": OBJECTIVE,
-             "objgathered": (*OBJECTIVE, "sharded_outer=false")}.get(out.name.split("-")[0], ())  # fmt: skip
+             "objgathered": (*OBJECTIVE, "sharded_outer=false"), "streamed": ("sharded_tokens=streamed",)}.get(out.name.split("-")[0], ())  # fmt: skip
     return [f"data.path={data}", f"model.name={model}", f"out_dir={out}", "data.token_budget=1024",
             "data.max_length=512", f"steps={steps}", "eval.episodes=0", "checkpoint_every=3",
             f"parallel={parallel}", *(["parallel_debug=true"] if parallel != "none" else []), *extra]  # fmt: skip
@@ -88,12 +88,12 @@ def runs(assets, tmp_path_factory):
     "accum-1", "accum-2" (DDP, grad_accum=2), "accumfsdp-1", "accumfsdp-2" (FSDP2, grad_accum=2),
     "refilter-1", "refilter-2" (DDP, refilter_every=2), "refilterfsdp-1", "refilterfsdp-2" (FSDP2),
     "refilter-2to1", "lora-1", "lora-2" (FSDP2, LoRA with a trained head), "lora-2to1", "loraddp-1",
-    "loraddp-2" (DDP, the same), "gathered-1", "gathered-2" (FSDP2 with sharded_outer=false), "diverging", "evalddp-1", "evalddp-2", "evalfsdp-1", "evalfsdp-2" (eval.episodes=4 at
+    "loraddp-2" (DDP, the same), "gathered-1", "gathered-2" (FSDP2 with sharded_outer=false), "streamed-2" (FSDP2, sharded_tokens=streamed), "objddp-1", "objddp-2", "objfsdp-1", "objfsdp-2", "objgathered-1", "objgathered-2" (outer.objective=nll+decision+0.5*return), "objfsdp-2to1", "diverging", "evalddp-1", "evalddp-2", "evalfsdp-1", "evalfsdp-2" (eval.episodes=4 at
     the end of the run), "play" (a folder: play-none-1.json, play-ddp-2.json, play-fsdp2-2.json)}."""
     root = tmp_path_factory.mktemp("distributed_runs")
     pairs = ("trainable", "identity", "accum", "accumfsdp", "refilter", "refilterfsdp", "evalddp", "evalfsdp",
              "lora", "loraddp", "gathered", "trainablefsdp", "objddp", "objfsdp", "objgathered")  # fmt: skip
-    more = (*(f"{k}-{n}" for k in pairs for n in (1, 2)), "diverging", "play")
+    more = (*(f"{k}-{n}" for k in pairs for n in (1, 2)), "streamed-2", "diverging", "play")
     names = ("plain", *(f"{k}-{n}" for k in KINDS for n in (1, 2)), *more)
     out = {name: root / name for name in names}
     out["play"].mkdir()
@@ -156,6 +156,7 @@ def runs(assets, tmp_path_factory):
             run("objddp-2", "ddp"),
             run("objfsdp-2", "fsdp2"),
             run("objgathered-2", "fsdp2"),
+            run("streamed-2", "fsdp2"),
             play("ddp", 2),
             play("fsdp2", 2),
         ]  # fmt: skip
@@ -281,16 +282,20 @@ def test_fsdp2_block_trainable_equals_ddp(runs):
         assert _relative(p_fsdp[name], p_ddp[name]) <= TOLERANCE, name
 
 
-def test_sharded_outer_step_equals_the_gathered_one(runs):
-    """FSDP2's outer step on vocabulary rows (sharded_outer, the default) against the gathered head
-    (sharded_outer=false) on the same 2 ranks: the same hypergradients, weights and head."""
-    sharded, gathered = _debug_rows(runs["fsdp2-2"]), _debug_rows(runs["gathered-2"])
+@pytest.mark.parametrize("sharded", ["fsdp2-2", "streamed-2"])
+def test_sharded_outer_step_equals_the_gathered_one(runs, sharded):
+    """FSDP2's outer step on vocabulary rows (sharded_outer, the default; its tokens gathered or
+    streamed one rank's block at a time) against the gathered head (sharded_outer=false) on the same 2
+    ranks: the same hypergradients, weights and head."""
+    gathered = _debug_rows(runs["gathered-2"])
+    metrics = _metrics(runs[sharded])
+    sharded = _debug_rows(runs[sharded])
     assert len(sharded) == len(gathered) == 5
     for a, b in zip(sharded, gathered):
         assert a["index"] == b["index"]
         for key in ("loss", "weight", "hypergradient"):
             assert _relative(a[key], b[key]) <= TOLERANCE, (a["step"], key)
-    for a, b in zip(_metrics(runs["fsdp2-2"]), _metrics(runs["gathered-2"])):
+    for a, b in zip(metrics, _metrics(runs["gathered-2"])):
         for key in ("val_loss", "solver_residual", "n_eff"):
             assert _relative([a[key]], [b[key]]) <= TOLERANCE, (a["step"], key)
 

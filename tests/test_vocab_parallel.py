@@ -37,25 +37,31 @@ def problem(T=60, D=8, V=37, S=6, dtype=torch.float64, seed=0):
     return hidden, weight, labels, segments, weights, g
 
 
-def share(rank: int, world: int, labels, segments, S: int):
-    """This rank's trajectories (i % world == rank): a token mask and the local segment ids."""
-    mine = torch.arange(S) % world == rank
+def share(rank: int, world: int, labels, segments, S: int, empty_last: bool = False):
+    """This rank's trajectories (i % world == rank; ``empty_last``: i % (world - 1), so that the last
+    rank holds no token): a token mask and the local segment ids."""
+    mine = torch.arange(S) % (world - 1 if empty_last else world) == rank
     local = torch.full((S,), -1, dtype=torch.int64)
     local[mine] = torch.arange(int(mine.sum()))
     keep = (segments >= 0) & mine[segments.clamp(min=0)]
     return keep, local[segments[keep]], mine
 
 
-def check(rank: int, world: int, dtype: torch.dtype, softcap, V: int) -> list[str]:
-    """Every comparison of one configuration on this rank; returns the failures."""
+def check(rank: int, world: int, dtype: torch.dtype, softcap, V: int, stream: bool = False,
+          empty_last: bool = False) -> list[str]:  # fmt: skip
+    """Every comparison of one configuration on this rank (``stream``: the tokens broadcast one rank's
+    block at a time instead of gathered; ``empty_last``: the last rank has no token); returns the
+    failures."""
     tol = 1e-10 if dtype == torch.float64 else 1e-6
     S, Z = 6, 9.0
     hidden, weight, labels, segments, w, g = problem(V=V, dtype=dtype)
     rows = shard_rows(V, world, rank)
-    keep, local_segments, mine = share(rank, world, labels, segments, S)
+    keep, local_segments, mine = share(rank, world, labels, segments, S, empty_last)
     collective = ProcessGroup() if world > 1 else Collective()
     shard = VocabShard(weight[rows], rows.start, V, collective, softcap=softcap)
-    batch = ShardedHeadBatch(shard, hidden[keep], labels[keep], local_segments, int(mine.sum()))
+    batch = ShardedHeadBatch(
+        shard, hidden[keep], labels[keep], local_segments, int(mine.sum()), stream=stream
+    )
     full = HeadBatch(hidden, labels, segments, S, softcap=softcap)
     failures = []
 
@@ -70,7 +76,8 @@ def check(rank: int, world: int, dtype: torch.dtype, softcap, V: int) -> list[st
         err = (err_sq / max(norm_sq, 1e-300)) ** 0.5
         if not err <= tol:
             failures.append(
-                f"rank {rank}/{world} {dtype} softcap={softcap} V={V} {name}: relative error {err:.3g}"
+                f"rank {rank}/{world} {dtype} softcap={softcap} V={V} stream={stream} empty_last={empty_last} {name}: "
+                f"relative error {err:.3g}"
             )
 
     weight_ = weight.clone().requires_grad_()
@@ -118,7 +125,10 @@ def worker(rank: int, world: int, port: int, queue) -> None:
         for dtype in (torch.float64, torch.float32):
             for softcap in (None, 4.0):
                 for V in (37, 5):  # 5 rows on 4 ranks: 2, 2, 1 and an empty shard
-                    failures += check(rank, world, dtype, softcap, V)
+                    for stream in (False, True) if dtype == torch.float64 else (False,):
+                        failures += check(rank, world, dtype, softcap, V, stream)
+        for stream in (False, True):  # a rank without tokens (a phantom share in the trainer)
+            failures += check(rank, world, torch.float64, None, 37, stream, empty_last=True)
         queue.put((rank, failures))
     except Exception as exc:  # report it instead of hanging the other ranks' test
         queue.put((rank, [f"rank {rank}: {type(exc).__name__}: {exc}"]))
@@ -145,6 +155,7 @@ def test_sharded_head_equals_gathered_head_on_gloo_ranks(world):
 def test_one_rank_is_the_fused_ops():
     assert check(0, 1, torch.float64, None, 37) == []
     assert check(0, 1, torch.float32, 4.0, 37) == []
+    assert check(0, 1, torch.float64, 4.0, 37, stream=True) == []
 
 
 def test_shard_rows_are_torch_chunk_s_blocks():

@@ -156,14 +156,17 @@ class OuterStep:
     def sharded_head_block(self, batch: PackedBatch, state: dict, val: PackedBatch):
         """:meth:`head_block` with the head's rows split over ranks (FSDP2, ``sharded_outer``): g, θ_t's
         copy, v and the solver's vectors are this rank's [V_r, D] rows; every rank's counted tokens
-        are gathered instead ([T, D] per batch; :mod:`boost_kernels.vocab_parallel`). The same numbers
+        are gathered instead ([T, D] per batch; ``sharded_tokens=streamed``: broadcast one rank's block
+        at a time in every pass; :mod:`boost_kernels.vocab_parallel`). The same numbers
         as :meth:`head_block` (tested on 2 and 4 ranks), in the chunked PyTorch ops."""
         t = self.trainer
         with torch.no_grad():
             val_hidden = t.hidden_states(val)
             val_c = self.counted(val_hidden, val)
             shard = t.parallel.vocab_shard(t.lm_head.weight, t._bias())  # θ_{t+1}'s rows
-            val_b = ShardedHeadBatch(shard, val_c.hidden, val_c.labels, val_c.segment_ids, val.num_segments)
+            stream = t.cfg.sharded_tokens == "streamed"
+            val_b = ShardedHeadBatch(shard, val_c.hidden, val_c.labels, val_c.segment_ids, val.num_segments,
+                                     stream=stream)  # fmt: skip
             val_out = val_b.loss(t.parallel.normalizer(val))  # the loss over every rank's tokens
             del val_b  # its gathered tokens: not held through the solve
         g = val_out.weight_grad  # this rank's rows of the NLL's gradient
@@ -175,7 +178,7 @@ class OuterStep:
         train = self.counted(state["hidden"], batch)
         (w_pre,) = state["pre_step"]  # this rank's rows of the head that produced the inner step's logits
         train_b = ShardedHeadBatch(shard.with_weight(w_pre), train.hidden, train.labels, train.segment_ids,
-                                   batch.num_segments)  # fmt: skip
+                                   batch.num_segments, stream=stream)  # fmt: skip
         return val_out.loss.detach(), sharded_head_hypergradient(
             train_b, state["w_local"].detach().float(), g, t.cfg.solver,
             t.parallel.normalizer(batch), init=t.last_v, precondition=self.precondition(None, state),

@@ -315,6 +315,10 @@ class TrainConfig:
     # vocabulary rows (boost_kernels/vocab_parallel.py: memory V·D/N per vector); false: gathers the
     # [V, D] head and holds every vector at full size on every rank (the same numbers, to 1e-6)
     sharded_outer: bool = True
+    # the sharded outer step's tokens: "gathered" (every rank holds every rank's counted tokens, [T_all, D],
+    # for the whole solve) or "streamed" (only its own; each pass broadcasts one rank's block at a time:
+    # memory T_r·D instead of T_all·D, for T_all·D floats sent per HVP). The same numbers (to 1e-10 in float64)
+    sharded_tokens: str = "gathered"
 
     def __post_init__(self):
         for name in ("steps", "outer_every", "log_every", "max_bad_steps", "keep_checkpoints", "grad_accum"):
@@ -327,6 +331,8 @@ class TrainConfig:
         if self.block not in ("head", "trainable"):
             raise ValueError(f"block must be 'head' or 'trainable', got {self.block!r}")
         check_block(self.lora, self.block)
+        if self.sharded_tokens not in ("gathered", "streamed"):
+            raise ValueError(f"sharded_tokens must be 'gathered' or 'streamed', got {self.sharded_tokens!r}")
         if self.block != "head" and self.outer.terms != {"nll": 1.0}:
             raise ValueError(
                 f"outer.objective={self.outer.objective} is built for block=head (its gradients come from the "

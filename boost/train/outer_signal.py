@@ -110,7 +110,8 @@ class HeadGradients:
         self.parallel = trainer.parallel
 
     def _batch(self, hidden, labels, segment_ids, num_segments, normalize):
-        return ShardedHeadBatch(self.shard, hidden, labels, segment_ids, num_segments, normalize=normalize)
+        return ShardedHeadBatch(self.shard, hidden, labels, segment_ids, num_segments, normalize=normalize,
+                                stream=self.trainer.cfg.sharded_tokens == "streamed")  # fmt: skip
 
     def per_segment(
         self, hidden, labels, segment_ids, num_segments: int, normalize: str = "sum"
