@@ -138,16 +138,17 @@ class OuterStep:
         bias = t._bias()
         val_out = t.losses(val_c.hidden, val, weight=Wg, counted=val_c)  # parallel: the global count
         (g,) = torch.autograd.grad(val_out.loss, Wg)  # this rank's part of the NLL's gradient
+        val_loss = t.parallel.sum(val_out.loss.detach().clone())
         if t.signal is None:  # outer.objective=nll
             g = t.parallel.sum(g)
         else:  # summed over ranks inside (the return term's rollouts are shared, not split)
-            g = self.signal_gradient(val, val_hidden, g, float(val_out.loss.detach()), state, weight=Wg)
+            g = self.signal_gradient(val, val_hidden, g, float(val_loss), state, weight=Wg)
         self.update_reference(val_c.hidden, val_c.segment_ids, val, val_out)
         train = self.counted(state["hidden"], batch)
         if bias is not None:
             train = replace(train, bias=bias.detach())
         (w_pre,) = state["pre_step"]  # the head that produced the inner step's logits
-        return t.parallel.sum(val_out.loss.detach().clone()), head_hypergradient(
+        return val_loss, head_hypergradient(
             train, w_pre, state["w_local"].detach().float(), g, t.cfg.solver, init=t.last_v,
             precondition=self.precondition([t.lm_head.weight], state),
             normalizer=t.parallel.normalizer(batch), reduce=t.parallel.reduce,
@@ -170,10 +171,8 @@ class OuterStep:
             val_out = val_b.loss(t.parallel.normalizer(val))  # the loss over every rank's tokens
             del val_b  # its gathered tokens: not held through the solve
         g = val_out.weight_grad  # this rank's rows of the NLL's gradient
-        if t.signal is not None:  # the objective's gradient in the same rows
-            # (the NLL's value is already global: counted once, by rank 0)
-            nll = float(val_out.loss) if t.parallel.is_main else 0.0
-            g = self.signal_gradient(val, val_hidden, g, nll, state, shard=shard)
+        if t.signal is not None:  # the objective's gradient in the same rows (the loss: every rank's)
+            g = self.signal_gradient(val, val_hidden, g, float(val_out.loss), state, shard=shard)
         self.update_reference(val_c.hidden, val_c.segment_ids, val, val_out)
         train = self.counted(state["hidden"], batch)
         (w_pre,) = state["pre_step"]  # this rank's rows of the head that produced the inner step's logits

@@ -109,32 +109,30 @@ class HeadGradients:
         self.trainer, self.weight, self.shard = trainer, weight, shard
         self.parallel = trainer.parallel
 
-    def _batch(self, hidden, labels, segment_ids, num_segments, normalize):
-        return ShardedHeadBatch(self.shard, hidden, labels, segment_ids, num_segments, normalize=normalize,
+    def _batch(self, hidden, labels, segment_ids, num_segments):
+        return ShardedHeadBatch(self.shard, hidden, labels, segment_ids, num_segments, normalize="sum",
                                 stream=self.trainer.cfg.sharded_tokens == "streamed")  # fmt: skip
 
-    def per_segment(
-        self, hidden, labels, segment_ids, num_segments: int, normalize: str = "sum"
-    ) -> torch.Tensor:
-        """[S] this rank's per-segment losses (no grad)."""
+    def per_segment(self, hidden, labels, segment_ids, num_segments: int) -> torch.Tensor:
+        """[S] this rank's per-segment losses, summed over each segment's tokens (no grad)."""
         if self.shard is not None:
-            batch = self._batch(hidden, labels, segment_ids, num_segments, normalize)
+            batch = self._batch(hidden, labels, segment_ids, num_segments)
             return batch.loss(1.0, need_grad=False).per_trajectory
         with torch.no_grad():
             return bk.trajectory_cross_entropy(
                 hidden, self.weight.detach(), labels, segment_ids, num_segments, bias=self.trainer._bias(),
-                normalize=normalize, **self.trainer.cfg.kernels.loss_options(),
+                normalize="sum", **self.trainer.cfg.kernels.loss_options(),
             ).per_trajectory  # fmt: skip
 
-    def weighted(self, hidden, labels, segment_ids, weights: torch.Tensor, normalizer: float,
-                 normalize: str = "sum") -> torch.Tensor:  # fmt: skip
-        """∇ Σ_s weights_s L_s / normalizer: [V, D] (this rank's part) or [V_r, D] (global rows)."""
+    def weighted(self, hidden, labels, segment_ids, weights: torch.Tensor, normalizer: float) -> torch.Tensor:
+        """∇ Σ_s weights_s L_s / normalizer (L_s summed over the segment's tokens): [V, D] (this rank's
+        part) or [V_r, D] (global rows)."""
         if self.shard is not None:
-            batch = self._batch(hidden, labels, segment_ids, weights.shape[0], normalize)
+            batch = self._batch(hidden, labels, segment_ids, weights.shape[0])
             return batch.loss(normalizer, traj_weights=weights).weight_grad
         out = bk.trajectory_cross_entropy(
             hidden, self.weight, labels, segment_ids, weights.shape[0], traj_weights=weights.to(hidden.dtype),
-            bias=self.trainer._bias(), normalize=normalize, normalizer=float(normalizer),
+            bias=self.trainer._bias(), normalize="sum", normalizer=float(normalizer),
             **self.trainer.cfg.kernels.loss_options(),
         )  # fmt: skip
         (part,) = torch.autograd.grad(out.loss, self.weight)
@@ -213,8 +211,8 @@ class OuterSignal:
 
         val_hidden [T, D]: its hidden states (no grad); the head at θ_{t+1}: ``weight`` [V, D] requiring
         grad (gathered) or ``shard`` (its rows, :class:`boost_kernels.vocab_parallel.VocabShard`);
-        nll_grad: ∇ of the validation NLL in the same layout and nll_value its value, both this rank's
-        part (:meth:`HeadGradients.total` / a sum over ranks make them global).
+        nll_grad: ∇ of the validation NLL in the same layout, this rank's part (:meth:`HeadGradients.total`
+        makes it global); nll_value: the validation NLL, already global.
         """
         parallel = self.trainer.parallel
         head = HeadGradients(self.trainer, weight=weight, shard=shard)
@@ -223,12 +221,12 @@ class OuterSignal:
             if name == "nll":
                 part, values[name] = nll_grad, nll_value
             elif name == "decision":
-                part, values[name], record["decision_trajectories"] = self._decision(val, val_hidden, head)
+                part, here, record["decision_trajectories"] = self._decision(val, val_hidden, head)
+                (values[name],) = parallel.sum_floats(here)
             else:
                 continue
             local += beta * part.float()
         g = head.total(local)
-        values = dict(zip(values, parallel.sum_floats(*values.values()))) if values else {}
         if "return" in self.terms:
             part, values["return"], extra = self._return(head)
             g += self.terms["return"] * part
@@ -251,14 +249,13 @@ class OuterSignal:
                 f"{self.env_name} ({self.decision.unparsed} of {self.decision.replies} replies so far did not); "
                 "check the environment's action format, or use outer.objective=nll"
             )
-        if num_actions == 0 and head.shard is None:  # none on this rank (a phantom share): adds nothing
+        # none on this rank (a phantom share): adds nothing. (The sharded head gathers every rank's tokens,
+        # so every rank takes part, with no token and no segment here.)
+        if num_actions == 0 and head.shard is None:
             return head.zeros(), 0.0, n
-        # (the sharded head gathers every rank's tokens, so every rank runs it: with no action here, one
-        # empty segment of weight 0)
         hidden, labels, action_ids = val_hidden[keep], labels[keep], action_ids[keep]
-        per_action = head.per_segment(hidden, labels, action_ids, max(num_actions, 1))[:num_actions]
+        per_action = head.per_segment(hidden, labels, action_ids, num_actions)
         terms, weights = decision_weights(per_action, owner, val.num_segments, n)
-        weights = torch.cat([weights, weights.new_zeros(max(1 - num_actions, 0))])
         part = head.weighted(hidden, labels, action_ids, weights, 1.0)
         return part, float(terms.sum()), n
 
