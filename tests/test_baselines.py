@@ -142,9 +142,18 @@ def test_return_gate_leaves_out_what_is_below_the_worst_demonstration_before_ran
     with pytest.raises(ValueError, match="no synthetic trajectory has a return >= 2"):
         select_synthetic(pool, WeightingConfig(method="return_filter", return_gate=2.0))
     with pytest.raises(
-        ValueError, match="goes with weighting.method=return_filter, weight_filter or random_filter"
+        ValueError,
+        match="goes with weighting.method=return_filter, weight_filter, random_filter or influence",
     ):
         WeightingConfig(method="boost", return_gate=1.0)
+    # influence trains on every passer until select_at (boost/train/influence.py): the gate note says so
+    kept, note = select_synthetic(
+        pool, WeightingConfig(method="influence", return_gate="real_min"), real=real
+    )
+    assert [t.source for t in kept] == ["s1", "s2", "s3"]
+    assert (
+        note == "weighting influence: 3 synthetic trajectories kept; return gate 0.8 (real_min) passed 3 of 5"
+    )
     with pytest.raises(ValueError, match="a number or 'real_min'"):
         WeightingConfig(method="return_filter", return_gate="median")
 

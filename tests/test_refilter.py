@@ -58,7 +58,7 @@ def test_refilter_steps_and_the_refiltered_packer():
 
 
 def test_refilter_needs_a_learned_head():
-    with pytest.raises(ValueError, match="weighting.method=uniform has none"):
+    with pytest.raises(ValueError, match="weighting.method=uniform has neither"):
         WeightingConfig(method="uniform", refilter_every=5)
     with pytest.raises(ValueError, match=">= 0"):
         WeightingConfig(method="boost", refilter_every=-1)

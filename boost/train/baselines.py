@@ -55,13 +55,14 @@ from boost.stats import spearman
 
 METHODS = (
     "boost", "uniform", "real_only", "return_filter", "loss_filter", "per_source", "mwn", "weight_filter",
-    "random_filter", "oracle",
+    "random_filter", "influence", "oracle",
 )  # fmt: skip
 LEARNED = ("boost", "per_source", "mwn")  # methods with a head and outer steps
 # methods that choose their synthetic trajectories before training (select_synthetic), weight 1 each
 DATA_FILTERS = ("real_only", "return_filter", "weight_filter", "random_filter", "oracle")
-# data filters that rank (after an optional weighting.return_gate) and keep a top_fraction
-GATED_FILTERS = ("return_filter", "weight_filter", "random_filter")
+# data filters that rank (after an optional weighting.return_gate) and keep a top_fraction; influence
+# trains on every passer until weighting.select_at, then ranks them by influence
+GATED_FILTERS = ("return_filter", "weight_filter", "random_filter", "influence")
 ANALYSIS_ONLY = ("oracle",)
 
 
@@ -224,8 +225,8 @@ def select_synthetic(
         if any(q is None for q in quality):
             raise ValueError("weighting.method=oracle needs generator ground truth in every synthetic 'meta'")
         kept = [t for t, q in zip(synthetic, quality) if q >= cfg.oracle_threshold]
-    else:  # not one of DATA_FILTERS
-        return synthetic, f"weighting {method}: all {len(synthetic)} synthetic trajectories kept"
+    else:  # not one of DATA_FILTERS (influence: every passer of the gate, ranked later in the run)
+        return synthetic, f"weighting {method}: {len(synthetic)} synthetic trajectories kept{gate_note}"
     note = " (ANALYSIS ONLY: reads ground truth)" if method in ANALYSIS_ONLY else ""
     if gate is not None:
         synthetic = full
@@ -365,6 +366,10 @@ def pool_weights(trainer) -> dict[int, float]:
     """
     method = trainer.method
     out: dict[int, float] = {}
+    if method == "influence" and trainer.refiltered is not None:  # 1 on the latest selection, 0 elsewhere
+        chosen = set(trainer.refiltered.positions)
+        pool = trainer.data.train.trajectories
+        return {t.index: float(p in chosen) for p, t in enumerate(pool) if t.source != "real"}
     if method not in LEARNED and method != "loss_filter":  # weight 1 on every kept trajectory: no forward
         return {t.index: 1.0 for t in trainer.data.train.trajectories if t.source != "real"}
     for batch, losses, f in pool_batches(trainer, features=method in LEARNED):

@@ -153,7 +153,8 @@ class WeightingConfig:
     """Which weighting the trainer uses: BOOST or a baseline (boost/train/baselines.py)."""
 
     # boost, uniform, real_only, return_filter, loss_filter, per_source, mwn, weight_filter,
-    # random_filter (a control), oracle (analysis only)
+    # random_filter (a control), influence (BOOST's hypergradient taken once over the pool: see
+    # boost/train/influence.py), oracle (analysis only)
     method: str = "boost"
     return_threshold: float | None = None  # return_filter: keep synthetic with return >= this ...
     top_fraction: float = 0.5  # ... or, without a threshold, this top share by return
@@ -184,6 +185,15 @@ class WeightingConfig:
     # top_fraction of the synthetic pool by the head's final weights, each with weight 1 (weight_filter),
     # behind return_gate when it is set. Costs head_steps learned-head steps + `steps` plain steps
     head_steps: int = 0
+    # influence: after this inner step (training so far on the real trajectories and every synthetic one
+    # past return_gate) score the pool once by σ_i = <∇_W L_i, v>, v ≈ H⁻¹ g by `solver`, and train on
+    # from there on the real ones plus the top_fraction by σ; refilter_every > 0 scores it again every
+    # that many steps (boost/train/influence.py)
+    select_at: int = 100
+    influence_batches: int = 4  # influence: training batches whose head Hessian H is (solver cg/neumann)
+    select_by: str = (
+        "influence"  # influence: "influence", or "random" (the same schedule, random scores: a control)
+    )
 
     def __post_init__(self):
         from boost.train.baselines import GATED_FILTERS, LEARNED, METHODS
@@ -221,11 +231,18 @@ class WeightingConfig:
             raise ValueError("weighting.awr_beta and outer_start must be >= 0, awr_max > 0")
         if self.refilter_every < 0:
             raise ValueError(f"weighting.refilter_every must be >= 0 (0: off), got {self.refilter_every}")
-        if self.refilter_every and self.method not in LEARNED:
+        if self.refilter_every and self.method not in (*LEARNED, "influence"):
             raise ValueError(
-                f"weighting.refilter_every selects by a learned head's weights; weighting.method={self.method} "
-                f"has none (use one of {', '.join(LEARNED)}, or refilter_every=0)"
+                f"weighting.refilter_every selects by a learned head's weights or by influence; weighting.method="
+                f"{self.method} has neither (use one of {', '.join(LEARNED)} or influence, or refilter_every=0)"
             )
+        if not (self.select_at >= 1 and self.influence_batches >= 1):
+            raise ValueError(
+                f"weighting.select_at and weighting.influence_batches must be >= 1, got {self.select_at} and "
+                f"{self.influence_batches} (influence scores a model that has taken an AdamW step)"
+            )
+        if self.select_by not in ("influence", "random"):
+            raise ValueError(f"weighting.select_by must be 'influence' or 'random', got {self.select_by!r}")
 
 
 @dataclass(frozen=True)
@@ -338,6 +355,14 @@ class TrainConfig:
                 f"outer.objective={self.outer.objective} is built for block=head (its gradients come from the "
                 "fused LM-head ops); use block=head, or outer.objective=nll"
             )
+        if self.weighting.method == "influence":
+            if self.outer.terms != {"nll": 1.0} or self.block != "head":
+                raise ValueError(
+                    "weighting.method=influence scores by the validation NLL over the LM head: it reads neither "
+                    f"outer.objective={self.outer.objective} nor block={self.block}; drop them"
+                )
+            if self.parallel != "none":
+                raise ValueError("weighting.method=influence runs on one process; set parallel=none")
         if self.solver.method == "identity" and self.solver.alpha is not None:
             raise ValueError(
                 "solver.alpha is not used with solver.method=identity: the inner AdamW step defines the "

@@ -66,6 +66,7 @@ from boost.train.baselines import (
     left_out,
     make_head,
     mean_return,
+    pool_weight_lines,
     pool_weights,
     select_synthetic,
     weight_analysis,
@@ -90,6 +91,7 @@ from boost.train.distributed import (
 )
 from boost.train.evaluation import append_eval, evaluate_trainer, held_out_real
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
+from boost.train.influence import influence_scores, is_selection_step, random_scores
 from boost.train.lora import apply_lora, output_head
 from boost.train.outer_signal import OuterSignal
 from boost.train.precision import autocast, resolve_precision
@@ -492,6 +494,28 @@ class Trainer:
         self.refilters.append(record)
         return record
 
+    def select_by_influence(self) -> dict:
+        """``weighting.method=influence``: score the pool (:mod:`boost.train.influence`) and train on the
+        real trajectories plus its top share by score from now on; writes ``influence_scores.jsonl``
+        (the scores of this selection, in :func:`pool_weight_lines`' format). Returns the record."""
+        weighting = self.cfg.weighting
+        started = time.perf_counter()
+        if weighting.select_by == "random":
+            scores, info = random_scores(self, self.step), {"select_by": "random"}
+        else:
+            scores, info = influence_scores(self)
+        chosen = choose(self.data.train, scores, weighting.top_fraction, self.step)
+        self._use_refiltered(chosen)
+        self.train_packer.plan(0)
+        stats = self.train_packer.epoch_stats[0]
+        record = {"step": chosen.step, "kept": chosen.kept, "seconds": self._elapsed(started),
+                  "fill": stats.fill, "synthetic_per_batch": stats.synthetic_per_batch, **info}  # fmt: skip
+        self.refilters.append(record)
+        trajectories = self.data.train_trajectories
+        rows = [(s, trajectories[i]) for i, s in scores.items()]
+        write_text_atomic(self.out / "influence_scores.jsonl", pool_weight_lines(rows))
+        return record
+
     # ------------------------------------------------------------------ the loop
     def takes_outer_step(self, step: int | None = None) -> bool:
         """After inner step ``step`` (default: the current one): a head to train, the outer period, and
@@ -569,7 +593,11 @@ class Trainer:
                         record.update(self.outer_step(batch, state, val))
                         record["outer_seconds"] = self._elapsed(started)
                 weighting = cfg.weighting
-                if is_refilter_step(self.step, weighting.refilter_every, weighting.outer_start, cfg.steps):
+                if self.method == "influence":
+                    if is_selection_step(self.step, weighting.select_at, weighting.refilter_every, cfg.steps):
+                        record["refilter"] = self.select_by_influence()
+                        batches = _cycle(self.train_packer, collate=self.parallel.collate(self.train_packer))
+                elif is_refilter_step(self.step, weighting.refilter_every, weighting.outer_start, cfg.steps):
                     record["refilter"] = self.refilter()
                     batches = _cycle(self.train_packer, collate=self.parallel.collate(self.train_packer))
                 bad = record.get("skipped", [])

@@ -121,7 +121,10 @@ _WEIGHTING_USERS = {
     "oracle_threshold": ("oracle",),
     "weights_path": ("weight_filter",),
     "return_gate": GATED_FILTERS,
-    "subset_seed": ("random_filter",),
+    "subset_seed": ("random_filter", "influence"),
+    "select_at": ("influence",),
+    "influence_batches": ("influence",),
+    "select_by": ("influence",),
 }
 # what only a learned weighting (a head and outer steps) reads
 _LEARNED_ONLY = ("solver", "head", "outer", "block", "fd_step", "outer_every")
@@ -142,16 +145,18 @@ def applied_settings(config: dict[str, Any]) -> dict[str, Any]:
     learned = method in LEARNED
     if not learned:
         for key in _LEARNED_ONLY:
-            shown.pop(key, None)
+            if not (method == "influence" and key == "solver"):  # influence solves for v = H⁻¹ g
+                shown.pop(key, None)
         for group, keys in _LEARNED_ONLY_IN.items():
             for key in keys:
-                shown[group].pop(key, None)
+                if not (method == "influence" and key == "refilter_every"):
+                    shown[group].pop(key, None)
     elif shown.get("block") == "head":
         shown.pop("fd_step", None)
     for key, users in _WEIGHTING_USERS.items():
         if method not in users:
             weighting.pop(key, None)
-    uses_top = method in ("weight_filter", "random_filter") or (
+    uses_top = method in ("weight_filter", "random_filter", "influence") or (
         method == "return_filter" and weighting.get("return_threshold") is None
     )
     if not (uses_top or (learned and weighting.get("refilter_every"))):

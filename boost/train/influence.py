@@ -1,0 +1,152 @@
+"""Choosing the synthetic pool by influence once: ``weighting.method=influence``.
+
+The in-loop head learns from hypergradients of many small batches and needs a second run (two-stage)
+to pay off. This is the same implicit hypergradient taken once, over the whole pool, inside the run
+that trains on its choice. After inner step ``weighting.select_at`` (training so far on the real
+trajectories and every synthetic one that passed the gate):
+
+- g = ∇_W L_out: the gradient of the mean per-trajectory validation NLL over the LM head W, over the
+  whole validation split;
+- H = ∇²_W L_in: the head Hessian of the uniform training loss over ``weighting.influence_batches``
+  batches of the current training set (PSD: softmax cross-entropy is convex in W);
+- v ≈ (H + λI)⁻¹ g by ``solver`` (``cg``: the influence function, i.e. BOOST's hypergradient
+  dL_out/dw_i = −σ_i / Z at w = 1; ``identity``: v = the inner AdamW step's response P·g, an
+  Adam-preconditioned gradient similarity like LESS's, exact on the head instead of projected LoRA
+  gradients);
+- σ_i = <∇_W L_i, v> for every synthetic trajectory of the pool, in one forward pass and one
+  fused JVP per batch (``boost_kernels.trajectory_jvp``; the [V, D] gradients are never built).
+
+Training goes on from the current model on the real trajectories plus the ``top_fraction`` of the
+synthetic ones with the largest σ (weight 1 each: :mod:`boost.train.refilter`'s selection), and with
+``refilter_every`` the pool is scored again from the model of that step. ``weighting.select_by=random``
+keeps the schedule and draws the scores at random: the control for what the ranking adds.
+
+Cost: one forward pass over the pool and one over the validation split per selection, plus
+``solver.steps`` + 1 head HVPs over ``influence_batches`` batches; the record logs its seconds.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import replace
+
+import torch
+
+from boost.bilevel.hypergradient import HeadBatch, head_hvp, solve, solve_residual, trajectory_scores
+from boost.bilevel.step_response import optimizer_response
+
+
+def _concat(parts: list[HeadBatch]) -> HeadBatch:
+    """One :class:`HeadBatch` holding the counted tokens of several (trajectory ids offset)."""
+    offset, ids = 0, []
+    for p in parts:
+        ids.append(torch.where(p.segment_ids >= 0, p.segment_ids + offset, p.segment_ids))
+        offset += p.num_segments
+    return replace(
+        parts[0],
+        hidden=torch.cat([p.hidden for p in parts]),
+        labels=torch.cat([p.labels for p in parts]),
+        segment_ids=torch.cat(ids),
+        num_segments=offset,
+    )
+
+
+def _counted(trainer, packer, limit: int | None = None) -> list[tuple]:
+    """(batch, counted HeadBatch) for the first ``limit`` batches of ``packer`` (epoch 0; None: all),
+    under the current model in eval mode, without gradients."""
+    out = []
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        with torch.no_grad():
+            for k, batch in enumerate(packer.batches(0)):
+                if limit is not None and k >= limit:
+                    break
+                batch = batch.to(trainer.device)
+                counted = trainer.outer.counted(trainer.hidden_states(batch), batch)
+                bias = trainer._bias()
+                out.append((batch, counted if bias is None else replace(counted, bias=bias.detach())))
+    finally:
+        trainer.model.train(was_training)
+    return out
+
+
+def validation_gradient(trainer, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """(g [V, D] float32, L_out): the mean per-trajectory NLL over the whole validation split (the
+    held-out loss :meth:`Trainer.evaluate` reports) and its gradient over the LM head ``weight``."""
+    parts = _counted(trainer, trainer.data.validation)
+    if not parts:
+        raise ValueError("weighting.method=influence needs a validation split (data.validation > 0)")
+    W = weight.detach().requires_grad_()
+    g, total, count = torch.zeros_like(W, dtype=torch.float32), 0.0, 0
+    for batch, counted in parts:
+        out = trainer.losses(counted.hidden, batch, weight=W, counted=counted)
+        summed = out.per_trajectory.sum()
+        (grad,) = torch.autograd.grad(summed, W)
+        g += grad.float()
+        total, count = total + float(summed.detach()), count + batch.num_segments
+    return g / count, total / count
+
+
+def influence_vector(trainer) -> tuple[torch.Tensor, dict]:
+    """(v [V, D] float32, a record of the solve): v ≈ (H + λI)⁻¹ g by ``solver`` (``identity``: the
+    AdamW response P·g), g and H as the module docstring says, at the current model.
+
+    Raises:
+        ValueError: a parallel run (not supported: one process only), or no validation split.
+    """
+    cfg = trainer.cfg
+    if trainer.parallel.kind != "none":
+        raise ValueError("weighting.method=influence runs on one process; set parallel=none")
+    weight = trainer.lm_head.weight.detach()
+    g, val_loss = validation_gradient(trainer, weight)
+    solver = cfg.solver
+    residual = None
+    if solver.method == "identity":  # the AdamW step's response: v = lr · P ⊙ g (no clipping record)
+        v = optimizer_response(trainer.opt, [trainer.lm_head.weight], [g])[0]
+    else:
+        batches = _counted(trainer, trainer.train_packer, cfg.weighting.influence_batches)
+        hessian = _concat([c for _, c in batches])
+        ones = torch.ones(hessian.num_segments, device=weight.device)
+
+        def hvp(u):
+            return head_hvp(hessian, weight, ones, None, u)
+
+        v = solve(hvp, g, replace(solver, warm_start=False)).v
+        residual = solve_residual(hvp, v, g, solver)
+    record = {"val_loss": val_loss, "solver": solver.method, "solver_residual": residual,
+              "v_norm": float(v.norm()), "g_norm": float(g.norm())}  # fmt: skip
+    return v, record
+
+
+def pool_scores(trainer, v: torch.Tensor) -> dict[int, float]:
+    """σ_i = <∇_W L_i, v> for every synthetic trajectory of the pool (``trainer.data.train``: the real
+    trajectories and the synthetic ones the gate passed), trajectory index -> score."""
+    weight = trainer.lm_head.weight.detach()
+    scores: dict[int, float] = {}
+    for batch, counted in _counted(trainer, trainer.data.train):
+        sigma = trajectory_scores(counted, weight, v)
+        for i, s, real in zip(batch.trajectory_index.tolist(), sigma.tolist(), batch.is_real.tolist()):
+            if not real:
+                scores[i] = s
+    return scores
+
+
+def influence_scores(trainer) -> tuple[dict[int, float], dict]:
+    """:func:`pool_scores` of :func:`influence_vector`'s v, and the solve's record."""
+    v, record = influence_vector(trainer)
+    return pool_scores(trainer, v), record
+
+
+def random_scores(trainer, step: int) -> dict[int, float]:
+    """The control: a score per synthetic trajectory of the pool drawn from a seed of its own per step."""
+    rng = random.Random(trainer.cfg.weighting.subset_seed * 1_000_003 + step)
+    return {t.index: rng.random() for t in trainer.data.train.trajectories if t.source != "real"}
+
+
+def is_selection_step(step: int, select_at: int, every: int, steps: int) -> bool:
+    """Whether the pool is scored after inner step ``step``: at ``select_at``, then every ``every``
+    steps (0: once), never after the last step."""
+    if step < select_at or step >= steps:
+        return False
+    return step == select_at or (every > 0 and (step - select_at) % every == 0)

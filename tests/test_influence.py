@@ -1,0 +1,172 @@
+"""Selection by influence (``weighting.method=influence``, boost/train/influence.py): the scores are
+the influence function of the validation NLL over the LM head, checked against plain autograd; the run
+trains on every gate passer until ``select_at`` and on its top share by score after; the random
+control, rescoring, resume and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from benchmarks.kill_resume import make_assets
+from boost.bilevel.step_response import optimizer_response
+from boost.train import Trainer
+from boost.train.config import WeightingConfig
+from boost.train.influence import (
+    influence_vector,
+    is_selection_step,
+    pool_scores,
+    random_scores,
+    validation_gradient,
+)
+from tests.test_train import _config, _metrics, saved_checkpoint
+
+RUN = ("weighting.method=influence", "weighting.select_at=2", "steps=4")
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    return make_assets(tmp_path_factory.mktemp("influence"))
+
+
+def _per_trajectory(trainer, batch, weight):
+    """[S] mean token NLL per trajectory, by plain PyTorch (the [T, V] logits built)."""
+    hidden = trainer.hidden_states(batch)
+    logits = hidden @ weight.T
+    nll = F.cross_entropy(logits, batch.labels.clamp_min(0), reduction="none")
+    ids = batch.segment_ids
+    keep = ids >= 0
+    sums = torch.zeros(batch.num_segments).index_add(0, ids[keep], nll[keep])
+    counts = torch.zeros(batch.num_segments).index_add(0, ids[keep], torch.ones(int(keep.sum())))
+    return sums / counts
+
+
+def test_scores_are_the_influence_function_of_the_validation_nll(assets, tmp_path):
+    trainer = Trainer(
+        _config(assets, tmp_path, *RUN, "steps=1", "solver.steps=60", "solver.damping=0.05",
+                "weighting.influence_batches=2"),
+        progress=False,
+    )  # fmt: skip
+    trainer.train()  # one AdamW step; select_at=2 is never reached
+    trainer.model.eval()
+    W = trainer.lm_head.weight.detach().clone()
+    v, record = influence_vector(trainer)
+
+    def loss_over(packer, limit=None):
+        def f(weight):
+            total, count = 0.0, 0
+            for k, batch in enumerate(packer.batches(0)):
+                if limit is not None and k >= limit:
+                    break
+                per = _per_trajectory(trainer, batch, weight)
+                total, count = total + per.sum(), count + batch.num_segments
+            return total / count
+
+        return f
+
+    with torch.no_grad():
+        val = loss_over(trainer.data.validation)
+        g = torch.func.grad(val)(W)
+        assert record["val_loss"] == pytest.approx(float(val(W)), rel=1e-5)
+        assert record["val_loss"] == pytest.approx(trainer.evaluate(trainer.data.validation), rel=1e-5)
+        assert record["g_norm"] == pytest.approx(float(g.norm()), rel=1e-4)
+        # (H + λI) v = g for H the head Hessian of the uniform loss over the first 2 training batches
+        train = loss_over(trainer.train_packer, limit=2)
+        Hv = torch.func.jvp(torch.func.grad(train), (W,), (v,))[1]
+        assert float((Hv + 0.05 * v - g).norm() / g.norm()) < 1e-3
+        assert record["solver_residual"] < 1e-3
+        scores = pool_scores(trainer, v)
+        synthetic = [t.index for t in trainer.data.train.trajectories if t.source != "real"]
+        assert sorted(scores) == sorted(synthetic)
+        checked = 0
+        batch = next(iter(trainer.data.train.batches(0)))  # one batch is enough
+        jac = torch.func.jacrev(lambda w: _per_trajectory(trainer, batch, w))(W)  # [S, V, D]
+        sigma = (jac * v).sum(dim=(1, 2))
+        for i, s, real in zip(batch.trajectory_index.tolist(), sigma.tolist(), batch.is_real.tolist()):
+            if not real:
+                assert scores[i] == pytest.approx(s, rel=1e-3, abs=1e-6 * float(sigma.abs().max()))
+                checked += 1
+        assert checked > 0
+
+
+def test_identity_is_the_adamw_response_to_the_validation_gradient(assets, tmp_path):
+    """``solver.method=identity``: v = J_Δᵀ g of the last AdamW step (optimizer_response, tested in
+    tests/test_step_response.py) applied to the validation gradient."""
+    trainer = Trainer(_config(assets, tmp_path, *RUN, "steps=1", "solver.method=identity"), progress=False)
+    trainer.train()
+    W = trainer.lm_head.weight
+    g, _ = validation_gradient(trainer, W.detach())
+    v, record = influence_vector(trainer)
+    assert record["solver"] == "identity" and record["solver_residual"] is None
+    torch.testing.assert_close(v, optimizer_response(trainer.opt, [W], [g])[0], rtol=0, atol=0)
+    assert float(v.norm()) > 0
+
+
+def test_the_run_trains_on_the_top_share_after_select_at(assets, tmp_path, monkeypatch):
+    seen = []
+    inner = Trainer.inner_step
+
+    def spy(self, batch, micro=None):
+        seen.append((self.step + 1, set(batch.trajectory_index.tolist())))
+        return inner(self, batch, micro)
+
+    monkeypatch.setattr(Trainer, "inner_step", spy)
+    trainer = Trainer(_config(assets, tmp_path, *RUN), progress=False)
+    final = trainer.train()
+    assert [r["step"] for r in final["refilters"]] == [2]
+    pool = trainer.data.train.trajectories
+    chosen = {pool[p].index for p in trainer.refiltered.positions}
+    assert all(indices <= chosen for step, indices in seen if step > 2)
+    assert all(t.index in chosen for t in pool if t.source == "real")
+    rows = [json.loads(line) for line in (tmp_path / "influence_scores.jsonl").read_text().splitlines()]
+    synthetic = [t for t in pool if t.source != "real"]
+    assert len(rows) == len(synthetic)
+    kept = sum(k for k, _ in final["refilters"][0]["kept"].values())
+    assert len(synthetic) // 2 <= kept < len(synthetic)
+    # the top share by score is what was kept; pool_weights.jsonl gives it weight 1, the rest 0
+    by_key = {r["key"]: r["weight"] for r in rows}
+    weights = [json.loads(line) for line in (tmp_path / "pool_weights.jsonl").read_text().splitlines()]
+    lowest_kept = min(by_key[w["key"]] for w in weights if w["weight"] == 1.0)
+    assert all(by_key[w["key"]] < lowest_kept for w in weights if w["weight"] == 0.0)
+    assert "refilter" in [m for m in _metrics(tmp_path) if m["step"] == 2][0]
+    assert final["refilters"][0]["solver"] == "cg" and final["refilters"][0]["solver_residual"] is not None
+
+
+def test_the_random_control_rescoring_and_a_resume(assets, tmp_path):
+    run = (*RUN[:-1], "weighting.select_by=random", "weighting.refilter_every=2", "steps=5")
+    reference = Trainer(_config(assets, tmp_path / "reference", *run), progress=False).train()
+    assert [r["step"] for r in reference["refilters"]] == [2, 4]
+    assert all(r["select_by"] == "random" for r in reference["refilters"])
+    Trainer(_config(assets, tmp_path / "run", *run[:-1], "steps=3"), progress=False).train()
+    final = Trainer(_config(assets, tmp_path / "run", *run), progress=False).train(resume=True)
+    assert [r["step"] for r in final["refilters"]] == [2, 4]
+    ours, ref = saved_checkpoint(tmp_path / "run"), saved_checkpoint(tmp_path / "reference")
+    assert all(torch.equal(ours["model"][k], ref["model"][k]) for k in ref["model"])
+
+
+def test_random_scores_differ_per_step_and_repeat_per_seed(assets, tmp_path):
+    trainer = Trainer(_config(assets, tmp_path, *RUN, "weighting.select_by=random"), progress=False)
+    assert random_scores(trainer, 2) == random_scores(trainer, 2) != random_scores(trainer, 4)
+
+
+def test_selection_steps():
+    assert [s for s in range(1, 11) if is_selection_step(s, 3, 0, 10)] == [3]
+    assert [s for s in range(1, 11) if is_selection_step(s, 3, 4, 10)] == [3, 7]
+    assert not any(is_selection_step(s, 10, 0, 10) for s in range(1, 11))  # never after the last step
+
+
+def test_refusals(assets, tmp_path):
+    with pytest.raises(ValueError, match="select_at and weighting.influence_batches must be >= 1"):
+        WeightingConfig(method="influence", select_at=0)
+    with pytest.raises(ValueError, match="select_by must be 'influence' or 'random'"):
+        WeightingConfig(method="influence", select_by="loss")
+    with pytest.raises(ValueError, match="has neither"):
+        WeightingConfig(method="uniform", refilter_every=5)
+    WeightingConfig(method="influence", return_gate="real_min", refilter_every=5)  # allowed
+    with pytest.raises(ValueError, match="reads neither outer.objective=decision"):
+        _config(assets, tmp_path, *RUN, "outer.objective=decision")
+    with pytest.raises(ValueError, match="runs on one process"):
+        _config(assets, tmp_path, *RUN, "parallel=ddp")
