@@ -17,8 +17,11 @@ What it counts, per rank, in GiB (2^30 bytes):
   the same vectors but the two heads (which FSDP2 already holds as rows) as 1/N row shards, 6 V D 4 / N
   bytes (6.0, 3.1, 1.7 vectors measured on 1, 2, 4 ranks), plus every rank's counted tokens of the
   inner batch gathered on each rank, T_all x D fp32 with T_all = ``COUNTED_TOKENS_PER_RANK`` x N. That
-  term grows with N: at 64 ranks it is larger than the head's share (a ring over the ranks' token
-  blocks instead of one gather would make it T_rank x D; not built).
+  term grows with N: at 64 ranks it is larger than the head's share.
+- ``outer step, sharded, streamed`` (``sharded_tokens=streamed``): the same rows, but each rank holds
+  only its own counted tokens and one broadcast block of another rank's at a time, 2 T_rank x D fp32,
+  independent of N (the gathered [T_all] labels and coefficients, 8 bytes a token, are left out:
+  1 MiB at 64 ranks).
 Not modelled: activations (they depend on the token budget, sequence length and activation
 checkpointing and are the same with or without the outer step), the temporary all-gather buffers of
 FSDP2's layer-by-layer unsharding (one or two layers at a time), and allocator fragmentation.
@@ -85,6 +88,7 @@ def per_rank(shape: Shape, ranks: int, lora: bool, r: int = 16) -> dict[str, flo
     gathered = GATHERED_VECTORS * head * 4
     rows = SHARDED_VECTORS * head * 4 / ranks
     tokens = COUNTED_TOKENS_PER_RANK * ranks * shape.hidden * 4
+    streamed = 2 * COUNTED_TOKENS_PER_RANK * shape.hidden * 4  # its own block and one received
     return {
         "model_state": state / GIB,
         "outer_gathered": gathered / GIB,
@@ -93,12 +97,15 @@ def per_rank(shape: Shape, ranks: int, lora: bool, r: int = 16) -> dict[str, flo
         "outer_sharded": (rows + tokens) / GIB,
         "total_gathered": (state + gathered) / GIB,
         "total_sharded": (state + rows + tokens) / GIB,
+        "outer_streamed_tokens": streamed / GIB,
+        "total_streamed": (state + rows + streamed) / GIB,
     }
 
 
 def table(shapes=(LLAMA3_8B, LLAMA3_70B), ranks=(8, 64)) -> str:
     rows = ["| model | ranks | training | model state | outer step, gathered | outer step, sharded: rows + tokens | "
-            "peak gathered | peak sharded |", "|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+            "streamed tokens | peak gathered | peak sharded | peak streamed |",
+            "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
     for shape in shapes:
         for n in ranks:
             for lora in (False, True):
@@ -106,8 +113,8 @@ def table(shapes=(LLAMA3_8B, LLAMA3_70B), ranks=(8, 64)) -> str:
                 rows.append(
                     f"| {shape.name} | {n} | {'LoRA r=16 + head' if lora else 'full'} | {m['model_state']:.1f} | "
                     f"{m['outer_gathered']:.1f} | {m['outer_sharded_rows']:.2f} + {m['outer_sharded_tokens']:.2f} | "
-                    f"{m['total_gathered']:.1f} | "
-                    f"{m['total_sharded']:.1f} |"
+                    f"{m['outer_streamed_tokens']:.2f} | {m['total_gathered']:.1f} | {m['total_sharded']:.1f} | "
+                    f"{m['total_streamed']:.1f} |"
                 )
     return "\n".join(rows)
 

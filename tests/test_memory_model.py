@@ -38,3 +38,7 @@ def test_the_sharded_outer_step_falls_as_one_over_n_and_today_s_does_not():
     assert eight["outer_sharded_rows"] == pytest.approx(8 * sixty_four["outer_sharded_rows"])
     # the gathered tokens grow with N (every rank's counted tokens on each rank)
     assert sixty_four["outer_sharded_tokens"] == pytest.approx(8 * eight["outer_sharded_tokens"])
+    # streamed (sharded_tokens=streamed): its own block and one received, whatever N is
+    assert sixty_four["outer_streamed_tokens"] == eight["outer_streamed_tokens"]
+    assert sixty_four["outer_streamed_tokens"] == pytest.approx(2 * eight["outer_sharded_tokens"] / 8)
+    assert sixty_four["total_streamed"] < sixty_four["total_sharded"]
