@@ -191,9 +191,8 @@ class WeightingConfig:
     # that many steps (boost/train/influence.py)
     select_at: int = 100
     influence_batches: int = 4  # influence: training batches whose head Hessian H is (solver cg/neumann)
-    select_by: str = (
-        "influence"  # influence: "influence", or "random" (the same schedule, random scores: a control)
-    )
+    # influence: "influence", or "random" (the same schedule, random scores: a control)
+    select_by: str = "influence"
 
     def __post_init__(self):
         from boost.train.baselines import GATED_FILTERS, LEARNED, METHODS
