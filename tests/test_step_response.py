@@ -115,9 +115,14 @@ def test_adam_with_a_fixed_second_moment_is_off_in_early_steps():
     state = opt.state[param]
     fixed = 1e-3 * g / ((state["exp_avg_sq"] / (1 - 0.999)).sqrt() + 1e-8)
     exact = optimizer_response(opt, [param], [g])[0]
+    # at t = 1 the exact response is lr·ε/(|G| + ε)² · g: ε/(|G| + ε) times SAMA's, elementwise (G: the
+    # step's gradient), so it is orders of magnitude smaller wherever |G| >> ε
+    G = param.grad.detach()
+    torch.testing.assert_close(exact, 1e-3 * 1e-8 / (G.abs() + 1e-8) ** 2 * g, rtol=1e-6, atol=0)
     sama = head_hypergradient(train, pre, w, g, SolverConfig("identity"), precondition=lambda u: fixed)
     ours = head_hypergradient(train, pre, w, g, SolverConfig("identity"), precondition=lambda u: exact)
-    assert float(ours.traj_weights.abs().max()) < 1e-3 * float(sama.traj_weights.abs().max()), f"seed={seed}"
+    # (a fixed 1e-3 failed on a seed with entries of |G| near 1e-6: the ratio is ε/(|G| + ε), not a constant)
+    assert float(ours.traj_weights.abs().max()) < 0.1 * float(sama.traj_weights.abs().max()), f"seed={seed}"
 
 
 def test_unsupported_optimisers_and_misuse_raise():
