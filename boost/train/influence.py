@@ -28,6 +28,7 @@ Cost: one forward pass over the pool and one over the validation split per selec
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -51,40 +52,40 @@ def _concat(parts: list[HeadBatch]) -> HeadBatch:
     )
 
 
-def _counted(trainer, packer, limit: int | None = None) -> list[tuple]:
+def _counted(trainer, packer, limit: int | None = None) -> Iterator[tuple]:
     """(batch, counted HeadBatch) for the first ``limit`` batches of ``packer`` (epoch 0; None: all),
-    under the current model in eval mode, without gradients."""
-    out = []
+    one at a time (a pass over the pool holds one batch's tokens), the hidden states computed under
+    the current model in eval mode without gradients (the caller's grad mode is left alone)."""
     was_training = trainer.model.training
     trainer.model.eval()
+    bias = trainer._bias()
     try:
-        with torch.no_grad():
-            for k, batch in enumerate(packer.batches(0)):
-                if limit is not None and k >= limit:
-                    break
-                batch = batch.to(trainer.device)
+        for k, batch in enumerate(packer.batches(0)):
+            if limit is not None and k >= limit:
+                break
+            batch = batch.to(trainer.device)
+            with torch.no_grad():
                 counted = trainer.outer.counted(trainer.hidden_states(batch), batch)
-                bias = trainer._bias()
-                out.append((batch, counted if bias is None else replace(counted, bias=bias.detach())))
+            yield batch, counted if bias is None else replace(counted, bias=bias.detach())
     finally:
         trainer.model.train(was_training)
-    return out
 
 
 def validation_gradient(trainer, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
     """(g [V, D] float32, L_out): the mean per-trajectory NLL over the whole validation split (the
     held-out loss :meth:`Trainer.evaluate` reports) and its gradient over the LM head ``weight``."""
-    parts = _counted(trainer, trainer.data.validation)
-    if not parts:
+    if trainer.data.validation is None:
         raise ValueError("weighting.method=influence needs a validation split (data.validation > 0)")
     W = weight.detach().requires_grad_()
     g, total, count = torch.zeros_like(W, dtype=torch.float32), 0.0, 0
-    for batch, counted in parts:
+    for batch, counted in _counted(trainer, trainer.data.validation):
         out = trainer.losses(counted.hidden, batch, weight=W, counted=counted)
         summed = out.per_trajectory.sum()
         (grad,) = torch.autograd.grad(summed, W)
         g += grad.float()
         total, count = total + float(summed.detach()), count + batch.num_segments
+    if not count:
+        raise ValueError("weighting.method=influence needs a validation split (data.validation > 0)")
     return g / count, total / count
 
 
@@ -105,8 +106,9 @@ def influence_vector(trainer) -> tuple[torch.Tensor, dict]:
     if solver.method == "identity":  # the AdamW step's response: v = lr · P ⊙ g (no clipping record)
         v = optimizer_response(trainer.opt, [trainer.lm_head.weight], [g])[0]
     else:
-        batches = _counted(trainer, trainer.train_packer, cfg.weighting.influence_batches)
-        hessian = _concat([c for _, c in batches])
+        hessian = _concat(
+            [c for _, c in _counted(trainer, trainer.train_packer, cfg.weighting.influence_batches)]
+        )
         ones = torch.ones(hessian.num_segments, device=weight.device)
 
         def hvp(u):

@@ -481,36 +481,33 @@ class Trainer:
         if log_it:
             log.info(chosen.note())
 
-    def refilter(self) -> dict:
-        """Score the whole synthetic pool with the current model and head and train on the real
-        trajectories plus its top share from now on (:mod:`boost.train.refilter`). Returns the record."""
+    def refilter(self, weights: dict[int, float] | None = None, info: dict | None = None) -> dict:
+        """Train on the real trajectories plus the pool's top share by ``weights`` (trajectory index ->
+        score; default the current model and head's, :func:`pool_weights`) from now on
+        (:mod:`boost.train.refilter`). ``info``: more keys for the record. Returns the record."""
         started = time.perf_counter()
-        chosen = choose(self.data.train, pool_weights(self), self.cfg.weighting.top_fraction, self.step)
+        weights = pool_weights(self) if weights is None else weights
+        chosen = choose(self.data.train, weights, self.cfg.weighting.top_fraction, self.step)
         self._use_refiltered(chosen)
         self.train_packer.plan(0)  # records its stats (the loop's first batches replan it)
         stats = self.train_packer.epoch_stats[0]
         record = {"step": chosen.step, "kept": chosen.kept, "seconds": self._elapsed(started),
-                  "fill": stats.fill, "synthetic_per_batch": stats.synthetic_per_batch}  # fmt: skip
+                  "fill": stats.fill, "synthetic_per_batch": stats.synthetic_per_batch, **(info or {})}  # fmt: skip
         self.refilters.append(record)
         return record
 
     def select_by_influence(self) -> dict:
         """``weighting.method=influence``: score the pool (:mod:`boost.train.influence`) and train on the
         real trajectories plus its top share by score from now on; writes ``influence_scores.jsonl``
-        (the scores of this selection, in :func:`pool_weight_lines`' format). Returns the record."""
-        weighting = self.cfg.weighting
+        (the scores of this selection, in :func:`pool_weight_lines`' format). Returns the record, whose
+        seconds include the scoring."""
         started = time.perf_counter()
-        if weighting.select_by == "random":
+        if self.cfg.weighting.select_by == "random":
             scores, info = random_scores(self, self.step), {"select_by": "random"}
         else:
             scores, info = influence_scores(self)
-        chosen = choose(self.data.train, scores, weighting.top_fraction, self.step)
-        self._use_refiltered(chosen)
-        self.train_packer.plan(0)
-        stats = self.train_packer.epoch_stats[0]
-        record = {"step": chosen.step, "kept": chosen.kept, "seconds": self._elapsed(started),
-                  "fill": stats.fill, "synthetic_per_batch": stats.synthetic_per_batch, **info}  # fmt: skip
-        self.refilters.append(record)
+        record = self.refilter(scores, info)
+        record["seconds"] = self._elapsed(started)
         trajectories = self.data.train_trajectories
         rows = [(s, trajectories[i]) for i, s in scores.items()]
         write_text_atomic(self.out / "influence_scores.jsonl", pool_weight_lines(rows))

@@ -132,6 +132,8 @@ _LEARNED_ONLY_IN = {
     "optim": ("head_lr", "schedule_head"),
     "weighting": ("outer_start", "freeze_mass", "refilter_every", "head_steps"),
 }
+# the learned-only settings a method without a head reads too (influence solves for v = H⁻¹ g, rescores)
+_ALSO_READ_BY = {"influence": ("solver", "refilter_every")}
 
 
 def applied_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -144,12 +146,13 @@ def applied_settings(config: dict[str, Any]) -> dict[str, Any]:
     method = weighting["method"]
     learned = method in LEARNED
     if not learned:
+        read = _ALSO_READ_BY.get(method, ())
         for key in _LEARNED_ONLY:
-            if not (method == "influence" and key == "solver"):  # influence solves for v = H⁻¹ g
+            if key not in read:
                 shown.pop(key, None)
         for group, keys in _LEARNED_ONLY_IN.items():
             for key in keys:
-                if not (method == "influence" and key == "refilter_every"):
+                if key not in read:
                     shown[group].pop(key, None)
     elif shown.get("block") == "head":
         shown.pop("fd_step", None)
