@@ -147,6 +147,31 @@ def test_the_random_control_rescoring_and_a_resume(assets, tmp_path):
     assert all(torch.equal(ours["model"][k], ref["model"][k]) for k in ref["model"])
 
 
+def test_a_warm_up_on_the_real_trajectories_only_and_its_resume(assets, tmp_path, monkeypatch):
+    seen = []
+    inner = Trainer.inner_step
+
+    def spy(self, batch, micro=None):
+        seen.append((self.step + 1, set(batch.trajectory_index.tolist())))
+        return inner(self, batch, micro)
+
+    monkeypatch.setattr(Trainer, "inner_step", spy)
+    run = (*RUN[:-1], "weighting.warmup_on=real", "weighting.select_at=3", "steps=5")
+    trainer = Trainer(_config(assets, tmp_path / "reference", *run), progress=False)
+    final = trainer.train()
+    pool = trainer.data.train.trajectories
+    real = {t.index for t in pool if t.source == "real"}
+    chosen = {pool[p].index for p in trainer.refiltered.positions}
+    assert all(indices <= real for step, indices in seen if step <= 3)
+    assert any(indices - real for step, indices in seen if step > 3)  # synthetic ones after the selection
+    assert all(indices <= chosen for step, indices in seen if step > 3)
+    assert [r["step"] for r in final["refilters"]] == [3]
+    Trainer(_config(assets, tmp_path / "run", *run[:-1], "steps=2"), progress=False).train()
+    Trainer(_config(assets, tmp_path / "run", *run), progress=False).train(resume=True)
+    ours, ref = saved_checkpoint(tmp_path / "run"), saved_checkpoint(tmp_path / "reference")
+    assert all(torch.equal(ours["model"][k], ref["model"][k]) for k in ref["model"])
+
+
 def test_random_scores_differ_per_step_and_repeat_per_seed(assets, tmp_path):
     trainer = Trainer(_config(assets, tmp_path, *RUN, "weighting.select_by=random"), progress=False)
     assert random_scores(trainer, 2) == random_scores(trainer, 2) != random_scores(trainer, 4)
@@ -166,6 +191,10 @@ def test_refusals(assets, tmp_path):
     with pytest.raises(ValueError, match="has neither"):
         WeightingConfig(method="uniform", refilter_every=5)
     WeightingConfig(method="influence", return_gate="real_min", refilter_every=5)  # allowed
+    with pytest.raises(ValueError, match="warmup_on must be 'pool' or 'real'"):
+        WeightingConfig(method="influence", warmup_on="expert")
+    with pytest.raises(ValueError, match="has no such phase"):
+        WeightingConfig(method="random_filter", warmup_on="real")
     with pytest.raises(ValueError, match="reads neither outer.objective=decision"):
         _config(assets, tmp_path, *RUN, "outer.objective=decision")
     with pytest.raises(ValueError, match="runs on one process"):

@@ -193,6 +193,9 @@ class WeightingConfig:
     influence_batches: int = 4  # influence: training batches whose head Hessian H is (solver cg/neumann)
     # influence: "influence", or "random" (the same schedule, random scores: a control)
     select_by: str = "influence"
+    # influence: what the first select_at steps train on (the model the pool is scored at): "pool" (the
+    # real trajectories and every synthetic one past return_gate) or "real" (the real ones only)
+    warmup_on: str = "pool"
 
     def __post_init__(self):
         from boost.train.baselines import GATED_FILTERS, LEARNED, METHODS
@@ -242,6 +245,13 @@ class WeightingConfig:
             )
         if self.select_by not in ("influence", "random"):
             raise ValueError(f"weighting.select_by must be 'influence' or 'random', got {self.select_by!r}")
+        if self.warmup_on not in ("pool", "real"):
+            raise ValueError(f"weighting.warmup_on must be 'pool' or 'real', got {self.warmup_on!r}")
+        if self.warmup_on != "pool" and self.method != "influence":
+            raise ValueError(
+                f"weighting.warmup_on={self.warmup_on} sets what an influence run trains on before select_at; "
+                f"weighting.method={self.method} has no such phase (use method=influence, or drop it)"
+            )
 
 
 @dataclass(frozen=True)

@@ -3,12 +3,14 @@
 The in-loop head learns from hypergradients of many small batches and needs a second run (two-stage)
 to pay off. This is the same implicit hypergradient taken once, over the whole pool, inside the run
 that trains on its choice. After inner step ``weighting.select_at`` (training so far on the real
-trajectories and every synthetic one that passed the gate):
+trajectories and every synthetic one that passed the gate, or with ``weighting.warmup_on=real`` on the
+real ones only, so that the pool is scored at a behaviour-cloned model no synthetic trajectory has
+shaped):
 
 - g = ∇_W L_out: the gradient of the mean per-trajectory validation NLL over the LM head W, over the
   whole validation split;
 - H = ∇²_W L_in: the head Hessian of the uniform training loss over ``weighting.influence_batches``
-  batches of the current training set (PSD: softmax cross-entropy is convex in W);
+  batches of the current training set (with ``warmup_on=real``: of the real trajectories) (PSD: softmax cross-entropy is convex in W);
 - v ≈ (H + λI)⁻¹ g by ``solver`` (``cg``: the influence function, i.e. BOOST's hypergradient
   dL_out/dw_i = −σ_i / Z at w = 1; ``identity``: v = the inner AdamW step's response P·g, an
   Adam-preconditioned gradient similarity like LESS's, exact on the head instead of projected LoRA

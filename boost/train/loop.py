@@ -250,6 +250,14 @@ class Trainer:
         # pool (data.train) or its latest refiltered subset; refilters: what each one kept
         self.train_packer, self.refiltered = self.data.train, None
         self.refilters: list[dict] = []
+        if self.method == "influence" and cfg.weighting.warmup_on == "real":  # until select_at: real only
+            real = [p for p, t in enumerate(self.data.train.trajectories) if t.source == "real"]
+            if not real:
+                raise ValueError("weighting.warmup_on=real: the training data has no real trajectory; use "
+                                 "warmup_on=pool")  # fmt: skip
+            self._use_refiltered(Refiltered(0, real, {}), log_it=False)
+            log.info("influence: training on the %d real trajectories until step %d", len(real),
+                     cfg.weighting.select_at)  # fmt: skip
 
     # ------------------------------------------------------------------ pieces
     def hidden_states(self, batch: PackedBatch, precision: str | None = None) -> torch.Tensor:
