@@ -22,23 +22,28 @@ The experiment file (YAML)::
     seeds: [0, 1, 2]                             # training seeds (model init, batch order)
     steps: 300                                   # inner steps per run
     episodes: 100                                # test tasks played per run (task success)
-    lr_grid: [0.0005, 0.001, 0.002]              # tuned per arm on validation loss, seed tune_seed
+    lr_grid: [0.0005, 0.001, 0.002]              # tuned per arm on validation, seed tune_seed
     tune_steps: 150
     tune_seed: 100
+    tune_by: success                             # validation task success (ties: loss), or loss
+    tune_episodes: 50                            # validation tasks played per candidate (tune_by success)
     arms:                                        # name: [key=value overrides of the TrainConfig]
       uniform: [weighting.method=uniform]          # ("{seed}" in an override: the run's seed)
       boost: [weighting.method=boost]
     quick: {seeds: [0, 1, 2], steps: 100, lr_grid: [0.001], arms: [uniform, boost]}
     reference: boost                             # paired differences: arm − this arm (default: boost)
-    tune:                                        # per arm, settings chosen with lr on validation loss
+    tune:                                        # per arm, settings chosen with lr on validation
       boost: {head.init_mass: [0.5, 1.0]}          # (every combination with lr_grid; same tune_steps/seed)
 
 ``--quick`` replaces the keys under ``quick`` (``arms`` there lists a subset by name). Every run writes
 its own folder ``OUT/<arm>/seed<k>`` (tuning: ``OUT/<arm>/tune-lr<lr>``); a run whose ``final.json``
 exists is skipped, so an interrupted grid resumes where it stopped. The learning rate of an arm is
-the grid value with the lowest *validation* loss (held-out real tasks; test tasks are never used to
-choose anything); an arm listed under ``tune`` has its settings there chosen the same way, jointly
-with the learning rate (give each compared arm a grid of the same size: the same tuning budget).
+the grid value with the highest task success on ``tune_episodes`` tasks of the environment's
+*validation* split (``eval.split=validation``; ties: the lower validation loss), or with
+``tune_by: loss`` the lowest validation loss (held-out real trajectories; the held-out NLL has ranked
+arms opposite to success, so success is the default). Test tasks are never used to choose anything.
+An arm listed under ``tune`` has its settings there chosen the same way, jointly with the learning
+rate (give each compared arm a grid of the same size: the same tuning budget).
 The report gives each arm's success minus the reference arm's over the seeds both ran, as mean ± std
 and a 95% Student-t interval (``--reference`` overrides the file's). Writes ``OUT/results.json``,
 ``OUT/results.md`` and plots (``success.png``,
@@ -79,6 +84,8 @@ DEFAULTS = {
     "lr_grid": [],
     "tune_steps": 150,
     "tune_seed": 100,
+    "tune_by": "success",
+    "tune_episodes": 50,
     "quick": {},
     "reference": None,
     "tune": {},
@@ -147,6 +154,11 @@ def load_spec(path: str | Path, quick: bool = False) -> dict[str, Any]:
 
 
 def _check_tune(path: Path, spec: dict[str, Any]) -> None:
+    if spec["tune_by"] not in ("success", "loss"):
+        raise ExperimentError(f"{path}: tune_by must be 'success' or 'loss', got {spec['tune_by']!r}")
+    episodes = spec["tune_episodes"]
+    if not isinstance(episodes, int) or isinstance(episodes, bool) or episodes < 1:
+        raise ExperimentError(f"{path}: tune_episodes must be an integer >= 1, got {episodes!r}")
     tune = spec["tune"]
     if not isinstance(tune, dict):
         raise ExperimentError(f"{path}: tune must be a mapping arm -> {{setting: [values]}}")
@@ -247,26 +259,43 @@ def _tuning_label(keys: list[str], candidate: tuple) -> str:
     return ",".join(_tuning_parts(keys, candidate)) if keys else str(candidate[0])
 
 
-def tune_arm(spec, name, overrides, out, data) -> tuple[float | None, dict[str, Any], dict[str, float]]:
-    """(learning rate, {setting: value}, validation loss per candidate) of the arm: the combination of
-    ``lr_grid`` and the arm's ``tune`` grid with the lowest validation loss after ``tune_steps`` at
-    ``tune_seed``. A single candidate is taken without a run (lr None: no lr_grid)."""
+def _tuning_score(final: dict[str, Any]) -> dict[str, float | None]:
+    """What a tuning run is judged by: its validation task success (None when no task was played) and
+    its validation loss."""
+    return {"validation_success": final.get("success_rate"), "validation_loss": final["validation_loss"]}
+
+
+def _better(spec: dict[str, Any]):
+    """The sort key of :func:`_tuning_score`s, best first: the highest validation success (ties: the
+    lower validation loss) with ``tune_by: success``; the lowest validation loss with ``tune_by: loss``."""
+    if spec["tune_by"] == "loss":
+        return lambda score: score["validation_loss"]
+    return lambda score: (-score["validation_success"], score["validation_loss"])
+
+
+def tune_arm(spec, name, overrides, out, data) -> tuple[float | None, dict[str, Any], dict[str, dict]]:
+    """(learning rate, {setting: value}, score per candidate) of the arm: the combination of ``lr_grid``
+    and the arm's ``tune`` grid that is best on validation (``tune_by``: task success on
+    ``tune_episodes`` validation tasks, or validation loss) after ``tune_steps`` at ``tune_seed``. A
+    single candidate is taken without a run (lr None: no lr_grid)."""
     keys, candidates = _tuning_candidates(spec, name)
     if len(candidates) == 1:
         return candidates[0][0], dict(zip(keys, candidates[0][1:])), {}
+    by_success = spec["tune_by"] == "success"
     scores = {}
     for candidate in candidates:
-        final = run_one(spec, overrides, _tuning_folder(out, name, keys, candidate), spec["tune_steps"],
-                        spec["tune_seed"], candidate[0], data, episodes=0,
+        final = run_one(spec, [*overrides, *(["eval.split=validation"] if by_success else [])],
+                        _tuning_folder(out, name, keys, candidate), spec["tune_steps"], spec["tune_seed"],
+                        candidate[0], data, episodes=spec["tune_episodes"] if by_success else 0,
                         tuned=dict(zip(keys, candidate[1:])))  # fmt: skip
-        scores[_tuning_label(keys, candidate)] = final["validation_loss"]
-    best = min(candidates, key=lambda c: scores[_tuning_label(keys, c)])
+        scores[_tuning_label(keys, candidate)] = _tuning_score(final)
+    best = min(candidates, key=lambda c: _better(spec)(scores[_tuning_label(keys, c)]))
     return best[0], dict(zip(keys, best[1:])), scores
 
 
-def finished_tuning(spec: dict[str, Any], out: Path) -> dict[str, dict[str, float]]:
-    """Validation loss per tuning candidate of each arm, read back from the tuning runs in ``out`` (the
-    candidates not finished are left out; an arm with one candidate has none)."""
+def finished_tuning(spec: dict[str, Any], out: Path) -> dict[str, dict[str, dict]]:
+    """:func:`_tuning_score` per tuning candidate of each arm, read back from the tuning runs in ``out``
+    (the candidates not finished are left out; an arm with one candidate has none)."""
     tuning = {}
     for name in spec["arms"]:
         keys, candidates = _tuning_candidates(spec, name)
@@ -274,7 +303,7 @@ def finished_tuning(spec: dict[str, Any], out: Path) -> dict[str, dict[str, floa
             tuning[name] = {}
             continue
         finals = {_tuning_label(keys, c): read_final(_tuning_folder(out, name, keys, c)) for c in candidates}
-        tuning[name] = {label: f["validation_loss"] for label, f in finals.items() if f is not None}
+        tuning[name] = {label: _tuning_score(f) for label, f in finals.items() if f is not None}
     return tuning
 
 
@@ -335,8 +364,28 @@ def _paired_cell(row: dict[str, Any], reference: str) -> str:
     )
 
 
+def _tuning_lines(spec, tuning: dict[str, dict[str, dict]]) -> list[str]:
+    """The report's tuning section: each tuned arm's candidates with their validation scores."""
+    tuning = {arm: scores for arm, scores in (tuning or {}).items() if scores}
+    if not tuning:
+        return []
+    judged = (f"task success on {spec['tune_episodes']} validation tasks (ties: validation loss)"
+              if spec["tune_by"] == "success" else "validation loss")  # fmt: skip
+    lines = ["", f"Tuning ({spec['tune_steps']} steps, seed {spec['tune_seed']}), chosen by {judged}; "
+             "test tasks never choose:", ""]  # fmt: skip
+    for arm, scores in tuning.items():
+        cells = []
+        for label, score in scores.items():
+            success = score.get("validation_success")
+            cells.append(
+                f"{label}: {'–' if success is None else f'{success:.2f}'} / {score['validation_loss']:.3f}"
+            )
+        lines.append(f"- {arm} (validation success / loss): " + "; ".join(cells))
+    return lines
+
+
 def write_markdown(
-    spec, table, lrs, runs, reference, path: Path, missing: list[str] = (), tuned=None
+    spec, table, lrs, runs, reference, path: Path, missing: list[str] = (), tuned=None, tuning=None
 ) -> None:
     tuned = {a: t for a, t in (tuned or {}).items() if t}
     lines = [f"# Experiment: {spec['env']}, sources {spec['sources']}", "",
@@ -356,6 +405,7 @@ def write_markdown(
         if reference:
             cells.append(_paired_cell(row, reference) if arm != reference else "–")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _tuning_lines(spec, tuning)
     lines += ["", "Per-seed success (95% Wilson interval):", ""]
     for arm, by_seed in runs.items():
         cells = [f"seed {s}: {r['success_rate']:.2f} [{r['success_ci95'][0]:.2f}, {r['success_ci95'][1]:.2f}]"
@@ -527,10 +577,10 @@ def write_results(spec, out: Path, lrs, tuning, runs, missing: list[str]) -> dic
         reference = None
     table = aggregate(runs, reference, out)
     tuned = {a: next((r["tuned"] for r in by.values() if r.get("tuned")), {}) for a, by in runs.items()}
-    results = {"spec": spec, "lr": lrs, "tuned": tuned, "lr_tuning_validation_loss": tuning, "table": table,
+    results = {"spec": spec, "lr": lrs, "tuned": tuned, "tuning": tuning, "table": table,
                "runs": {a: {str(s): r for s, r in by.items()} for a, by in runs.items()}, "not_run": missing}  # fmt: skip
     write_json_atomic(out / "results.json", results)
-    write_markdown(spec, table, lrs, runs, reference, out / "results.md", missing, tuned)
+    write_markdown(spec, table, lrs, runs, reference, out / "results.md", missing, tuned, tuning)
     write_plots(table, runs, out)
     return results
 

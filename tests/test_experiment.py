@@ -24,7 +24,7 @@ def _spec(tmp_path, **extra):
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(TRAIN))
     spec = {"train_config": str(tmp_path / "train.yaml"), "env": "gridnav-compact",
             "sources": "real:24,eps0.1:8,random:8", "seeds": [0], "steps": 2, "episodes": 2,
-            "lr_grid": [0.001, 0.003], "tune_steps": 1,
+            "lr_grid": [0.001, 0.003], "tune_steps": 1, "tune_episodes": 3,
             "arms": {"uniform": ["weighting.method=uniform"], "boost": ["weighting.method=boost"]},
             "quick": {"seeds": [0], "lr_grid": [0.001], "arms": ["boost"]}, **extra}  # fmt: skip
     path = tmp_path / "exp.yaml"
@@ -37,11 +37,18 @@ def test_a_grid_runs_tunes_on_validation_and_resumes(tmp_path):
     assert experiment(["--config", str(path), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["table"]) == {"uniform", "boost"} and set(results["runs"]["boost"]) == {"0"}
-    tuning = results["lr_tuning_validation_loss"]["boost"]
-    assert results["lr"]["boost"] == min((float(k) for k in tuning), key=lambda lr: tuning[str(lr)])
+    tuning = results["tuning"]["boost"]  # tune_by: success (the default)
+    best = min(tuning, key=lambda lr: (-tuning[lr]["validation_success"], tuning[lr]["validation_loss"]))
+    assert results["lr"]["boost"] == float(best)
+    for lr in tuning:  # the candidates played validation tasks, never test ones
+        final = json.loads((out / "boost" / f"tune-lr{lr}" / "final.json").read_text())
+        assert final["eval_split"] == "validation" and final["episodes"] == 3
+        assert tuning[lr]["validation_success"] == final["success_rate"]
+    assert json.loads((out / "boost" / "seed0" / "final.json").read_text())["eval_split"] == "test"
     assert results["table"]["uniform"]["success_minus_boost"] is not None
     text = (out / "results.md").read_text()
     assert "| uniform |" in text and "success − boost (paired, 95% t interval)" in text
+    assert "chosen by task success on 3 validation tasks" in text
     assert (out / "success.png").exists() and (out / "weights_over_steps.png").exists()
     stamp = (out / "boost" / "seed0" / "final.json").stat().st_mtime_ns
     assert experiment(["--config", str(path), "--out", str(out)]) == 0  # resumes: nothing re-run
@@ -170,27 +177,29 @@ def test_paired_differences_take_the_chosen_reference_with_a_t_interval(tmp_path
 def test_an_arms_tune_grid_is_chosen_with_lr_on_validation_and_applied_to_its_runs(tmp_path):
     arms = {"return_filter": ["weighting.method=return_filter"], "uniform": ["weighting.method=uniform"]}
     tune = {"return_filter": {"weighting.top_fraction": [0.25, 0.75]}}
-    path, out = _spec(tmp_path, lr_grid=[0.001], arms=arms, tune=tune), tmp_path / "out"
+    path, out = _spec(tmp_path, lr_grid=[0.001], arms=arms, tune=tune, tune_by="loss"), tmp_path / "out"
     assert experiment(["--config", str(path), "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())
-    scores = results["lr_tuning_validation_loss"]["return_filter"]
+    scores = {k: v["validation_loss"] for k, v in results["tuning"]["return_filter"].items()}
+    assert all(v["validation_success"] is None for v in results["tuning"]["return_filter"].values())
     assert set(scores) == {"lr0.001,weighting.top_fraction=0.25", "lr0.001,weighting.top_fraction=0.75"}
     best = min(scores, key=scores.get).split("=")[-1]
     assert results["tuned"] == {"return_filter": {"weighting.top_fraction": float(best)}, "uniform": {}}
-    assert results["lr_tuning_validation_loss"]["uniform"] == {}  # one candidate: no tuning run
+    assert results["tuning"]["uniform"] == {}  # one candidate: no tuning run
     assert (out / "return_filter" / "tune-lr0.001-weighting.top_fraction=0.25" / "final.json").exists()
     run = yaml.safe_load((out / "return_filter" / "seed0" / "config.yaml").read_text())
     assert run["weighting"]["top_fraction"] == float(best)
     assert f"weighting.top_fraction={float(best)}" in (out / "results.md").read_text()
     assert experiment(["--config", str(path), "--out", str(out), "--report-only"]) == 0  # reads them back
-    assert (
-        json.loads((out / "results.json").read_text())["lr_tuning_validation_loss"]
-        == results["lr_tuning_validation_loss"]
-    )
+    assert json.loads((out / "results.json").read_text())["tuning"] == results["tuning"]
     with pytest.raises(ExperimentError, match="tune names 'nope'"):
         load_spec(_spec(tmp_path, tune={"nope": {"head.init_mass": [1.0]}}))
     with pytest.raises(ExperimentError, match="tuned by lr_grid"):
         load_spec(_spec(tmp_path, tune={"boost": {"optim.lr": [1.0]}}))
+    with pytest.raises(ExperimentError, match="tune_by must be 'success' or 'loss'"):
+        load_spec(_spec(tmp_path, tune_by="accuracy"))
+    with pytest.raises(ExperimentError, match="tune_episodes must be an integer >= 1"):
+        load_spec(_spec(tmp_path, tune_episodes=0))
 
 
 def test_every_shipped_experiment_file_loads_with_and_without_quick():

@@ -168,7 +168,9 @@ def _run(parser: ArgumentParser, args: argparse.Namespace) -> int:
             trainer.parallel.close()
             return 0
         baseline = (
-            random_policy_success(final["env"], final["episodes"], cfg.eval.seed) if "env" in final else None
+            random_policy_success(final["env"], final["episodes"], cfg.eval.seed, cfg.eval.split)
+            if "env" in final
+            else None
         )
         report = write_report(trainer.out, trainer.data.summary, random_policy=baseline)
     except RUN_ERRORS as exc:

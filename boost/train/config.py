@@ -103,7 +103,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """Task success on the environment's held-out test tasks (boost/train/evaluation.py)."""
+    """Task success on the environment's held-out test (or validation) tasks (boost/train/evaluation.py)."""
 
     env: str | None = None  # None: the environment named by the real trajectories' task ids
     episodes: int = 100  # test tasks played after training (0: no rollouts; slow for SmolLM2 on a CPU)
@@ -111,12 +111,17 @@ class EvalConfig:
     max_new_tokens: int = 8  # tokens generated per agent turn in the rollouts
     batch_size: int = 50  # episodes played in parallel
     seed: int = 0  # seed that picks the test tasks played and the rollouts' sampling
+    # the environment's split the tasks are drawn from: "test" (the reported success), or "validation"
+    # (to choose settings by success without looking at test: python -m boost.experiment's tuning)
+    split: str = "test"
 
     def __post_init__(self):
         if self.episodes < 0 or self.every < 0 or self.max_new_tokens < 1 or self.batch_size < 1:
             raise ValueError(
                 "eval.episodes and eval.every must be >= 0, eval.max_new_tokens and batch_size >= 1"
             )
+        if self.split not in ("test", "validation"):
+            raise ValueError(f"eval.split must be 'test' or 'validation', got {self.split!r}")
 
 
 @dataclass(frozen=True)

@@ -44,29 +44,44 @@ def env_of(trajectories, override: str | None = None) -> str:
     return names.pop()
 
 
-def held_out_tasks(env_name: str, episodes: int, seed: int):
+def held_out_tasks(env_name: str, episodes: int, seed: int, split: str = "test"):
+    """``episodes`` tasks of the environment's ``split`` ("test" or "validation"), drawn with ``seed``."""
     env = make_env(env_name)
     try:
-        return env.sample_tasks("test", episodes, seed=seed)
+        return env.sample_tasks(split, episodes, seed=seed)
     finally:
         env.close()
 
 
 def task_success(
-    model, tokenizer, env_name: str, episodes: int, seed: int = 0, parallel=None, **rollout_options
+    model,
+    tokenizer,
+    env_name: str,
+    episodes: int,
+    seed: int = 0,
+    parallel=None,
+    split: str = "test",
+    **rollout_options,
 ) -> dict[str, Any]:
-    """Greedy rollouts of ``model`` on ``episodes`` test tasks: the metrics of :func:`summarize_episodes`
-    over :func:`play_test_tasks`."""
+    """Greedy rollouts of ``model`` on ``episodes`` tasks of ``split`` (default the test split): the
+    metrics of :func:`summarize_episodes` over :func:`play_test_tasks`."""
     summary = summarize_episodes(
-        play_test_tasks(model, tokenizer, env_name, episodes, seed, parallel, **rollout_options)
+        play_test_tasks(model, tokenizer, env_name, episodes, seed, parallel, split, **rollout_options)
     )
     return {k: summary[k] for k in _KEPT}
 
 
 def play_test_tasks(
-    model, tokenizer, env_name: str, episodes: int, seed: int = 0, parallel=None, **rollout_options
+    model,
+    tokenizer,
+    env_name: str,
+    episodes: int,
+    seed: int = 0,
+    parallel=None,
+    split: str = "test",
+    **rollout_options,
 ) -> list[Episode]:
-    """Greedy rollouts of ``model`` on ``episodes`` test tasks, in task order.
+    """Greedy rollouts of ``model`` on ``episodes`` test tasks (or tasks of ``split``), in task order.
 
     ``parallel`` (a run's :class:`boost.train.distributed.SingleProcess` or ``TorchRun``): each process
     plays its share of the tasks (``parallel.share``) and the episodes are gathered in task order, so
@@ -76,7 +91,7 @@ def play_test_tasks(
     """
     was_training = model.training
     model.eval()
-    tasks = held_out_tasks(env_name, episodes, seed)
+    tasks = held_out_tasks(env_name, episodes, seed, split)
     mine = list(parallel.share(len(tasks))) if parallel is not None else list(range(len(tasks)))
     try:
         config = RolloutConfig(seed=seed, **rollout_options)
@@ -88,9 +103,9 @@ def play_test_tasks(
     return played
 
 
-def random_policy_success(env_name: str, episodes: int, seed: int = 0) -> dict[str, Any]:
-    """The uniformly random policy on the same test tasks as :func:`task_success` (same seed)."""
-    return random_policy_on(env_name, held_out_tasks(env_name, episodes, seed), seed)
+def random_policy_success(env_name: str, episodes: int, seed: int = 0, split: str = "test") -> dict[str, Any]:
+    """The uniformly random policy on the same tasks as :func:`task_success` (same seed and split)."""
+    return random_policy_on(env_name, held_out_tasks(env_name, episodes, seed, split), seed)
 
 
 def random_policy_on(env_name: str, tasks, seed: int = 0, games_dir: str | None = None) -> dict[str, Any]:
@@ -175,7 +190,8 @@ def evaluate_trainer(trainer, rollouts: bool = True) -> dict[str, Any]:
     """Held-out real loss and accuracy (test tasks of the data), and task success on the env's test split.
 
     Keys: ``test_loss``, ``test_agent_token_accuracy`` and, when ``rollouts`` and ``eval.episodes > 0``,
-    ``env`` and ``success_rate``, ``success_ci95``, ``mean_return``, ``mean_turns``, ``invalid_per_turn``.
+    ``env``, ``eval_split`` and ``success_rate``, ``success_ci95``, ``mean_return``, ``mean_turns``,
+    ``invalid_per_turn`` (on the tasks of ``eval.split``: the test split unless set to validation).
     """
     cfg = trainer.cfg.eval
     was_training = trainer.model.training
@@ -190,7 +206,7 @@ def evaluate_trainer(trainer, rollouts: bool = True) -> dict[str, Any]:
     }
     if rollouts and cfg.episodes:
         env_name = env_of(trainer.data.validation.trajectories, cfg.env)
-        out["env"] = env_name
+        out["env"], out["eval_split"] = env_name, cfg.split
         with (
             trainer.parallel.generation_model(trainer.model) as model,  # FSDP2: a gathered plain copy
             attention_for_generation(model, trainer.attention),  # flash-attn trains, sdpa generates
@@ -198,7 +214,7 @@ def evaluate_trainer(trainer, rollouts: bool = True) -> dict[str, Any]:
             out.update(
                 task_success(
                     model, trainer.tokenizer, env_name, cfg.episodes, cfg.seed, parallel=trainer.parallel,
-                    max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
+                    split=cfg.split, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size,
                 )
             )  # fmt: skip
     return out

@@ -188,7 +188,7 @@ def success_line(final: dict, random_policy: dict | None = None) -> str:
     lo, hi = final["success_ci95"]
     line = (
         f"held-out task success: {final['success_rate']:.2f} [{lo:.2f}, {hi:.2f}] (95% Wilson) on "
-        f"{final['episodes']} test tasks of {final['env']}"
+        f"{final['episodes']} {final.get('eval_split', 'test')} tasks of {final['env']}"
     )
     if random_policy is not None:
         rlo, rhi = random_policy["success_ci95"]
