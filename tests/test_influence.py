@@ -186,7 +186,7 @@ def test_selection_steps():
 def test_refusals(assets, tmp_path):
     with pytest.raises(ValueError, match="select_at and weighting.influence_batches must be >= 1"):
         WeightingConfig(method="influence", select_at=0)
-    with pytest.raises(ValueError, match="select_by must be 'influence' or 'random'"):
+    with pytest.raises(ValueError, match="select_by must be 'influence', 'random' or 'discriminator'"):
         WeightingConfig(method="influence", select_by="loss")
     with pytest.raises(ValueError, match="has neither"):
         WeightingConfig(method="uniform", refilter_every=5)

@@ -196,7 +196,8 @@ class WeightingConfig:
     # that many steps (boost/train/influence.py)
     select_at: int = 100
     influence_batches: int = 4  # influence: training batches whose head Hessian H is (solver cg/neumann)
-    # influence: "influence", or "random" (the same schedule, random scores: a control)
+    # influence: "influence", "random" (the same schedule, random scores: a control) or "discriminator"
+    # (the same schedule, scored by a real-vs-synthetic classifier: boost/train/discriminator.py)
     select_by: str = "influence"
     # influence: what the first select_at steps train on (the model the pool is scored at): "pool" (the
     # real trajectories and every synthetic one past return_gate) or "real" (the real ones only)
@@ -248,8 +249,10 @@ class WeightingConfig:
                 f"weighting.select_at and weighting.influence_batches must be >= 1, got {self.select_at} and "
                 f"{self.influence_batches} (influence scores a model that has taken an AdamW step)"
             )
-        if self.select_by not in ("influence", "random"):
-            raise ValueError(f"weighting.select_by must be 'influence' or 'random', got {self.select_by!r}")
+        if self.select_by not in ("influence", "random", "discriminator"):
+            raise ValueError(
+                f"weighting.select_by must be 'influence', 'random' or 'discriminator', got {self.select_by!r}"
+            )
         if self.warmup_on not in ("pool", "real"):
             raise ValueError(f"weighting.warmup_on must be 'pool' or 'real', got {self.warmup_on!r}")
         if self.warmup_on != "pool" and self.method != "influence":

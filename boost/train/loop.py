@@ -80,6 +80,7 @@ from boost.train.checkpoint import (
 )
 from boost.train.checkpoint_io import latest_checkpoint, load_checkpoint, read_state, save_checkpoint
 from boost.train.config import DataConfig, TrainConfig
+from boost.train.discriminator import discriminator_scores
 from boost.train.distributed import (
     NullLog,
     is_distributed_checkpoint,
@@ -505,13 +506,16 @@ class Trainer:
         return record
 
     def select_by_influence(self) -> dict:
-        """``weighting.method=influence``: score the pool (:mod:`boost.train.influence`) and train on the
-        real trajectories plus its top share by score from now on; writes ``influence_scores.jsonl``
+        """``weighting.method=influence``: score the pool by ``weighting.select_by`` (influence:
+        :mod:`boost.train.influence`; discriminator: :mod:`boost.train.discriminator`; random) and train on
+        the real trajectories plus its top share by score from now on; writes ``influence_scores.jsonl``
         (the scores of this selection, in :func:`pool_weight_lines`' format). Returns the record, whose
         seconds include the scoring."""
         started = time.perf_counter()
         if self.cfg.weighting.select_by == "random":
             scores, info = random_scores(self, self.step), {"select_by": "random"}
+        elif self.cfg.weighting.select_by == "discriminator":
+            scores, info = discriminator_scores(self)
         else:
             scores, info = influence_scores(self)
         record = self.refilter(scores, info)
