@@ -172,6 +172,19 @@ def test_a_warm_up_on_the_real_trajectories_only_and_its_resume(assets, tmp_path
     assert all(torch.equal(ours["model"][k], ref["model"][k]) for k in ref["model"])
 
 
+def test_select_by_return_keeps_the_top_share_by_return(assets, tmp_path):
+    trainer = Trainer(_config(assets, tmp_path, *RUN, "weighting.select_by=return"), progress=False)
+    final = trainer.train()
+    assert final["refilters"][0]["select_by"] == "return"
+    pool = trainer.data.train.trajectories
+    synthetic = [t for t in pool if t.source != "real"]
+    kept = {pool[p].index for p in trainer.refiltered.positions if pool[p].source != "real"}
+    assert kept and len(kept) < len(synthetic)
+    assert min(t.reward for t in synthetic if t.index in kept) >= max(
+        t.reward for t in synthetic if t.index not in kept
+    )
+
+
 def test_random_scores_differ_per_step_and_repeat_per_seed(assets, tmp_path):
     trainer = Trainer(_config(assets, tmp_path, *RUN, "weighting.select_by=random"), progress=False)
     assert random_scores(trainer, 2) == random_scores(trainer, 2) != random_scores(trainer, 4)
@@ -186,7 +199,7 @@ def test_selection_steps():
 def test_refusals(assets, tmp_path):
     with pytest.raises(ValueError, match="select_at and weighting.influence_batches must be >= 1"):
         WeightingConfig(method="influence", select_at=0)
-    with pytest.raises(ValueError, match="select_by must be 'influence', 'random' or 'discriminator'"):
+    with pytest.raises(ValueError, match="select_by must be one of influence, random, discriminator, return"):
         WeightingConfig(method="influence", select_by="loss")
     with pytest.raises(ValueError, match="has neither"):
         WeightingConfig(method="uniform", refilter_every=5)

@@ -153,6 +153,10 @@ class OptimConfig:
         return self.schedule != "constant" or self.warmup_steps > 0
 
 
+# what an influence-schedule run ranks the pool by at its selection steps (boost/train/influence.py)
+SELECT_BY = ("influence", "random", "discriminator", "return")
+
+
 @dataclass(frozen=True)
 class WeightingConfig:
     """Which weighting the trainer uses: BOOST or a baseline (boost/train/baselines.py)."""
@@ -196,8 +200,9 @@ class WeightingConfig:
     # that many steps (boost/train/influence.py)
     select_at: int = 100
     influence_batches: int = 4  # influence: training batches whose head Hessian H is (solver cg/neumann)
-    # influence: "influence", "random" (the same schedule, random scores: a control) or "discriminator"
-    # (the same schedule, scored by a real-vs-synthetic classifier: boost/train/discriminator.py)
+    # influence: "influence", "random" (the same schedule, random scores: a control), "discriminator"
+    # (scored by a real-vs-synthetic classifier: boost/train/discriminator.py) or "return" (by the
+    # trajectory's return: the return filter on the same schedule; reads returns)
     select_by: str = "influence"
     # influence: what the first select_at steps train on (the model the pool is scored at): "pool" (the
     # real trajectories and every synthetic one past return_gate) or "real" (the real ones only)
@@ -249,9 +254,9 @@ class WeightingConfig:
                 f"weighting.select_at and weighting.influence_batches must be >= 1, got {self.select_at} and "
                 f"{self.influence_batches} (influence scores a model that has taken an AdamW step)"
             )
-        if self.select_by not in ("influence", "random", "discriminator"):
+        if self.select_by not in SELECT_BY:
             raise ValueError(
-                f"weighting.select_by must be 'influence', 'random' or 'discriminator', got {self.select_by!r}"
+                f"weighting.select_by must be one of {', '.join(SELECT_BY)}, got {self.select_by!r}"
             )
         if self.warmup_on not in ("pool", "real"):
             raise ValueError(f"weighting.warmup_on must be 'pool' or 'real', got {self.warmup_on!r}")

@@ -148,6 +148,22 @@ def random_scores(trainer, step: int) -> dict[int, float]:
     return {t.index: rng.random() for t in trainer.data.train.trajectories if t.source != "real"}
 
 
+def return_scores(trainer) -> dict[int, float]:
+    """The return filter on the same schedule: each synthetic trajectory of the pool scored by its return.
+
+    Raises:
+        ValueError: a synthetic trajectory of the pool has no return.
+    """
+    synthetic = [t for t in trainer.data.train.trajectories if t.source != "real"]
+    missing = sum(t.reward is None for t in synthetic)
+    if missing:
+        raise ValueError(
+            f"weighting.select_by=return: {missing} synthetic trajectories have no return; filter them out "
+            "of the data or select by another score"
+        )
+    return {t.index: float(t.reward) for t in synthetic}
+
+
 def is_selection_step(step: int, select_at: int, every: int, steps: int) -> bool:
     """Whether the pool is scored after inner step ``step``: at ``select_at``, then every ``every``
     steps (0: once), never after the last step."""

@@ -92,7 +92,7 @@ from boost.train.distributed import (
 )
 from boost.train.evaluation import append_eval, evaluate_trainer, held_out_real
 from boost.train.guards import BadStepCounter, gradient_norm, json_safe, nonfinite, resolve_device
-from boost.train.influence import influence_scores, is_selection_step, random_scores
+from boost.train.influence import influence_scores, is_selection_step, random_scores, return_scores
 from boost.train.lora import apply_lora, output_head
 from boost.train.outer_signal import OuterSignal
 from boost.train.precision import autocast, resolve_precision
@@ -507,7 +507,8 @@ class Trainer:
 
     def select_by_influence(self) -> dict:
         """``weighting.method=influence``: score the pool by ``weighting.select_by`` (influence:
-        :mod:`boost.train.influence`; discriminator: :mod:`boost.train.discriminator`; random) and train on
+        :mod:`boost.train.influence`; discriminator: :mod:`boost.train.discriminator`; random; return)
+        and train on
         the real trajectories plus its top share by score from now on; writes ``influence_scores.jsonl``
         (the scores of this selection, in :func:`pool_weight_lines`' format). Returns the record, whose
         seconds include the scoring."""
@@ -516,6 +517,8 @@ class Trainer:
             scores, info = random_scores(self, self.step), {"select_by": "random"}
         elif self.cfg.weighting.select_by == "discriminator":
             scores, info = discriminator_scores(self)
+        elif self.cfg.weighting.select_by == "return":
+            scores, info = return_scores(self), {"select_by": "return"}
         else:
             scores, info = influence_scores(self)
         record = self.refilter(scores, info)
