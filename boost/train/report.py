@@ -125,6 +125,7 @@ _WEIGHTING_USERS = {
     "select_at": ("influence",),
     "influence_batches": ("influence",),
     "select_by": ("influence",),
+    "warmup_on": ("influence",),
 }
 # what only a learned weighting (a head and outer steps) reads
 _LEARNED_ONLY = ("solver", "head", "outer", "block", "fd_step", "outer_every")
