@@ -289,7 +289,8 @@ def tune_arm(spec, name, overrides, out, data) -> tuple[float | None, dict[str, 
                         candidate[0], data, episodes=spec["tune_episodes"] if by_success else 0,
                         tuned=dict(zip(keys, candidate[1:])))  # fmt: skip
         scores[_tuning_label(keys, candidate)] = _tuning_score(final)
-    best = min(candidates, key=lambda c: _better(spec)(scores[_tuning_label(keys, c)]))
+    better = _better(spec)
+    best = min(candidates, key=lambda c: better(scores[_tuning_label(keys, c)]))
     return best[0], dict(zip(keys, best[1:])), scores
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from benchmarks.kill_resume import make_assets
 from boost.train import Trainer
 from boost.train.discriminator import cross_fitted_log_odds, fit_logistic, roc_auc
+from tests.test_influence import assert_kept_the_top_share
 from tests.test_train import _config
 
 
@@ -76,8 +77,5 @@ def test_a_run_keeps_the_top_share_by_log_odds(assets, tmp_path):
     pool = trainer.data.train.trajectories
     assert len(rows) == sum(t.source != "real" for t in pool)
     kept = {pool[p].index for p in trainer.refiltered.positions if pool[p].source != "real"}
-    weights = [json.loads(line) for line in (tmp_path / "pool_weights.jsonl").read_text().splitlines()]
-    by_key = {r["key"]: r["weight"] for r in rows}
-    lowest_kept = min(by_key[w["key"]] for w in weights if w["weight"] == 1.0)
-    assert all(by_key[w["key"]] < lowest_kept for w in weights if w["weight"] == 0.0)
+    weights = assert_kept_the_top_share(tmp_path)
     assert len(kept) == sum(w["weight"] == 1.0 for w in weights)

@@ -105,7 +105,8 @@ def test_identity_is_the_adamw_response_to_the_validation_gradient(assets, tmp_p
     assert float(v.norm()) > 0
 
 
-def test_the_run_trains_on_the_top_share_after_select_at(assets, tmp_path, monkeypatch):
+def _batches_seen(monkeypatch) -> list[tuple[int, set[int]]]:
+    """(inner step, trajectory indices of its batch) for every inner step a Trainer takes from now on."""
     seen = []
     inner = Trainer.inner_step
 
@@ -114,6 +115,25 @@ def test_the_run_trains_on_the_top_share_after_select_at(assets, tmp_path, monke
         return inner(self, batch, micro)
 
     monkeypatch.setattr(Trainer, "inner_step", spy)
+    return seen
+
+
+def assert_kept_the_top_share(out) -> list[dict]:
+    """The run in ``out`` kept the top share by its selection's scores (``influence_scores.jsonl``):
+    ``pool_weights.jsonl`` gives every kept trajectory weight 1, the rest 0, and each one left out
+    scores below every one kept. Returns the pool_weights rows."""
+    by_key = {
+        r["key"]: r["weight"]
+        for r in map(json.loads, (out / "influence_scores.jsonl").read_text().splitlines())
+    }
+    weights = [json.loads(line) for line in (out / "pool_weights.jsonl").read_text().splitlines()]
+    lowest_kept = min(by_key[w["key"]] for w in weights if w["weight"] == 1.0)
+    assert all(by_key[w["key"]] < lowest_kept for w in weights if w["weight"] == 0.0)
+    return weights
+
+
+def test_the_run_trains_on_the_top_share_after_select_at(assets, tmp_path, monkeypatch):
+    seen = _batches_seen(monkeypatch)
     trainer = Trainer(_config(assets, tmp_path, *RUN), progress=False)
     final = trainer.train()
     assert [r["step"] for r in final["refilters"]] == [2]
@@ -126,11 +146,7 @@ def test_the_run_trains_on_the_top_share_after_select_at(assets, tmp_path, monke
     assert len(rows) == len(synthetic)
     kept = sum(k for k, _ in final["refilters"][0]["kept"].values())
     assert len(synthetic) // 2 <= kept < len(synthetic)
-    # the top share by score is what was kept; pool_weights.jsonl gives it weight 1, the rest 0
-    by_key = {r["key"]: r["weight"] for r in rows}
-    weights = [json.loads(line) for line in (tmp_path / "pool_weights.jsonl").read_text().splitlines()]
-    lowest_kept = min(by_key[w["key"]] for w in weights if w["weight"] == 1.0)
-    assert all(by_key[w["key"]] < lowest_kept for w in weights if w["weight"] == 0.0)
+    assert_kept_the_top_share(tmp_path)
     assert "refilter" in [m for m in _metrics(tmp_path) if m["step"] == 2][0]
     assert final["refilters"][0]["solver"] == "cg" and final["refilters"][0]["solver_residual"] is not None
 
@@ -148,14 +164,7 @@ def test_the_random_control_rescoring_and_a_resume(assets, tmp_path):
 
 
 def test_a_warm_up_on_the_real_trajectories_only_and_its_resume(assets, tmp_path, monkeypatch):
-    seen = []
-    inner = Trainer.inner_step
-
-    def spy(self, batch, micro=None):
-        seen.append((self.step + 1, set(batch.trajectory_index.tolist())))
-        return inner(self, batch, micro)
-
-    monkeypatch.setattr(Trainer, "inner_step", spy)
+    seen = _batches_seen(monkeypatch)
     run = (*RUN[:-1], "weighting.warmup_on=real", "weighting.select_at=3", "steps=5")
     trainer = Trainer(_config(assets, tmp_path / "reference", *run), progress=False)
     final = trainer.train()
