@@ -168,6 +168,22 @@ def return_gate_value(cfg, real: list[Trajectory] | None) -> float | None:
     return min(returns)
 
 
+def synthetic_returns(synthetic: list[Trajectory], setting: str, alternative: str) -> list[float]:
+    """The return of each trajectory of ``synthetic``, for the setting ``setting`` that reads them.
+
+    Raises:
+        ValueError: some have no return; the message names ``setting`` and the fix (``alternative``).
+    """
+    returns = [t.reward for t in synthetic]
+    missing = sum(r is None for r in returns)
+    if missing:
+        raise ValueError(
+            f"{setting}: {missing} synthetic trajectories have no return; filter them out of the data or "
+            f"{alternative}"
+        )
+    return returns
+
+
 def select_synthetic(
     synthetic: list[Trajectory], cfg, real: list[Trajectory] | None = None
 ) -> tuple[list[Trajectory], str]:
@@ -181,12 +197,7 @@ def select_synthetic(
     gate = return_gate_value(cfg, real) if method in GATED_FILTERS else None
     gate_note = ""
     if gate is not None:
-        returns = [t.reward for t in synthetic]
-        if any(r is None for r in returns):
-            raise ValueError(
-                f"weighting.return_gate: {sum(r is None for r in returns)} synthetic trajectories have no "
-                "return; filter them out of the data or drop the gate"
-            )
+        synthetic_returns(synthetic, "weighting.return_gate", "drop the gate")
         passed = [t for t in synthetic if t.reward >= gate]
         gate_note = f"; return gate {gate:g} ({cfg.return_gate}) passed {len(passed)} of {len(synthetic)}"
         if not passed:
@@ -198,12 +209,7 @@ def select_synthetic(
     if method == "real_only":
         kept = []
     elif method == "return_filter":
-        returns = [t.reward for t in synthetic]
-        if any(r is None for r in returns):
-            raise ValueError(
-                f"weighting.method=return_filter: {sum(r is None for r in returns)} synthetic trajectories "
-                "have no return; filter them out of the data or use another method"
-            )
+        returns = synthetic_returns(synthetic, "weighting.method=return_filter", "use another method")
         if cfg.return_threshold is not None:
             threshold = cfg.return_threshold
         else:

@@ -37,6 +37,7 @@ import torch
 
 from boost.bilevel.hypergradient import HeadBatch, head_hvp, solve, solve_residual, trajectory_scores
 from boost.bilevel.step_response import optimizer_response
+from boost.train.baselines import synthetic_returns
 
 
 def _concat(parts: list[HeadBatch]) -> HeadBatch:
@@ -155,13 +156,8 @@ def return_scores(trainer) -> dict[int, float]:
         ValueError: a synthetic trajectory of the pool has no return.
     """
     synthetic = [t for t in trainer.data.train.trajectories if t.source != "real"]
-    missing = sum(t.reward is None for t in synthetic)
-    if missing:
-        raise ValueError(
-            f"weighting.select_by=return: {missing} synthetic trajectories have no return; filter them out "
-            "of the data or select by another score"
-        )
-    return {t.index: float(t.reward) for t in synthetic}
+    returns = synthetic_returns(synthetic, "weighting.select_by=return", "select by another score")
+    return {t.index: float(r) for t, r in zip(synthetic, returns)}
 
 
 def is_selection_step(step: int, select_at: int, every: int, steps: int) -> bool:
