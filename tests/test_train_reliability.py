@@ -112,6 +112,7 @@ OFFLINE_ENVS = [
     "textarena:Mastermind-v0",
     "textarena:TowerOfHanoi-v0",
     "textarena:FrozenLake-v0",
+    "textarena:FrozenLake-v0-hardcore-compact",
     "textarena:Minesweeper-v0-small",
 ]
 README_SOURCES = ("real", "expert_shifted", "eps0.1", "eps0.3", "eps0.6", "random", "corrupt")

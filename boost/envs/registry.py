@@ -1,7 +1,8 @@
 """Named environments: the built-in games, their shifted variants, and the adapters.
 
 Each built-in game also has a ``-compact`` view (``gridnav-compact``, ...): the same rules in short
-observations for small models (the CPU preset's default; see :mod:`boost.envs.gridnav`).
+observations for small models (the CPU preset's default; see :mod:`boost.envs.gridnav`), and so does
+textarena's FrozenLake (``textarena:FrozenLake-v0-compact``; see :mod:`boost.envs.textarena_env`).
 
 Every name has a *shifted* partner (other sizes or rules) used to generate task-shifted synthetic
 data: ``shifted_env_name("gridnav") == "gridnav-large"``.
@@ -17,6 +18,7 @@ from pathlib import Path
 from boost.envs.base import Env, EnvError
 from boost.envs.gridnav import GridNavConfig, GridNavEnv
 from boost.envs.guess import GuessConfig, GuessEnv
+from boost.envs.textarena_env import COMPACT_GAMES as TEXTARENA_COMPACT_GAMES
 from boost.envs.textarena_env import GAMES as TEXTARENA_GAMES
 from boost.envs.textarena_env import PREFIX as TEXTARENA_PREFIX
 
@@ -57,14 +59,16 @@ def _textworld(name: str, shift: str, description: str, **options: int) -> EnvSp
     return EnvSpec(name, build, shift, description)
 
 
-def _textarena(game_id: str) -> EnvSpec:
+def _textarena(game_id: str, compact: bool = False) -> EnvSpec:
     def build(games_dir: Path | None) -> Env:
         from boost.envs.textarena_env import TextArenaEnv
 
-        return TextArenaEnv(game_id)
+        return TextArenaEnv(game_id, compact=compact)
 
-    name = TEXTARENA_PREFIX + game_id
-    return EnvSpec(name, build, TEXTARENA_PREFIX + TEXTARENA_GAMES[game_id], f"textarena's {game_id}")
+    suffix = COMPACT_SUFFIX if compact else ""
+    name = TEXTARENA_PREFIX + game_id + suffix
+    description = f"textarena's {game_id}" + (", compact observations" if compact else "")
+    return EnvSpec(name, build, TEXTARENA_PREFIX + TEXTARENA_GAMES[game_id] + suffix, description)
 
 
 COMPACT_SUFFIX = "-compact"
@@ -101,6 +105,7 @@ _SPECS = [
         max_turns=40,
     ),
     *(_textarena(game_id) for game_id in TEXTARENA_GAMES),
+    *(_textarena(game_id, compact=True) for game_id in TEXTARENA_COMPACT_GAMES),
 ]
 REGISTRY: dict[str, EnvSpec] = {spec.name: spec for spec in _SPECS}
 BUILTIN_ENVS = ("gridnav", "gridnav-large", "guess", "guess-wide")

@@ -19,6 +19,16 @@ during play, e.g. Minesweeper places its mines on the first reveal). Each adapte
 privately and swaps it in around every call, so episodes are deterministic in their seed however
 many run side by side, and the caller's global ``random`` state is left untouched.
 
+Compact view (``textarena:FrozenLake-v0-compact``, :data:`COMPACT_GAMES`): the same game, rules and
+rewards, with short instructions and one short observation per turn built from the game's state
+(one token per cell under a whitespace tokenizer, as the built-in games' compact views), for small
+models::
+
+    moved ; P . . . / . . . . / . H H . / . . H G ; P 0 0 G 3 3
+
+(the last reply's outcome: ``start``, ``moved``, ``invalid``, then ``won``, ``lost``, ``invalid twice``
+or ``out of moves``; the rows separated by ``/``; the player's and the goal's row and column).
+
 Splits: a task's key is its secret content where it has one (the number, the code, the lake), so
 splits never share an instance. Tower of Hanoi has a single instance, and a Minesweeper board is only
 drawn on the first reveal, so for those two the key is the seed (``content_disjoint_splits`` False).
@@ -50,6 +60,7 @@ GAMES = {
     "FrozenLake-v0-hardcore": "FrozenLake-v0",
 }
 PREFIX = "textarena:"
+COMPACT_SUFFIX = "-compact"
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]")
 
 
@@ -203,6 +214,40 @@ def _frozenlake_key(game: Any) -> str:
     return f"{state['player_pos']}|" + "|".join("".join(row) for row in state["grid"])
 
 
+def _frozenlake_compact_instructions(game: Any) -> str:
+    size = len(game.state.game_state["grid"])
+    return (
+        f"Lake {size}x{size} . P you , G goal , H hole . Reply [up] , [down] , [left] or [right] . "
+        "Two invalid replies in a row end the game ."
+    )
+
+
+def _frozenlake_compact_board(game: Any) -> str:
+    state = game.state.game_state
+    (pr, pc), (gr, gc) = state["player_pos"], state["goal_pos"]
+    rows = [
+        " ".join("P" if (r, c) == (pr, pc) else (cell.strip() or ".") for c, cell in enumerate(row))
+        for r, row in enumerate(state["grid"])
+    ]
+    return f"{' / '.join(rows)} ; P {pr} {pc} G {gr} {gc}"
+
+
+# Games with a compact view: family -> (instructions, observation of the current state).
+_COMPACT_VIEWS = {"FrozenLake": (_frozenlake_compact_instructions, _frozenlake_compact_board)}
+COMPACT_GAMES = tuple(game for game in GAMES if game.split("-")[0] in _COMPACT_VIEWS)
+
+
+def _compact_outcome(invalid: bool, done: bool, info: dict[str, Any]) -> str:
+    """One or two words for what the last reply did (see the module docstring)."""
+    if not done:
+        return "invalid" if invalid else "moved"
+    if info["success"]:
+        return "won"
+    if info["truncated"]:
+        return "out of moves"
+    return "invalid twice" if invalid else "lost"
+
+
 _FAMILIES = {
     "GuessTheNumber": (_guess_expert, _guess_random, _guess_key),
     "TowerOfHanoi": (_hanoi_expert, _hanoi_random, None),
@@ -213,15 +258,23 @@ _FAMILIES = {
 
 
 class TextArenaEnv(Env):
-    """One textarena game as an :class:`~boost.envs.base.Env`; ``name`` is ``"textarena:<game id>"``."""
+    """One textarena game as an :class:`~boost.envs.base.Env`; ``name`` is ``"textarena:<game id>"``,
+    with ``-compact`` appended for the compact view (``compact=True``, games of :data:`COMPACT_GAMES`)."""
 
-    def __init__(self, game_id: str) -> None:
+    def __init__(self, game_id: str, compact: bool = False) -> None:
         if game_id not in GAMES:
             raise EnvError(f"unsupported textarena game {game_id!r}; supported: {', '.join(GAMES)}")
+        family = game_id.split("-")[0]
+        if compact and family not in _COMPACT_VIEWS:
+            raise EnvError(
+                f"textarena game {game_id!r} has no compact view; games with one: {', '.join(COMPACT_GAMES)}"
+            )
         self._ta = import_textarena()
-        self.name = PREFIX + game_id
+        self.name = PREFIX + game_id + (COMPACT_SUFFIX if compact else "")
         self.game_id = game_id
-        self._expert, self._random, self._key = _FAMILIES[game_id.split("-")[0]]
+        self.compact = compact
+        self._expert, self._random, self._key = _FAMILIES[family]
+        self._view = _COMPACT_VIEWS[family] if compact else None
         self.content_disjoint_splits = self._key is not None
         self._game: Any = None
         self._random_state: Any = None
@@ -284,6 +337,9 @@ class TextArenaEnv(Env):
         self._instructions = "\n".join(prompt).strip()
         self._done = False
         self._turns = 0
+        if self._view is not None:
+            self._instructions = self._view[0](self._game)
+            return f"start ; {self._view[1](self._game)}"
         observation = "\n".join(text for kind, text in messages if kind != self._ta.ObservationType.PROMPT)
         return observation.strip() or "The game has started. Make your first move."
 
@@ -309,6 +365,9 @@ class TextArenaEnv(Env):
             info["invalid"] = invalid or bool(game_info[0].get("invalid_move"))
             info.update(success=reward >= 1.0, truncated="turn limit" in reason.lower(), reason=reason)
             observation = f"{observation}\nGame over: {reason}".strip()
+        if self._view is not None:
+            outcome = _compact_outcome(info["invalid"], done, info)
+            observation = f"{outcome} ; " + ("game over" if done else self._view[1](self._game))
         return Step(observation or "(no message)", reward, done, info)
 
     def action_span(self, reply: str) -> tuple[int, int] | None:

@@ -7,11 +7,22 @@ import random
 import pytest
 
 from boost.envs import SPLITS, expert_policy, make_env, play_episode, random_policy, shifted_env_name
-from boost.envs.textarena_env import GAMES, PREFIX, hanoi_moves, mastermind_feedback
+from boost.envs.base import EnvError
+from boost.envs.textarena_env import (
+    COMPACT_GAMES,
+    COMPACT_SUFFIX,
+    GAMES,
+    PREFIX,
+    TextArenaEnv,
+    hanoi_moves,
+    mastermind_feedback,
+)
 
 ta = pytest.importorskip("textarena", reason="textarena is not installed: pip install 'boost[envs]'")
 
-TEXTARENA_ENVS = [PREFIX + game for game in GAMES]
+TEXTARENA_ENVS = [PREFIX + game for game in GAMES] + [
+    PREFIX + game + COMPACT_SUFFIX for game in COMPACT_GAMES
+]
 
 
 @pytest.mark.parametrize("name", TEXTARENA_ENVS)
@@ -113,3 +124,48 @@ def test_generators_run_on_a_textarena_game():
     assert summary["real"]["success_rate"] == 1.0 and summary["expert_shifted"]["success_rate"] == 1.0
     assert all(t.meta["env"] == PREFIX + "TowerOfHanoi-v0-medium" for t in trajectories if t.meta["shift"])
     assert summary["random"]["success_rate"] == 0.0
+
+
+def _compact_board(observation: str) -> tuple[list[list[str]], tuple[int, int], tuple[int, int]]:
+    """(rows of cells, player, goal) read back from a compact FrozenLake observation."""
+    outcome, board, positions = observation.split(" ; ")
+    rows = [row.split() for row in board.split(" / ")]
+    p, pr, pc, g, gr, gc = positions.split()
+    assert (p, g) == ("P", "G") and outcome in ("start", "moved", "invalid")
+    return rows, (int(pr), int(pc)), (int(gr), int(gc))
+
+
+@pytest.mark.parametrize("game", COMPACT_GAMES)
+def test_compact_view_plays_the_same_game_in_short_observations(game):
+    """The same actions in both views: the same rewards, ends and flags; the compact board is the game's."""
+    full, compact = make_env(PREFIX + game), make_env(PREFIX + game + COMPACT_SUFFIX)
+    assert shifted_env_name(compact.name) == PREFIX + GAMES[game] + COMPACT_SUFFIX
+    outcomes = set()
+    for i, task in enumerate(compact.sample_tasks("train", 12, seed=0)):
+        observation = compact.reset(task)
+        full.reset(full.task(f"{full.name}/{task.seed}"))
+        assert len(compact.instructions.split()) < 40 and "[up]" in compact.instructions
+        rng, done = random.Random(i), False
+        while not done:
+            rows, player, goal = _compact_board(observation)
+            state = compact._game.state.game_state
+            assert (player, goal) == (tuple(state["player_pos"]), tuple(state["goal_pos"]))
+            assert rows[player[0]][player[1]] == "P" and rows[goal[0]][goal[1]] in ("G", "P")
+            assert all(
+                (cell == "H") == (state["grid"][r][c] == "H")
+                for r, row in enumerate(rows) for c, cell in enumerate(row) if (r, c) != player
+            )  # fmt: skip
+            # mostly the expert, sometimes a random move or a malformed reply, to reach every outcome
+            action = rng.choice([compact.expert_action()] * 3 + [compact.random_action(rng), "[jump]"])
+            got, want = compact.step(action), full.step(action)
+            assert (got.reward, got.done, got.info) == (want.reward, want.done, want.info)
+            observation, done = got.observation, got.done
+            outcomes.add(observation.split(" ; ")[0])
+        assert observation.endswith(" ; game over")
+    assert {"moved", "invalid", "won"} <= outcomes and outcomes & {"lost", "invalid twice"}
+
+
+def test_compact_view_of_a_game_without_one_is_refused():
+    other = next(game for game in GAMES if game not in COMPACT_GAMES)
+    with pytest.raises(EnvError, match="has no compact view; games with one: FrozenLake"):
+        TextArenaEnv(other, compact=True)
