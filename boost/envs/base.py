@@ -32,6 +32,10 @@ SPLITS = ("train", "validation", "test")
 _SPLIT_OF_BUCKET = ("train",) * 8 + ("validation", "test")
 
 
+# the name suffix of a game's compact view (short observations for small models: "gridnav-compact")
+COMPACT_SUFFIX = "-compact"
+
+
 class EnvError(ValueError):
     """Bad input to an environment (unknown name, task, split or setting); the message names the fix."""
 

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from boost.envs.base import Env, EnvError
+from boost.envs.base import COMPACT_SUFFIX, Env, EnvError
 from boost.envs.gridnav import GridNavConfig, GridNavEnv
 from boost.envs.guess import GuessConfig, GuessEnv
 from boost.envs.textarena_env import COMPACT_GAMES as TEXTARENA_COMPACT_GAMES
@@ -70,8 +70,6 @@ def _textarena(game_id: str, compact: bool = False) -> EnvSpec:
     description = f"textarena's {game_id}" + (", compact observations" if compact else "")
     return EnvSpec(name, build, TEXTARENA_PREFIX + TEXTARENA_GAMES[game_id] + suffix, description)
 
-
-COMPACT_SUFFIX = "-compact"
 
 _SPECS = [
     *_compact(("gridnav", "gridnav-large", "5x5 grid navigation, 5 walls", GridNavEnv, GridNavConfig())),

@@ -44,7 +44,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from boost.envs.base import Env, EnvError, Step, Task
+from boost.envs.base import COMPACT_SUFFIX, Env, EnvError, Step, Task
 
 # Registered names (without the "textarena:" prefix) and, for each, its shifted variant.
 GAMES = {
@@ -60,7 +60,6 @@ GAMES = {
     "FrozenLake-v0-hardcore": "FrozenLake-v0",
 }
 PREFIX = "textarena:"
-COMPACT_SUFFIX = "-compact"
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]")
 
 
@@ -237,8 +236,9 @@ _COMPACT_VIEWS = {"FrozenLake": (_frozenlake_compact_instructions, _frozenlake_c
 COMPACT_GAMES = tuple(game for game in GAMES if game.split("-")[0] in _COMPACT_VIEWS)
 
 
-def _compact_outcome(invalid: bool, done: bool, info: dict[str, Any]) -> str:
+def _compact_outcome(done: bool, info: dict[str, Any]) -> str:
     """One or two words for what the last reply did (see the module docstring)."""
+    invalid = info["invalid"]
     if not done:
         return "invalid" if invalid else "moved"
     if info["success"]:
@@ -272,7 +272,6 @@ class TextArenaEnv(Env):
         self._ta = import_textarena()
         self.name = PREFIX + game_id + (COMPACT_SUFFIX if compact else "")
         self.game_id = game_id
-        self.compact = compact
         self._expert, self._random, self._key = _FAMILIES[family]
         self._view = _COMPACT_VIEWS[family] if compact else None
         self.content_disjoint_splits = self._key is not None
@@ -366,7 +365,7 @@ class TextArenaEnv(Env):
             info.update(success=reward >= 1.0, truncated="turn limit" in reason.lower(), reason=reason)
             observation = f"{observation}\nGame over: {reason}".strip()
         if self._view is not None:
-            outcome = _compact_outcome(info["invalid"], done, info)
+            outcome = _compact_outcome(done, info)
             observation = f"{outcome} ; " + ("game over" if done else self._view[1](self._game))
         return Step(observation or "(no message)", reward, done, info)
 
