@@ -13,15 +13,18 @@ import torch.nn.functional as F
 
 from benchmarks.kill_resume import make_assets
 from boost.bilevel.step_response import optimizer_response
-from boost.train import Trainer
+from boost.train import Trainer, outer_signal
 from boost.train.config import WeightingConfig
 from boost.train.influence import (
+    decision_gradient,
     influence_vector,
     is_selection_step,
+    objective_gradient,
     pool_scores,
     random_scores,
     validation_gradient,
 )
+from boost.train.outer_signal import HeadGradients, OuterSignal
 from tests.test_train import _config, _metrics, saved_checkpoint
 
 RUN = ("weighting.method=influence", "weighting.select_at=2", "steps=4")
@@ -103,6 +106,70 @@ def test_identity_is_the_adamw_response_to_the_validation_gradient(assets, tmp_p
     assert record["solver"] == "identity" and record["solver_residual"] is None
     torch.testing.assert_close(v, optimizer_response(trainer.opt, [W], [g])[0], rtol=0, atol=0)
     assert float(v.norm()) > 0
+
+
+ROLLOUTS = (
+    "outer.rollout_tasks=3",
+    "outer.episodes_per_task=2",
+    "eval.max_new_tokens=3",
+    "eval.batch_size=4",
+)
+
+
+def test_the_return_objective_scores_by_the_rollouts_score_function(assets, tmp_path, monkeypatch):
+    """``outer.objective=nll+0.5*return``: g is the validation NLL's gradient plus half the
+    score-function estimate that the in-loop outer step computes from the same sampled episodes (the
+    same seeds: a fresh :class:`OuterSignal` at the same model), and the record carries the rollouts'.
+    (The tiny untrained model fails every episode alike, so every advantage would be 0: fixed ±1
+    advantages stand in for them, the same in both computations.)"""
+    monkeypatch.setattr(
+        outer_signal,
+        "leave_one_out_advantages",
+        lambda returns, groups: [(-1.0) ** k for k in range(len(returns))],
+    )
+    trainer = Trainer(
+        _config(assets, tmp_path, *RUN, "steps=1", "outer.objective=nll+0.5*return", *ROLLOUTS),
+        progress=False,
+    )
+    trainer.train()
+    W = trainer.lm_head.weight.detach()
+    g, record = objective_gradient(trainer, W)
+    g_nll, val_loss = validation_gradient(trainer, W)
+    signal = OuterSignal(trainer)
+    estimate = signal.return_gradient(HeadGradients(trainer, weight=W.clone().requires_grad_()))
+    signal.close()
+    assert float(estimate.grad.norm()) > 0
+    torch.testing.assert_close(g, g_nll + 0.5 * estimate.grad, rtol=1e-6, atol=1e-9)
+    assert record["val_loss"] == val_loss and record["objective"] == "nll+0.5*return"
+    assert record["return_episodes"] + record["return_dropped"] == 6
+    assert record["return_mean"] == estimate.record["return_mean"]
+
+
+def test_the_decision_objective_is_the_same_whatever_the_validation_batches(assets, tmp_path):
+    """``outer.objective=decision`` over the whole validation split: each batch's term weighted by the
+    trajectories it counts, so one batch or several give the same g and value."""
+    results = []
+    for budget in (512, 8192):
+        cfg = _config(assets, tmp_path / str(budget), *RUN, "steps=1", "outer.objective=decision",
+                      "data.rows=2", f"data.validation_token_budget={budget}")  # fmt: skip
+        trainer = Trainer(cfg, progress=False)
+        trainer.train()
+        batches = sum(1 for _ in trainer.data.validation.batches(0))
+        g, value, count = decision_gradient(trainer, trainer.lm_head.weight.detach())
+        results.append((batches, g, value, count))
+    (many, g1, v1, n1), (few, g2, v2, n2) = results
+    assert many > few and n1 == n2 > 0
+    assert 0 < v1 < 1 and v1 == pytest.approx(v2, rel=1e-5)
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-8)
+
+
+def test_a_run_selects_by_influence_on_the_validation_return(assets, tmp_path):
+    trainer = Trainer(_config(assets, tmp_path, *RUN, "outer.objective=return", *ROLLOUTS), progress=False)
+    final = trainer.train()
+    (selection,) = final["refilters"]
+    assert selection["objective"] == "return" and selection["return_episodes"] >= 1
+    assert "return_halves_cosine" in selection and selection["val_loss"] > 0
+    assert_kept_the_top_share(tmp_path)
 
 
 def _batches_seen(monkeypatch) -> list[tuple[int, set[int]]]:
@@ -217,7 +284,9 @@ def test_refusals(assets, tmp_path):
         WeightingConfig(method="influence", warmup_on="expert")
     with pytest.raises(ValueError, match="has no such phase"):
         WeightingConfig(method="random_filter", warmup_on="real")
-    with pytest.raises(ValueError, match="reads neither outer.objective=decision"):
-        _config(assets, tmp_path, *RUN, "outer.objective=decision")
+    with pytest.raises(ValueError, match="does not read block=trainable"):
+        _config(assets, tmp_path, *RUN, "block=trainable", "solver.method=identity")
+    with pytest.raises(ValueError, match="select_by=random does not read it"):
+        _config(assets, tmp_path, *RUN, "outer.objective=return", "weighting.select_by=random")
     with pytest.raises(ValueError, match="runs on one process"):
         _config(assets, tmp_path, *RUN, "parallel=ddp")

@@ -378,10 +378,15 @@ class TrainConfig:
                 "fused LM-head ops); use block=head, or outer.objective=nll"
             )
         if self.weighting.method == "influence":
-            if self.outer.terms != {"nll": 1.0} or self.block != "head":
+            if self.block != "head":
                 raise ValueError(
-                    "weighting.method=influence scores by the validation NLL over the LM head: it reads neither "
-                    f"outer.objective={self.outer.objective} nor block={self.block}; drop them"
+                    f"weighting.method=influence scores over the LM head: it does not read block={self.block}; "
+                    "drop it (block=head)"
+                )
+            if self.outer.terms != {"nll": 1.0} and self.weighting.select_by != "influence":
+                raise ValueError(
+                    f"outer.objective={self.outer.objective} sets what influence scores by; weighting.select_by="
+                    f"{self.weighting.select_by} does not read it: drop it"
                 )
             if self.parallel != "none":
                 raise ValueError("weighting.method=influence runs on one process; set parallel=none")

@@ -7,8 +7,11 @@ trajectories and every synthetic one that passed the gate, or with ``weighting.w
 real ones only, so that the pool is scored at a behaviour-cloned model no synthetic trajectory has
 shaped):
 
-- g = ∇_W L_out: the gradient of the mean per-trajectory validation NLL over the LM head W, over the
-  whole validation split;
+- g = ∇_W L_out over the LM head W for ``outer.objective``: ``nll`` (the default), the mean
+  per-trajectory validation NLL over the whole validation split; ``decision``, the bounded loss on
+  the expert's action tokens there; ``return``, the score-function estimate of −∇J from sampled
+  episodes of the current model on the validation tasks (an influence on the policy's return, as
+  CUPID scores demonstrations), or a β-weighted mixture (:func:`objective_gradient`);
 - H = ∇²_W L_in: the head Hessian of the uniform training loss over ``weighting.influence_batches``
   batches of the current training set (with ``warmup_on=real``: of the real trajectories) (PSD: softmax cross-entropy is convex in W);
 - v ≈ (H + λI)⁻¹ g by ``solver`` (``cg``: the influence function, i.e. BOOST's hypergradient
@@ -38,6 +41,7 @@ import torch
 from boost.bilevel.hypergradient import HeadBatch, head_hvp, solve, solve_residual, trajectory_scores
 from boost.bilevel.step_response import optimizer_response
 from boost.train.baselines import synthetic_returns
+from boost.train.outer_signal import HeadGradients, OuterSignal
 
 
 def _concat(parts: list[HeadBatch]) -> HeadBatch:
@@ -92,6 +96,63 @@ def validation_gradient(trainer, weight: torch.Tensor) -> tuple[torch.Tensor, fl
     return g / count, total / count
 
 
+def decision_gradient(trainer, weight: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+    """(g [V, D] float32, the decision loss, trajectories counted): ``outer.objective``'s ``decision``
+    term (1 − p(expert action) per action, averaged per trajectory, then over trajectories) over the
+    whole validation split and its gradient over the LM head ``weight``; each batch's term is weighted
+    by the trajectories it counts.
+
+    Raises:
+        ValueError: no validation reply parses to an action.
+    """
+    signal = OuterSignal(trainer)
+    head = HeadGradients(trainer, weight=weight.detach().requires_grad_())
+    g, total, count = head.zeros(), 0.0, 0
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        for batch in trainer.data.validation.batches(0):
+            batch = batch.to(trainer.device)
+            with torch.no_grad():
+                hidden = trainer.hidden_states(batch)
+            part, value, n = signal.decision_term(batch, hidden, head)
+            g += part * n
+            total, count = total + value * n, count + n
+    finally:
+        trainer.model.train(was_training)
+        signal.close()
+    return g / count, total / count, count
+
+
+def objective_gradient(trainer, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """(g [V, D] float32, a record): ∇_W of ``outer.objective`` (β-weighted terms) at the current model.
+
+    ``nll``: :func:`validation_gradient`. ``decision``: :func:`decision_gradient`. ``return``: the
+    score-function estimate of −∇J from sampled episodes of the current model on the validation tasks
+    (``outer.rollout_tasks`` of them, each ``outer.episodes_per_task`` times; see
+    :mod:`boost.train.outer_signal`), so σ_i ranks a trajectory by how much training on it is predicted
+    to raise the validation return (the CUPID reading of influence). The record always holds the
+    validation NLL (``val_loss``), and each term's value and, for ``return``, the rollouts' record.
+    """
+    terms = trainer.cfg.outer.terms
+    g_nll, val_loss = validation_gradient(trainer, weight)
+    g = g_nll * terms["nll"] if "nll" in terms else torch.zeros_like(g_nll)
+    record = {"val_loss": val_loss, "objective": trainer.cfg.outer.objective}
+    if "decision" in terms:
+        part, value, count = decision_gradient(trainer, weight)
+        g += terms["decision"] * part
+        record.update({"outer_decision": value, "decision_trajectories": count})
+    if "return" in terms:
+        signal = OuterSignal(trainer)
+        try:
+            estimate = signal.return_gradient(HeadGradients(trainer, weight=weight.detach().requires_grad_()))
+        finally:
+            signal.close()
+        g += terms["return"] * estimate.grad
+        record.update(estimate.record)
+    return g, record
+
+
 def influence_vector(trainer) -> tuple[torch.Tensor, dict]:
     """(v [V, D] float32, a record of the solve): v ≈ (H + λI)⁻¹ g by ``solver`` (``identity``: the
     AdamW response P·g), g and H as the module docstring says, at the current model.
@@ -103,7 +164,7 @@ def influence_vector(trainer) -> tuple[torch.Tensor, dict]:
     if trainer.parallel.kind != "none":
         raise ValueError("weighting.method=influence runs on one process; set parallel=none")
     weight = trainer.lm_head.weight.detach()
-    g, val_loss = validation_gradient(trainer, weight)
+    g, record = objective_gradient(trainer, weight)
     solver = cfg.solver
     residual = None
     if solver.method == "identity":  # the AdamW step's response: v = lr · P ⊙ g (no clipping record)
@@ -119,8 +180,8 @@ def influence_vector(trainer) -> tuple[torch.Tensor, dict]:
 
         v = solve(hvp, g, replace(solver, warm_start=False)).v
         residual = solve_residual(hvp, v, g, solver)
-    record = {"val_loss": val_loss, "solver": solver.method, "solver_residual": residual,
-              "v_norm": float(v.norm()), "g_norm": float(g.norm())}  # fmt: skip
+    record.update({"solver": solver.method, "solver_residual": residual, "v_norm": float(v.norm()),
+                   "g_norm": float(g.norm())})  # fmt: skip
     return v, record
 
 

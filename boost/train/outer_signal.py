@@ -221,7 +221,7 @@ class OuterSignal:
             if name == "nll":
                 part, values[name] = nll_grad, nll_value
             elif name == "decision":
-                part, here, record["decision_trajectories"] = self._decision(val, val_hidden, head)
+                part, here, record["decision_trajectories"] = self.decision_term(val, val_hidden, head)
                 (values[name],) = parallel.sum_floats(here)
             else:
                 continue
@@ -236,7 +236,7 @@ class OuterSignal:
         self.outer_steps += 1
         return g, value, record
 
-    def _decision(self, val, val_hidden, head: HeadGradients):
+    def decision_term(self, val, val_hidden, head: HeadGradients):
         """(this rank's part of ∇ decision loss, its value here, trajectories counted over all ranks)."""
         labels = self.decision(val.labels, val.segment_ids)
         keep = labels != -100
@@ -261,7 +261,7 @@ class OuterSignal:
 
     def _return(self, head: HeadGradients):
         if self.estimate is None or self.outer_steps % self.cfg.rollout_every == 0:
-            self.estimate = self._estimate_return(head)
+            self.estimate = self.return_gradient(head)
             return self.estimate.grad, -self.estimate.record["return_mean"], self.estimate.record
         # reused: the value is the last rollout's (unknown right after a resume)
         return self.estimate.grad, -self.estimate.record.get("return_mean", math.nan), {"return_reused": True}
@@ -299,7 +299,9 @@ class OuterSignal:
         self.rollouts += 1
         return [e for _, e in sorted(parallel.gather_objects(list(zip(mine, played))), key=lambda p: p[0])]
 
-    def _estimate_return(self, head: HeadGradients) -> ReturnEstimate:
+    def return_gradient(self, head: HeadGradients) -> ReturnEstimate:
+        """Fresh rollouts of the current model on the next ``rollout_tasks`` validation tasks and the
+        score-function estimate of −∇J from them, with its record (noise, seconds)."""
         trainer = self.trainer
         started = time.perf_counter()
         episodes = self._play()
