@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from boost.train.report import panels, success_line, training_figure
+from boost.train.report import applied_settings, panels, run_title, success_line, training_figure
 
 pytest.importorskip("matplotlib")
 
@@ -130,3 +130,20 @@ def test_the_report_warns_when_the_preset_had_too_few_steps(tmp_path):
     assert "**Warning:** steps=4 is fewer than the 300 of the shortest CPU-preset run on record" in text
     enough = _run_folder(tmp_path / "300", "weighting.method=uniform", "steps=300")
     assert "Warning" not in write_report(enough, []).read_text()
+
+
+def test_an_influence_run_shows_the_outer_objective_it_scored_by():
+    from dataclasses import asdict
+
+    from boost.config import load_config
+    from boost.train import TrainConfig
+
+    scored = asdict(load_config(TrainConfig, None, ["weighting.method=influence", "outer.objective=return"]))
+    assert run_title(scored) == "influence run (scored by outer objective return)"
+    assert applied_settings(scored)["outer"] == {
+        "objective": "return",
+        "rollout_tasks": 16,
+        "episodes_per_task": 4,
+    }
+    plain = asdict(load_config(TrainConfig, None, ["weighting.method=influence"]))
+    assert run_title(plain) == "influence run" and "outer" not in applied_settings(plain)

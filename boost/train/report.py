@@ -101,12 +101,14 @@ def _plot(metrics: list[dict], path: Path) -> Path | None:
 def run_title(config: dict[str, Any]) -> str:
     """What ran, from a run's config: ``uniform run``, ``return_filter run``, ``BOOST run (head, cg)``
     (a learned weighting: the block the hypergradient is taken over, the solver, and the outer objective
-    when it is not the validation NLL)."""
+    when it is not the validation NLL; an influence selection: that objective too)."""
     method = config["weighting"]["method"]
+    objective = config.get("outer", {}).get("objective", "nll")
+    if method == "influence" and objective != "nll":
+        return f"influence run (scored by outer objective {objective})"
     if method not in LEARNED:
         return f"{method} run"
     parts = [config["block"], config["solver"]["method"]]
-    objective = config.get("outer", {}).get("objective", "nll")
     if objective != "nll":
         parts.append(f"outer objective {objective}")
     if config["weighting"]["refilter_every"]:
@@ -133,8 +135,9 @@ _LEARNED_ONLY_IN = {
     "optim": ("head_lr", "schedule_head"),
     "weighting": ("outer_start", "freeze_mass", "refilter_every", "head_steps"),
 }
-# the learned-only settings a method without a head reads too (influence solves for v = H⁻¹ g, rescores)
-_ALSO_READ_BY = {"influence": ("solver", "refilter_every")}
+# the learned-only settings a method without a head reads too (influence solves for v = H⁻¹ g for the
+# outer objective's g, rescores)
+_ALSO_READ_BY = {"influence": ("solver", "outer", "refilter_every")}
 
 
 def applied_settings(config: dict[str, Any]) -> dict[str, Any]:
@@ -157,6 +160,11 @@ def applied_settings(config: dict[str, Any]) -> dict[str, Any]:
                     shown[group].pop(key, None)
     elif shown.get("block") == "head":
         shown.pop("fd_step", None)
+    if method == "influence":  # one selection's rollouts: no schedule; the default NLL reads no option
+        if shown.get("outer", {}).get("objective", "nll") == "nll":
+            shown.pop("outer", None)
+        else:
+            shown["outer"].pop("rollout_every", None)
     for key, users in _WEIGHTING_USERS.items():
         if method not in users:
             weighting.pop(key, None)
