@@ -7,7 +7,14 @@ import pytest
 import torch
 
 import boost_kernels as bk
-from boost.bilevel.hypergradient import HeadBatch, SolverConfig, head_hvp, head_hypergradient, inverse_hvp
+from boost.bilevel.hypergradient import (
+    HeadBatch,
+    SolverConfig,
+    head_hvp,
+    head_hypergradient,
+    inverse_hvp,
+    trajectory_gradient_norms,
+)
 from tests.kernels import reference
 from tests.kernels.cases import fresh_seed
 
@@ -116,6 +123,31 @@ def test_scores_are_per_trajectory_gradient_dot_v(problem):
     expected = (jac * out.v).sum(dim=(1, 2))
     assert reference.rel_err(out.scores, expected) <= 1e-10, f"seed={seed}"
     assert reference.rel_err(out.traj_weights, -expected / S) <= 1e-10, f"seed={seed}"
+
+
+@pytest.mark.parametrize("normalize", ["mean", "sum"])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_trajectory_gradient_norms_are_the_per_trajectory_gradient_norms(normalize, softcap):
+    """|∇_W L_i|_F (the denominator of a cosine-normalised score) against autograd's per-trajectory
+    Jacobian, with a bias, ignored labels, an empty trajectory and vocabulary chunks of 3 rows."""
+    seed = fresh_seed()
+    gen = torch.Generator().manual_seed(seed)
+    batch = _batch(gen, S=S + 1)
+    batch.segment_ids[batch.segment_ids == S] = -1  # trajectory S is empty
+    batch.labels[::7] = -100
+    bias = torch.randn(V, dtype=torch.float64, generator=gen)
+    batch = HeadBatch(batch.hidden, batch.labels, batch.segment_ids, S + 1, bias=bias, normalize=normalize,
+                      softcap=softcap)  # fmt: skip
+    weight = 0.5 * torch.randn(V, D, dtype=torch.float64, generator=gen)
+
+    def per_trajectory(w):
+        return reference.trajectory_losses(batch.hidden, w, batch.labels, batch.segment_ids, S + 1, bias=bias,
+                                           normalize=normalize, softcap=softcap)[1]  # fmt: skip
+
+    expected = torch.func.jacrev(per_trajectory)(weight).flatten(1).norm(dim=1)
+    norms = trajectory_gradient_norms(batch, weight, vocab_chunk=3)
+    assert norms.dtype == torch.float64 and norms[S] == 0 and expected[S] == 0
+    assert reference.rel_err(norms, expected) <= 1e-10, f"seed={seed}"
 
 
 def test_matches_the_derivative_of_the_re_solved_inner_problem():

@@ -6,6 +6,7 @@ control, rescoring, resume and the refusals."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -93,6 +94,15 @@ def test_scores_are_the_influence_function_of_the_validation_nll(assets, tmp_pat
                 assert scores[i] == pytest.approx(s, rel=1e-3, abs=1e-6 * float(sigma.abs().max()))
                 checked += 1
         assert checked > 0
+        # influence_norm=gradient: σ_i / |∇_W L_i|, the norm from the same Jacobian
+        trainer.cfg = replace(
+            trainer.cfg, weighting=replace(trainer.cfg.weighting, influence_norm="gradient")
+        )
+        normalised = pool_scores(trainer, v)
+        cosine = sigma / jac.flatten(1).norm(dim=1)
+        for i, c, real in zip(batch.trajectory_index.tolist(), cosine.tolist(), batch.is_real.tolist()):
+            if not real:
+                assert normalised[i] == pytest.approx(c, rel=1e-3, abs=1e-6 * float(cosine.abs().max()))
 
 
 def test_identity_is_the_adamw_response_to_the_validation_gradient(assets, tmp_path):
@@ -282,6 +292,10 @@ def test_refusals(assets, tmp_path):
     WeightingConfig(method="influence", return_gate="real_min", refilter_every=5)  # allowed
     with pytest.raises(ValueError, match="warmup_on must be 'pool' or 'real'"):
         WeightingConfig(method="influence", warmup_on="expert")
+    with pytest.raises(ValueError, match="influence_norm must be 'none' or 'gradient'"):
+        WeightingConfig(method="influence", influence_norm="l2")
+    with pytest.raises(ValueError, match="goes with weighting.method=influence and select_by=influence"):
+        WeightingConfig(method="influence", select_by="random", influence_norm="gradient")
     with pytest.raises(ValueError, match="has no such phase"):
         WeightingConfig(method="random_filter", warmup_on="real")
     with pytest.raises(ValueError, match="does not read block=trainable"):

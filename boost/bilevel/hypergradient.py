@@ -254,6 +254,59 @@ def trajectory_scores(batch: HeadBatch, weight: torch.Tensor, v: torch.Tensor) -
     return out.tangent
 
 
+def trajectory_gradient_norms(
+    batch: HeadBatch, weight: torch.Tensor, vocab_chunk: int = 16384
+) -> torch.Tensor:
+    """|∇_W L_i|_F for every trajectory of the batch, [S] float32 (float64 for a float64 weight).
+
+    With a_t = ∂ℓ_t/∂z_raw,t (the softmax minus the one-hot label, times the softcap's derivative) and
+    ∇_W L_i = (1/N_i) Σ_t a_t h_tᵀ over i's counted tokens (N_i = 1 for ``normalize="sum"``),
+    |∇_W L_i|² = (1/N_i²) Σ_{t,s} <a_t, a_s> <h_t, h_s>: two passes over the vocabulary in chunks of
+    ``vocab_chunk`` rows per trajectory (the log-sum-exp, then the Gram of the a_t), so memory is
+    O(N_i² + N_i · vocab_chunk) and no [V, D] gradient is built. The bias, if any, is held fixed (the
+    gradient is the weight's). Plain PyTorch on any device (no Triton kernel: it runs once per
+    selection, not per step). An empty trajectory has norm 0.
+    """
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    W = weight.detach().to(dtype)
+    bias = None if batch.bias is None else batch.bias.detach().to(dtype)
+    vocab = W.shape[0]
+    keep = (batch.segment_ids >= 0) & (batch.labels != batch.ignore_index)
+    segments, labels = batch.segment_ids[keep], batch.labels[keep]
+    hidden = batch.hidden.detach()[keep].to(dtype)
+    counts = torch.bincount(segments, minlength=batch.num_segments)
+    norms = torch.zeros(batch.num_segments, dtype=dtype, device=W.device)
+
+    def raw_logits(h, start):
+        z = h @ W[start : start + vocab_chunk].T
+        return z if bias is None else z + bias[start : start + vocab_chunk]
+
+    def capped(z):  # (softcapped logits, their derivative)
+        if batch.softcap is None:
+            return z, None
+        t = torch.tanh(z / batch.softcap)
+        return t * batch.softcap, 1.0 - t * t
+
+    for i in segments.unique().tolist():
+        rows = segments == i
+        h, y = hidden[rows], labels[rows]
+        lse = torch.full((h.shape[0],), -torch.inf, dtype=dtype, device=W.device)
+        for start in range(0, vocab, vocab_chunk):
+            lse = torch.logaddexp(lse, torch.logsumexp(capped(raw_logits(h, start))[0], dim=1))
+        gram = torch.zeros(h.shape[0], h.shape[0], dtype=dtype, device=W.device)
+        for start in range(0, vocab, vocab_chunk):
+            z, slope = capped(raw_logits(h, start))
+            a = torch.exp(z - lse[:, None])
+            here = (y >= start) & (y < start + z.shape[1])
+            a[here.nonzero().squeeze(1), y[here] - start] -= 1.0
+            if slope is not None:
+                a = a * slope
+            gram += a @ a.T
+        scale = 1.0 / float(counts[i]) if batch.normalize == "mean" else 1.0
+        norms[i] = scale * torch.sqrt(torch.clamp((gram * (h @ h.T)).sum(), min=0.0))
+    return norms
+
+
 def head_hypergradient(
     train: HeadBatch,
     weight: torch.Tensor,

@@ -207,6 +207,10 @@ class WeightingConfig:
     # influence: what the first select_at steps train on (the model the pool is scored at): "pool" (the
     # real trajectories and every synthetic one past return_gate) or "real" (the real ones only)
     warmup_on: str = "pool"
+    # influence: "none" ranks by σ_i; "gradient" by σ_i / |∇_W L_i|_F, the cosine between the
+    # trajectory's head gradient and v up to |v| (as LESS normalises): a trajectory the model fits
+    # badly (a large gradient, e.g. an unfamiliar task) no longer outranks others by its norm alone
+    influence_norm: str = "none"
 
     def __post_init__(self):
         from boost.train.baselines import GATED_FILTERS, LEARNED, METHODS
@@ -260,6 +264,15 @@ class WeightingConfig:
             )
         if self.warmup_on not in ("pool", "real"):
             raise ValueError(f"weighting.warmup_on must be 'pool' or 'real', got {self.warmup_on!r}")
+        if self.influence_norm not in ("none", "gradient"):
+            raise ValueError(
+                f"weighting.influence_norm must be 'none' or 'gradient', got {self.influence_norm!r}"
+            )
+        if self.influence_norm != "none" and (self.method != "influence" or self.select_by != "influence"):
+            raise ValueError(
+                f"weighting.influence_norm={self.influence_norm} normalises influence scores; it goes with "
+                f"weighting.method=influence and select_by=influence (got {self.method}, {self.select_by})"
+            )
         if self.warmup_on != "pool" and self.method != "influence":
             raise ValueError(
                 f"weighting.warmup_on={self.warmup_on} sets what an influence run trains on before select_at; "

@@ -19,7 +19,9 @@ shaped):
   Adam-preconditioned gradient similarity like LESS's, exact on the head instead of projected LoRA
   gradients);
 - σ_i = <∇_W L_i, v> for every synthetic trajectory of the pool, in one forward pass and one
-  fused JVP per batch (``boost_kernels.trajectory_jvp``; the [V, D] gradients are never built).
+  fused JVP per batch (``boost_kernels.trajectory_jvp``; the [V, D] gradients are never built);
+  with ``weighting.influence_norm=gradient``, σ_i / |∇_W L_i|_F (a cosine up to |v|, as LESS ranks;
+  :func:`boost.bilevel.hypergradient.trajectory_gradient_norms`).
 
 Training goes on from the current model on the real trajectories plus the ``top_fraction`` of the
 synthetic ones with the largest σ (weight 1 each: :mod:`boost.train.refilter`'s selection), and with
@@ -38,7 +40,14 @@ from dataclasses import replace
 
 import torch
 
-from boost.bilevel.hypergradient import HeadBatch, head_hvp, solve, solve_residual, trajectory_scores
+from boost.bilevel.hypergradient import (
+    HeadBatch,
+    head_hvp,
+    solve,
+    solve_residual,
+    trajectory_gradient_norms,
+    trajectory_scores,
+)
 from boost.bilevel.step_response import optimizer_response
 from boost.train.baselines import synthetic_returns
 from boost.train.outer_signal import HeadGradients, OuterSignal
@@ -187,11 +196,16 @@ def influence_vector(trainer) -> tuple[torch.Tensor, dict]:
 
 def pool_scores(trainer, v: torch.Tensor) -> dict[int, float]:
     """σ_i = <∇_W L_i, v> for every synthetic trajectory of the pool (``trainer.data.train``: the real
-    trajectories and the synthetic ones the gate passed), trajectory index -> score."""
+    trajectories and the synthetic ones the gate passed), trajectory index -> score; with
+    ``weighting.influence_norm=gradient`` σ_i / |∇_W L_i|_F (0 for a zero gradient)."""
     weight = trainer.lm_head.weight.detach()
+    normalise = trainer.cfg.weighting.influence_norm == "gradient"
     scores: dict[int, float] = {}
     for batch, counted in _counted(trainer, trainer.data.train):
         sigma = trajectory_scores(counted, weight, v)
+        if normalise:
+            norms = trajectory_gradient_norms(counted, weight).to(sigma.dtype)
+            sigma = torch.where(norms > 0, sigma / norms.clamp_min(torch.finfo(sigma.dtype).tiny), 0.0)
         for i, s, real in zip(batch.trajectory_index.tolist(), sigma.tolist(), batch.is_real.tolist()):
             if not real:
                 scores[i] = s

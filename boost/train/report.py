@@ -128,6 +128,7 @@ _WEIGHTING_USERS = {
     "influence_batches": ("influence",),
     "select_by": ("influence",),
     "warmup_on": ("influence",),
+    "influence_norm": ("influence",),
 }
 # what only a learned weighting (a head and outer steps) reads
 _LEARNED_ONLY = ("solver", "head", "outer", "block", "fd_step", "outer_every")
