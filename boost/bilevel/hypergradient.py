@@ -45,6 +45,7 @@ from typing import NamedTuple
 import torch
 
 import boost_kernels as bk
+from boost_kernels.chunked import _logits as chunk_logits  # the softcapped logits of the CPU spec
 from boost_kernels.vocab_parallel import ShardedHeadBatch
 
 METHODS = ("identity", "neumann", "cg")
@@ -277,25 +278,19 @@ def trajectory_gradient_norms(
     counts = torch.bincount(segments, minlength=batch.num_segments)
     norms = torch.zeros(batch.num_segments, dtype=dtype, device=W.device)
 
-    def raw_logits(h, start):
-        z = h @ W[start : start + vocab_chunk].T
-        return z if bias is None else z + bias[start : start + vocab_chunk]
-
-    def capped(z):  # (softcapped logits, their derivative)
-        if batch.softcap is None:
-            return z, None
-        t = torch.tanh(z / batch.softcap)
-        return t * batch.softcap, 1.0 - t * t
+    def logits(h, start):  # (softcapped logits of one vocabulary chunk, their derivative or None)
+        rows = slice(start, start + vocab_chunk)
+        return chunk_logits(h, W[rows], None if bias is None else bias[rows], batch.softcap)
 
     for i in segments.unique().tolist():
         rows = segments == i
         h, y = hidden[rows], labels[rows]
         lse = torch.full((h.shape[0],), -torch.inf, dtype=dtype, device=W.device)
         for start in range(0, vocab, vocab_chunk):
-            lse = torch.logaddexp(lse, torch.logsumexp(capped(raw_logits(h, start))[0], dim=1))
+            lse = torch.logaddexp(lse, torch.logsumexp(logits(h, start)[0], dim=1))
         gram = torch.zeros(h.shape[0], h.shape[0], dtype=dtype, device=W.device)
         for start in range(0, vocab, vocab_chunk):
-            z, slope = capped(raw_logits(h, start))
+            z, slope = logits(h, start)
             a = torch.exp(z - lse[:, None])
             here = (y >= start) & (y < start + z.shape[1])
             a[here.nonzero().squeeze(1), y[here] - start] -= 1.0

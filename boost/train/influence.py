@@ -68,23 +68,30 @@ def _concat(parts: list[HeadBatch]) -> HeadBatch:
     )
 
 
-def _counted(trainer, packer, limit: int | None = None) -> Iterator[tuple]:
-    """(batch, counted HeadBatch) for the first ``limit`` batches of ``packer`` (epoch 0; None: all),
-    one at a time (a pass over the pool holds one batch's tokens), the hidden states computed under
-    the current model in eval mode without gradients (the caller's grad mode is left alone)."""
+def _hidden(trainer, packer, limit: int | None = None) -> Iterator[tuple]:
+    """(batch, hidden [T, D]) for the first ``limit`` batches of ``packer`` (epoch 0; None: all), one
+    at a time (a pass over the pool holds one batch's tokens), the hidden states computed under the
+    current model in eval mode without gradients (the caller's grad mode is left alone)."""
     was_training = trainer.model.training
     trainer.model.eval()
-    bias = trainer._bias()
     try:
         for k, batch in enumerate(packer.batches(0)):
             if limit is not None and k >= limit:
                 break
             batch = batch.to(trainer.device)
             with torch.no_grad():
-                counted = trainer.outer.counted(trainer.hidden_states(batch), batch)
-            yield batch, counted if bias is None else replace(counted, bias=bias.detach())
+                hidden = trainer.hidden_states(batch)
+            yield batch, hidden
     finally:
         trainer.model.train(was_training)
+
+
+def _counted(trainer, packer, limit: int | None = None) -> Iterator[tuple]:
+    """(batch, counted HeadBatch) for the batches :func:`_hidden` yields: the counted tokens only."""
+    bias = trainer._bias()
+    for batch, hidden in _hidden(trainer, packer, limit):
+        counted = trainer.outer.counted(hidden, batch)
+        yield batch, counted if bias is None else replace(counted, bias=bias.detach())
 
 
 def validation_gradient(trainer, weight: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -105,60 +112,53 @@ def validation_gradient(trainer, weight: torch.Tensor) -> tuple[torch.Tensor, fl
     return g / count, total / count
 
 
-def decision_gradient(trainer, weight: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+def _decision_gradient(trainer, signal: OuterSignal, head: HeadGradients) -> tuple[torch.Tensor, float, int]:
     """(g [V, D] float32, the decision loss, trajectories counted): ``outer.objective``'s ``decision``
     term (1 − p(expert action) per action, averaged per trajectory, then over trajectories) over the
-    whole validation split and its gradient over the LM head ``weight``; each batch's term is weighted
+    whole validation split and its gradient over the head ``head`` holds; each batch's term is weighted
     by the trajectories it counts.
 
     Raises:
-        ValueError: no validation reply parses to an action.
+        ValueError: a validation batch has no reply that parses to an action.
     """
-    signal = OuterSignal(trainer)
-    head = HeadGradients(trainer, weight=weight.detach().requires_grad_())
     g, total, count = head.zeros(), 0.0, 0
-    was_training = trainer.model.training
-    trainer.model.eval()
-    try:
-        for batch in trainer.data.validation.batches(0):
-            batch = batch.to(trainer.device)
-            with torch.no_grad():
-                hidden = trainer.hidden_states(batch)
-            part, value, n = signal.decision_term(batch, hidden, head)
-            g += part * n
-            total, count = total + value * n, count + n
-    finally:
-        trainer.model.train(was_training)
-        signal.close()
+    for batch, hidden in _hidden(trainer, trainer.data.validation):
+        part, value, n = signal.decision_term(batch, hidden, head)
+        g += part * n
+        total, count = total + value * n, count + n
     return g / count, total / count, count
 
 
 def objective_gradient(trainer, weight: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """(g [V, D] float32, a record): ∇_W of ``outer.objective`` (β-weighted terms) at the current model.
 
-    ``nll``: :func:`validation_gradient`. ``decision``: :func:`decision_gradient`. ``return``: the
-    score-function estimate of −∇J from sampled episodes of the current model on the validation tasks
-    (``outer.rollout_tasks`` of them, each ``outer.episodes_per_task`` times; see
-    :mod:`boost.train.outer_signal`), so σ_i ranks a trajectory by how much training on it is predicted
-    to raise the validation return (the CUPID reading of influence). The record always holds the
-    validation NLL (``val_loss``), and each term's value and, for ``return``, the rollouts' record.
+    ``nll``: :func:`validation_gradient`. ``decision``: the bounded loss on the expert's action tokens
+    over the whole validation split. ``return``: the score-function estimate of −∇J from sampled
+    episodes of the current model on the validation tasks (``outer.rollout_tasks`` of them, each
+    ``outer.episodes_per_task`` times; see :mod:`boost.train.outer_signal`), so σ_i ranks a trajectory
+    by how much training on it is predicted to raise the validation return (the CUPID reading of
+    influence). The record always holds the validation NLL (``val_loss``), and each term's value and,
+    for ``return``, the rollouts' record.
     """
     terms = trainer.cfg.outer.terms
     g_nll, val_loss = validation_gradient(trainer, weight)
     g = g_nll * terms["nll"] if "nll" in terms else torch.zeros_like(g_nll)
     record = {"val_loss": val_loss, "objective": trainer.cfg.outer.objective}
-    if "decision" in terms:
-        part, value, count = decision_gradient(trainer, weight)
-        g += terms["decision"] * part
-        record.update({"outer_decision": value, "decision_trajectories": count})
-    if "return" in terms:
-        signal = OuterSignal(trainer)
-        try:
-            estimate = signal.return_gradient(HeadGradients(trainer, weight=weight.detach().requires_grad_()))
-        finally:
-            signal.close()
-        g += terms["return"] * estimate.grad
-        record.update(estimate.record)
+    if set(terms) == {"nll"}:
+        return g, record
+    signal = OuterSignal(trainer)
+    head = HeadGradients(trainer, weight=weight.detach().requires_grad_())
+    try:
+        if "decision" in terms:
+            part, value, count = _decision_gradient(trainer, signal, head)
+            g += terms["decision"] * part
+            record.update({"outer_decision": value, "decision_trajectories": count})
+        if "return" in terms:
+            estimate = signal.return_gradient(head)
+            g += terms["return"] * estimate.grad
+            record.update(estimate.record)
+    finally:
+        signal.close()
     return g, record
 
 
